@@ -1,0 +1,30 @@
+"""Transfer planning: TP mapping, pairing of caches, per-request descriptor lists. Pure numpy."""
+
+from kvxfer.planning.pairing import (
+    Fallback,
+    PairPlan,
+    SpanPairs,
+    coalesce_pairs,
+    descriptor_table,
+    pair,
+    request_indices,
+    request_spans,
+)
+from kvxfer.planning.tp import Assignment, Direction, HeadRange, TPMapping, heads_of_rank, map_tp
+
+__all__ = [
+    "Assignment",
+    "Direction",
+    "Fallback",
+    "HeadRange",
+    "PairPlan",
+    "SpanPairs",
+    "TPMapping",
+    "coalesce_pairs",
+    "descriptor_table",
+    "request_indices",
+    "heads_of_rank",
+    "map_tp",
+    "pair",
+    "request_spans",
+]
