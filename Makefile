@@ -33,3 +33,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Optional pieces (vLLM plugin tests, soak/fuzz) keep their targets in mk/.
+-include mk/*.mk
