@@ -248,15 +248,11 @@ def _layer_indices(
         )
     slot, chunk_in_block = np.divmod(np.arange(num_chunks) * plan.chunk_tokens, desc.block_size)
     chunk_in_block //= plan.chunk_tokens
-    # index: [layers, chunks, kv, outer]
-    unit = (ids[:num_kv, slot].T * chunks_per_block + chunk_in_block[:, None]) * num_kv
-    unit = (unit + np.arange(num_kv)) * num_outer
-    index = (
-        np.arange(desc.num_layers, dtype=np.int64)[:, None, None, None] * per_layer
-        + unit[None, :, :, None]
-        + np.arange(num_outer)
-    )
-    return index.astype(np.int32).reshape(-1)
+    # pattern: [chunks, kv, outer], one layer's indices; every layer adds per_layer
+    pattern = (ids[:num_kv, slot].T * chunks_per_block + chunk_in_block[:, None]) * num_kv
+    pattern = ((pattern + np.arange(num_kv)) * num_outer)[..., None] + np.arange(num_outer)
+    layer_starts = np.arange(0, desc.num_layers * per_layer, per_layer, dtype=np.int32)
+    return np.add(layer_starts[:, None], pattern.reshape(1, -1), dtype=np.int32).reshape(-1)
 
 
 def coalesce_pairs(
