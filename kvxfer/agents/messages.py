@@ -1,0 +1,279 @@
+"""Everything that crosses the side channel: one msgspec tagged union, one decoder.
+
+Wire format: each message is a msgpack map tagged by `"t"` (a short, stable tag per type), with
+`protocol_version` as its first field. NIXL notification payloads (`XferNotif`) are msgpack too,
+as a compact array. Nothing is ever pickled.
+
+Schema-evolution rules (read before changing anything here):
+
+1. A new field is appended at the end of its Struct and has a default; old peers ignore it
+   (unknown map keys are skipped) and new peers fill the default when an old peer omits it.
+2. Fields are never renamed, removed, re-typed or re-ordered, and tags are never reused. Retire a
+   field by keeping it and ignoring it.
+3. A new message type gets a new tag. An old peer that receives it answers
+   `ErrorReply(kind="malformed")`, so a sender must only send it to peers whose handshake shows
+   they understand it (protocol version, or an advertised capability field).
+4. Anything else (changed meaning of a field, a required new field) bumps `PROTOCOL_VERSION`;
+   peers refuse each other at handshake, field by field (`kvxfer.agents.compat`).
+
+Security: request ids are `new_request_id()` (128 random bits). Everything that acts on a
+request (`TransferDone`, `LeaseRenew`, `Abort`, `WriteRequest`) is attributed by the server to the
+authenticated CURVE key of the connection it arrived on, never to a field inside the message, and
+a producer honours it only when that key matches the request's `Binding` (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import Enum
+from typing import Annotated, get_args
+
+import msgspec
+
+from kvxfer.layouts import CacheDesc
+
+PROTOCOL_VERSION = 1
+
+# Bounds that keep a hostile message from asking for absurd work; decoding refuses values outside.
+# Addresses and epochs: msgspec bounds must fit an int64; real user-space addresses are < 2**57.
+U64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Rank = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+TpSize = Annotated[int, msgspec.Meta(ge=1, le=65536)]
+ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+BlockIds = Annotated[list[Count], msgspec.Meta(max_length=1 << 20)]
+Metadata = Annotated[bytes, msgspec.Meta(max_length=16 << 20)]
+
+
+def new_request_id() -> str:
+    """An unguessable request id: 128 random bits as 32 hex characters."""
+    return secrets.token_hex(16)
+
+
+class Role(Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class Mode(Enum):
+    READ = "read"  # decode pulls from prefill
+    WRITE = "write"  # prefill pushes into blocks decode allocated
+
+
+class Status(Enum):
+    OK = "ok"
+    ERROR = "error"
+
+
+class RegionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One registered cache: its description and where each layer lives on its owner."""
+
+    desc: CacheDesc
+    layer_addrs: Annotated[list[U64], msgspec.Meta(max_length=4096)]  # [num_layers]
+    device_id: Count = 0
+
+
+class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What one rank tells a peer about itself at handshake."""
+
+    engine_id: ShortStr
+    boot_epoch: U64  # changes on every restart: a new epoch means re-handshake
+    role: Role
+    tp_size: TpSize
+    tp_rank: Rank
+    model_fingerprint: ShortStr
+    agent_name: ShortStr  # NIXL agent name
+    agent_metadata: Metadata  # NIXL agent metadata, so the peer can load_remote_agent
+    regions: Annotated[list[RegionInfo], msgspec.Meta(max_length=64)]
+    modes: Annotated[tuple[Mode, ...], msgspec.Meta(max_length=8)] = (Mode.READ,)
+    read_gbps: float | None = None  # measured or expected bandwidth per mode, if known
+    write_gbps: float | None = None
+
+
+class Binding(msgspec.Struct, frozen=True, kw_only=True):
+    """Who may act on a request: the consumer's CURVE public key (Z85), or with `insecure=True`
+    servers only its engine id. A producer compares it with the authenticated peer."""
+
+    consumer_key: ShortStr = ""
+    consumer_engine_id: ShortStr = ""
+
+
+class _Base(msgspec.Struct, frozen=True, tag_field="t"):
+    """Not kw_only, so that `protocol_version` stays the first field of every message."""
+
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class HandshakeRequest(_Base, kw_only=True, tag="hs"):
+    engine: EngineInfo
+
+
+class HandshakeReply(_Base, kw_only=True, tag="hs_ok"):
+    engine: EngineInfo
+
+
+class TransferDone(_Base, kw_only=True, tag="done"):
+    """The consumer read (READ mode) what it needed of `request_id` from the producer, or failed."""
+
+    request_id: RequestId
+    consumer_rank: Rank
+    status: Status = Status.OK
+    error_kind: ShortStr = ""
+    error_message: Text = ""
+
+
+class LeaseRenew(_Base, kw_only=True, tag="renew"):
+    """Heartbeat: keep these requests' blocks held a while longer."""
+
+    request_ids: Annotated[list[RequestId], msgspec.Meta(max_length=4096)]
+    consumer_rank: Rank = 0
+
+
+class LeaseRenewed(_Base, kw_only=True, tag="renewed"):
+    renewed: Annotated[list[RequestId], msgspec.Meta(max_length=4096)]
+    unknown: Annotated[tuple[RequestId, ...], msgspec.Meta(max_length=4096)] = ()  # expired or never held
+
+
+class Abort(_Base, kw_only=True, tag="abort"):
+    request_id: RequestId
+    reason: Text = ""
+
+
+class WriteRequest(_Base, kw_only=True, tag="write"):
+    """WRITE mode: decode rank `decode_rank` allocated `block_ids`; the producer pushes into them."""
+
+    request_id: RequestId
+    decode_rank: Rank
+    block_ids: BlockIds
+
+
+class WriteDone(_Base, kw_only=True, tag="write_done"):
+    request_id: RequestId
+    producer_rank: Rank
+    status: Status = Status.OK
+    error_kind: ShortStr = ""
+    error_message: Text = ""
+
+
+class Ack(_Base, kw_only=True, tag="ack"):
+    """Generic success reply for messages that need no data back (TransferDone, Abort, WriteDone)."""
+
+    request_id: ShortStr = ""
+
+
+class ErrorReply(_Base, kw_only=True, tag="err"):
+    kind: ShortStr  # a KvxferError.kind, or "malformed", "version", "internal"
+    message: Text
+
+
+class Ping(_Base, kw_only=True, tag="ping"):
+    nonce: U64 = 0
+
+
+class Pong(_Base, kw_only=True, tag="pong"):
+    nonce: U64 = 0
+    engine_id: ShortStr = ""
+    boot_epoch: U64 = 0
+
+
+Message = (
+    HandshakeRequest
+    | HandshakeReply
+    | TransferDone
+    | LeaseRenew
+    | LeaseRenewed
+    | Abort
+    | WriteRequest
+    | WriteDone
+    | Ack
+    | ErrorReply
+    | Ping
+    | Pong
+)
+MESSAGE_TYPES: tuple[type[_Base], ...] = get_args(Message)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class _VersionProbe(msgspec.Struct):
+    """Reads only the version of a message whose type we do not know (a newer peer's)."""
+
+    protocol_version: int = 0
+
+
+_probe = msgspec.msgpack.Decoder(_VersionProbe)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Decode one side-channel message; raises msgspec.DecodeError (or ValidationError) naming
+    the path of the bad field, e.g. "Expected `int`, got `str` - at `$.engine.tp_rank`"."""
+    return _decoder.decode(data)
+
+
+def probe_version(data: bytes) -> int | None:
+    """The protocol version of an undecodable message, if it has one."""
+    try:
+        return _probe.decode(data).protocol_version
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+class XferNotif(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """Payload of a NIXL notification: compact (a msgpack array), versioned, typed.
+
+    Sent by the side that finished a transfer to the other side's agent. Rules as above.
+    """
+
+    protocol_version: int = PROTOCOL_VERSION
+    request_id: RequestId
+    rank: Rank  # the sender's TP rank
+    status: Status = Status.OK
+    error_kind: ShortStr = ""
+
+
+_notif_decoder = msgspec.msgpack.Decoder(XferNotif)
+
+
+def encode_notif(notif: XferNotif) -> bytes:
+    return _encoder.encode(notif)
+
+
+def decode_notif(data: bytes) -> XferNotif:
+    return _notif_decoder.decode(data)
+
+
+class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
+    """What a producer hands back (through the proxy, as JSON) so a consumer can fetch a request.
+
+    The request id is the capability; `binding` says which consumer may use it. A third party
+    that learns these parameters still has to authenticate with the bound CURVE key to act on
+    them, and the producer's side channel refuses anyone else (`sidechannel.check_binding`).
+    """
+
+    protocol_version: int = PROTOCOL_VERSION
+    engine_id: ShortStr
+    boot_epoch: U64
+    request_id: RequestId
+    block_ids: BlockIds
+    side_channel: ShortStr  # "tcp://host:port"
+    tp_size: TpSize
+    binding: Binding = Binding()
+    num_tokens: Count = 0
+
+
+_params_decoder = msgspec.json.Decoder(TransferParams)
+
+
+def encode_params(params: TransferParams) -> bytes:
+    return msgspec.json.encode(params)
+
+
+def decode_params(data: bytes | str) -> TransferParams:
+    return _params_decoder.decode(data)
