@@ -211,17 +211,24 @@ def encode(msg: Message) -> bytes:
     return _encoder.encode(msg)
 
 
+def _decode_with(decoder: msgspec.msgpack.Decoder | msgspec.json.Decoder, data: bytes | str) -> object:
+    try:
+        return decoder.decode(data)
+    except RecursionError:  # msgspec raises it for deeply nested input: hostile, not a bug
+        raise msgspec.DecodeError("input nested too deeply") from None
+
+
 def decode(data: bytes) -> Message:
     """Decode one side-channel message; raises msgspec.DecodeError (or ValidationError) naming
     the path of the bad field, e.g. "Expected `int`, got `str` - at `$.engine.tp_rank`"."""
-    return _decoder.decode(data)
+    return _decode_with(_decoder, data)  # type: ignore[return-value]
 
 
 def probe_version(data: bytes) -> int | None:
     """The protocol version of an undecodable message, if it has one."""
     try:
-        return _probe.decode(data).protocol_version
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _decode_with(_probe, data).protocol_version  # type: ignore[attr-defined]
+    except msgspec.DecodeError:
         return None
 
 
@@ -246,7 +253,7 @@ def encode_notif(notif: XferNotif) -> bytes:
 
 
 def decode_notif(data: bytes) -> XferNotif:
-    return _notif_decoder.decode(data)
+    return _decode_with(_notif_decoder, data)  # type: ignore[return-value]
 
 
 class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -276,4 +283,4 @@ def encode_params(params: TransferParams) -> bytes:
 
 
 def decode_params(data: bytes | str) -> TransferParams:
-    return _params_decoder.decode(data)
+    return _decode_with(_params_decoder, data)  # type: ignore[return-value]

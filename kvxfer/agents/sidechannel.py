@@ -109,6 +109,7 @@ class ServerStats:
     auth_allowed: int = 0
     auth_refused: int = 0
     send_failures: int = 0
+    internal_errors: int = 0  # bugs caught by the serve loop's last line of defence (must stay 0)
 
 
 class _RateLimitedLog:
@@ -287,7 +288,11 @@ class SideChannelServer:
             except zmq.Again:
                 return
             self._count("received")
-            self._handle_frames(sock, frames)
+            try:
+                self._handle_frames(sock, frames)
+            except Exception as err:  # last line of defence: one bad message never stops serving
+                self._count("internal_errors")
+                log.error("side channel: unexpected %s handling a message: %.200s", type(err).__name__, err)
 
     def _handle_frames(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
         if len(frames) != 3 or len(frames[1].bytes) != CALL_ID_BYTES:
