@@ -9,6 +9,7 @@ import pytest
 
 from kvxfer.daemons.config import (
     CURVE_KEY_ENV_VARS,
+    CurveConfig,
     Device,
     Mode,
     RetryPolicy,
@@ -252,3 +253,23 @@ def test_proxy_errors(argv, env, message):
     with pytest.raises(ConfigError) as err:
         proxy(argv, env)
     assert message in str(err.value)
+
+
+def test_load_curve_keys_reads_generated_key_files(tmp_path):
+    keys = pytest.importorskip("kvxfer.agents.keys")
+    from kvxfer.daemons.config import load_curve_keys
+
+    prefill, decode = keys.generate_keypair(), keys.generate_keypair()
+    keys.write_keypair(prefill, tmp_path, "prefill")
+    keys.write_keypair(decode, tmp_path / "allowed", "decode")
+    argv = ["prefill", "--preset", "tiny", "--curve-secret-key-file", str(tmp_path / "prefill.key_secret"),
+            "--curve-allowed-keys-dir", str(tmp_path / "allowed"), "--curve-public-key-file", str(tmp_path / "prefill.key")]  # fmt: skip
+    loaded = load_curve_keys(serve(argv, {"KVXFER_CURVE_SERVER_KEY": decode.public.decode()}).curve)
+    assert loaded.own == prefill and loaded.server_public_key == decode.public
+    assert loaded.allowed_client_keys == {decode.public}
+    mismatch = CurveConfig(secret_key=prefill.secret.decode(), public_key=decode.public.decode())
+    with pytest.raises(ConfigError, match="not the public key of the secret key"):
+        load_curve_keys(mismatch)
+    with pytest.raises(ConfigError, match="no \\*.key files"):
+        (tmp_path / "empty").mkdir()
+        load_curve_keys(CurveConfig(secret_key=prefill.secret.decode(), allowed_keys_dir=tmp_path / "empty"))

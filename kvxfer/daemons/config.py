@@ -26,10 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from kvxfer.errors import ConfigError
 from kvxfer.layouts import LAYOUTS
+
+if TYPE_CHECKING:  # importing the agents layer pulls in pyzmq; load_curve_keys imports it lazily
+    from kvxfer.agents.keys import KeyConfig
 
 ENV_PREFIX = "KVXFER_"
 # Key material may come from the environment instead of files (Z85 text, 40 characters). These
@@ -481,3 +485,35 @@ def _urls(s: _Settings, flag: str) -> tuple[str, ...]:
     if len(set(urls)) != len(urls):
         raise ConfigError(f"{s.source(flag)}: a URL is listed twice in {list(urls)}")
     return urls
+
+
+def load_curve_keys(curve: CurveConfig) -> KeyConfig:
+    """Read the key material `curve` points at, once, at daemon start (kvxfer.agents.keys does the
+    reading and checks file modes). The public-key settings, when given, must match the secret."""
+    from kvxfer.agents import keys
+
+    if curve.secret_key_file is not None:
+        own = keys.load_keypair(curve.secret_key_file)
+    else:
+        own = keys.KeyPair.from_secret(curve.secret_key or "", what="KVXFER_CURVE_SECRET_KEY")
+    public = _public_key(curve.public_key_file, curve.public_key, "--curve-public-key-file")
+    if public is not None and public != own.public:
+        raise ConfigError("--curve-public-key-file / KVXFER_CURVE_PUBLIC_KEY: not the public key of the secret key")
+    allowed = frozenset(keys.parse_key(k, what="KVXFER_CURVE_ALLOWED_KEYS") for k in curve.allowed_keys)
+    if curve.allowed_keys_dir is not None:
+        allowed = keys.load_allowed_keys([curve.allowed_keys_dir])
+        if not allowed:
+            raise ConfigError(f"--curve-allowed-keys-dir={str(curve.allowed_keys_dir)!r}: no *.key files, so no client could connect")
+    return keys.KeyConfig(
+        own=own,
+        server_public_key=_public_key(curve.server_key_file, curve.server_key, "--curve-server-key-file"),
+        allowed_client_keys=allowed,
+    )
+
+
+def _public_key(path: Path | None, text: str | None, flag: str) -> bytes | None:
+    from kvxfer.agents import keys
+
+    if path is not None:
+        return keys.load_public_key(path)
+    return None if text is None else keys.parse_key(text, what=env_var(flag).removesuffix("_FILE"))
