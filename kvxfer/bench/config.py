@@ -1,0 +1,94 @@
+"""What `kvxfer bench` runs (BenchConfig) and what it reports (BenchResult). Both are msgspec
+Structs: the config travels to each rank process as bytes, the result prints as JSON."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import msgspec
+
+from kvxfer.errors import ConfigError
+
+
+class Mode(Enum):
+    READ = "read"  # decode ranks pull
+    WRITE = "write"  # prefill ranks push
+    AUTO = "auto"  # measure both at setup, keep the faster
+
+
+class PlanKind(Enum):
+    PREPPED = "prepped"  # descriptor tables prepared once per peer, int32 indices per request
+    SPANS = "spans"  # coalesced explicit spans per request (initialize_xfer)
+    PER_BLOCK = "per-block"  # naive: one descriptor per block unit, no coalescing (initialize_xfer)
+
+
+class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
+    prefill_layout: str = "flashinfer-hnd"
+    decode_layout: str = "flashinfer-hnd"
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    kv_heads: int = 8
+    head_dim: int = 128
+    layers: int = 32
+    prefill_block_size: int = 16
+    decode_block_size: int = 16
+    tokens: int = 8192
+    dtype: str = "bfloat16"
+    mode: Mode = Mode.READ
+    plan: PlanKind = PlanKind.PREPPED
+    fallback: str = "none"
+    device: str = "cpu"
+    random_blocks: bool = True
+    spare_blocks: float = 0.25  # pool = request blocks * (1 + spare)
+    seed: int = 0
+    iters: int = 5
+    verify: bool = False
+    dump: str | None = None
+    threading: str = "app-poll"
+    error_handling: str = "none"
+    num_workers: int = 1
+    deadline_slack_s: float = 10.0
+    expected_gbps: float = 0.2
+    memcpy: bool = True
+
+    def check(self) -> None:
+        for name in ("prefill_tp", "decode_tp", "kv_heads", "head_dim", "layers", "tokens",
+                     "prefill_block_size", "decode_block_size", "iters", "num_workers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"bench: {name}={getattr(self, name)} must be positive")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"bench: device={self.device!r} is not 'cpu' or 'cuda'")
+        if self.spare_blocks < 0:
+            raise ConfigError(f"bench: spare_blocks={self.spare_blocks} must not be negative")
+
+
+class OpFigures(msgspec.Struct, kw_only=True):
+    """One direction's measured figures (median over iterations)."""
+
+    transfer_ms: float
+    gbps: float
+    transfer_ms_all: list[float]
+
+
+class BenchResult(msgspec.Struct, kw_only=True):
+    mode: str  # the op actually measured (read or write)
+    plan: str
+    prefill_tp: int
+    decode_tp: int
+    device: str
+    threading: str
+    error_handling: str
+    bytes: int  # moved to all decode ranks per request
+    descriptors: int  # posted by all initiators per request
+    nixl_descriptors: int  # after NIXL merged adjacent descriptors (telemetry)
+    num_transfers: int  # one per (initiator, peer)
+    plan_us: float  # per-request planning (indices or spans), slowest initiator, median
+    post_us: float  # NIXL telemetry: slowest post, median
+    transfer_ms: float  # first post to last completion, median over iterations
+    gbps: float
+    memcpy_gbps: float  # single-thread copy of the same bytes, same run
+    ratio: float
+    verified: bool | None  # None when --verify was not given
+    iters: int
+    transfer_ms_all: list[float]
+    auto: dict[str, float] | None = None  # gbps per op measured by --mode auto

@@ -1,0 +1,103 @@
+"""Coordinator <-> rank messages of `kvxfer bench`: one tagged union, sent as msgspec bytes over
+multiprocessing pipes (local only; the authenticated side channel is for real deployments)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvxfer.agents.nixl_agent import Op
+from kvxfer.bench.config import PlanKind
+from kvxfer.layouts import CacheDesc
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    pass
+
+
+class Hello(_Msg):
+    """A rank's agent and cache, sent once after it registered its memory."""
+
+    role: str  # "prefill" or "decode"
+    rank: int
+    agent: str
+    metadata: bytes
+    desc: CacheDesc
+    layer_addrs: list[int]
+    device_id: int
+    mem: str  # "DRAM" or "VRAM"
+    block_ids: list[int]  # flattened; [2, n] for separate K/V pages
+
+
+class Peers(_Msg):
+    hellos: list[Hello]
+
+
+class Prepare(_Msg):
+    """Build plans and descriptor lists for every op this rank may initiate."""
+
+    ops: list[Op]
+    plan: PlanKind
+
+
+class Scramble(_Msg):
+    """Overwrite the decode cache (so a verified run proves this run wrote it); snapshot it for
+    --dump when `snapshot`."""
+
+    snapshot: bool
+
+
+class Run(_Msg):
+    op: Op
+    plan: PlanKind
+
+
+class Deliver(_Msg):
+    """Decode ranks wait for the producers' notifications of the last WRITE."""
+
+    op: Op
+
+
+class Verify(_Msg):
+    pass
+
+
+class Dump(_Msg):
+    directory: str
+
+
+class Stop(_Msg):
+    pass
+
+
+class Ack(_Msg):
+    pass
+
+
+class RunReport(_Msg):
+    start_ns: int = 0
+    end_ns: int = 0
+    num_bytes: int = 0
+    num_descriptors: int = 0
+    nixl_descriptors: int = 0
+    num_transfers: int = 0
+    post_us: int = 0
+    plan_us: float = 0.0
+
+
+class Verified(_Msg):
+    ok: bool
+    detail: str
+    num_bytes: int
+
+
+class Failed(_Msg):
+    kind: str
+    message: str
+
+
+ToRank = Peers | Prepare | Scramble | Run | Deliver | Verify | Dump | Stop
+FromRank = Hello | Ack | RunReport | Verified | Failed
+
+TO_RANK = msgspec.msgpack.Decoder(ToRank)
+FROM_RANK = msgspec.msgpack.Decoder(FromRank)
+ENCODER = msgspec.msgpack.Encoder()

@@ -1,0 +1,165 @@
+"""One bench rank (a spawned process): owns a cache and a NIXL agent, obeys the coordinator.
+
+Every reply goes back over the pipe; a KvxferError becomes a `Failed` message instead of a
+traceback, so the coordinator can raise the same kind of error."""
+
+from __future__ import annotations
+
+import logging
+import time
+from multiprocessing.connection import Connection
+
+import msgspec
+
+from kvxfer.agents.nixl_agent import (
+    AgentConfig,
+    ErrorHandling,
+    NixlAgent,
+    Op,
+    Threading,
+    transfer_deadline,
+)
+from kvxfer.bench import cache as cache_mod
+from kvxfer.bench import initiator
+from kvxfer.bench.config import BenchConfig, PlanKind
+from kvxfer.bench.messages import (
+    ENCODER,
+    TO_RANK,
+    Ack,
+    Deliver,
+    Dump,
+    Failed,
+    Hello,
+    Peers,
+    Prepare,
+    Run,
+    RunReport,
+    Scramble,
+    Stop,
+    Verified,
+    Verify,
+)
+from kvxfer.errors import KvxferError
+from kvxfer.planning import map_tp
+
+log = logging.getLogger(__name__)
+
+
+class RankState:
+    def __init__(self, cfg: BenchConfig, role: str, rank: int) -> None:
+        self.cfg = cfg
+        self.cache = cache_mod.make_cache(cfg, role, rank)
+        if role == "prefill":
+            cache_mod.fill_prefill(cfg, self.cache)
+        else:
+            cache_mod.scramble(self.cache)
+        self.agent = NixlAgent(AgentConfig(
+            name=f"{role}{rank}", threading=Threading(cfg.threading),
+            error_handling=ErrorHandling(cfg.error_handling), num_workers=cfg.num_workers))
+        self.mem = self.agent.register(self.cache.tensors)
+        self.hellos: list[Hello] = []
+        self.plans: dict[tuple[Op, PlanKind], list[initiator.PeerPlan]] = {}
+        self.before = None
+        self.last_op: Op | None = None
+
+    def hello(self) -> Hello:
+        c = self.cache
+        return Hello(role=c.role, rank=c.rank, agent=self.agent.name, metadata=self.agent.metadata(),
+                     desc=c.desc, layer_addrs=[int(a) for a in c.region.layer_addrs],
+                     device_id=c.region.device_id, mem=self.mem.value,
+                     block_ids=[int(b) for b in c.block_ids.reshape(-1)])
+
+    def handle(self, msg: object) -> object:
+        match msg:
+            case Peers(hellos=hellos):
+                return self._peers(hellos)
+            case Prepare(ops=ops, plan=kind):
+                for op in ops:
+                    self.plans[op, kind] = initiator.build(self.cfg, self.agent, op, kind, self.cache,
+                                                           self.hellos)
+                return Ack()
+            case Scramble(snapshot=snap):
+                if self.cache.role == "decode":
+                    cache_mod.scramble(self.cache)
+                self.before = cache_mod.snapshot(self.cache) if snap else None
+                return Ack()
+            case Run(op=op, plan=kind):
+                return self._run(op, kind)
+            case Deliver(op=op):
+                return self._deliver(op)
+            case Verify():
+                if self.cache.role != "decode":
+                    return Verified(ok=True, detail="", num_bytes=0)
+                ok, detail, num_bytes = cache_mod.verify(self.cfg, self.cache)
+                return Verified(ok=ok, detail=detail, num_bytes=num_bytes)
+            case Dump(directory=directory):
+                cache_mod.dump(directory, self.cache, self.before)
+                return Ack()
+        return Failed(kind="config", message=f"unexpected message {type(msg).__name__}")
+
+    def _peers(self, hellos: list[Hello]) -> Ack:
+        self.hellos = hellos
+        for h in hellos:
+            if h.role != self.cache.role:
+                self.agent.add_peer(h.metadata)
+        for h in hellos:
+            if h.role != self.cache.role:
+                self.agent.connect(h.agent)
+        return Ack()
+
+    def _run(self, op: Op, kind: PlanKind) -> RunReport:
+        plans = self.plans.get((op, kind), [])
+        if not plans:
+            return RunReport()
+        self.last_op = op
+        start = time.monotonic_ns()
+        posted = initiator.post_all(self.cfg, self.agent, op, kind, self.cache, plans,
+                                    notif=b"" if op is Op.READ else ENCODER.encode(op))
+        num_bytes = sum(x.num_bytes for x in posted.transfers)
+        timeout = transfer_deadline(num_bytes, slack_s=self.cfg.deadline_slack_s,
+                                    expected_gbps=self.cfg.expected_gbps)
+        stats = self.agent.wait(posted.transfers, timeout_s=timeout)
+        end = time.monotonic_ns()
+        return RunReport(
+            start_ns=start, end_ns=end, num_bytes=num_bytes,
+            num_descriptors=sum(x.num_descriptors for x in posted.transfers),
+            nixl_descriptors=sum(s.num_descriptors for s in stats),
+            num_transfers=len(posted.transfers), post_us=max(s.post_us for s in stats),
+            plan_us=posted.plan_us)
+
+    def _deliver(self, op: Op) -> Ack:
+        """After a WRITE the decode rank waits for each producer's notification."""
+        if op is Op.WRITE and self.cache.role == "decode":
+            mapping = map_tp(self.cfg.kv_heads, self.cfg.prefill_tp, self.cfg.decode_tp)
+            expected = len(mapping.sources_of(self.cache.rank))
+            self.agent.wait_notifs(expected, timeout_s=self.cfg.deadline_slack_s)
+        return Ack()
+
+    def close(self) -> None:
+        self.agent.close()
+
+
+def main(conn: Connection, config: bytes, role: str, rank: int) -> None:
+    """Entry point of a spawned rank process."""
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role}{rank} %(levelname)s %(name)s: %(message)s")
+    cfg = msgspec.msgpack.decode(config, type=BenchConfig)
+    state = None
+    try:
+        state = RankState(cfg, role, rank)
+        conn.send_bytes(ENCODER.encode(state.hello()))
+        while True:
+            msg = TO_RANK.decode(conn.recv_bytes())
+            if isinstance(msg, Stop):
+                break
+            try:
+                reply = state.handle(msg)
+            except KvxferError as err:
+                reply = Failed(kind=err.kind, message=str(err))
+            conn.send_bytes(ENCODER.encode(reply))
+    except KvxferError as err:
+        conn.send_bytes(ENCODER.encode(Failed(kind=err.kind, message=str(err))))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        if state is not None:
+            state.close()

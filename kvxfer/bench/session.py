@@ -1,0 +1,223 @@
+"""The bench coordinator: spawns one process per rank, relays their metadata, drives runs and
+collects figures. `BenchSession` is a context manager so tests can run several ops on one set
+of processes; `run_bench` is what `kvxfer bench` calls."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import msgspec
+import numpy as np
+
+from kvxfer.agents.nixl_agent import Op
+from kvxfer.bench import rank as rank_mod
+from kvxfer.bench.config import BenchConfig, BenchResult, Mode, OpFigures, PlanKind
+from kvxfer.bench.messages import (
+    ENCODER,
+    FROM_RANK,
+    Deliver,
+    Dump,
+    Failed,
+    Hello,
+    Peers,
+    Prepare,
+    Run,
+    RunReport,
+    Scramble,
+    Stop,
+    Verified,
+    Verify,
+)
+from kvxfer.errors import (
+    ConfigError,
+    HandshakeError,
+    KvxferError,
+    LayoutError,
+    LeaseError,
+    PeerGoneError,
+    PlanError,
+    TransferError,
+    TransferTimeout,
+)
+
+_ERRORS = {cls.kind: cls for cls in (ConfigError, LayoutError, PlanError, HandshakeError,
+                                     TransferError, TransferTimeout, PeerGoneError, LeaseError)}
+STARTUP_S = 300.0  # spawning, allocating and filling caches
+
+
+@dataclass
+class _Proc:
+    name: str
+    process: mp.process.BaseProcess
+    conn: Connection
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    transfer_ms: float
+    num_bytes: int
+    num_descriptors: int
+    nixl_descriptors: int
+    num_transfers: int
+    plan_us: float
+    post_us: float
+
+
+class BenchSession:
+    """Prefill and decode rank processes with registered caches and exchanged metadata."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self.procs: list[_Proc] = []
+        self.prepared: set[tuple[Op, PlanKind]] = set()
+
+    def __enter__(self) -> BenchSession:
+        ctx = mp.get_context("spawn")
+        blob = msgspec.msgpack.encode(self.cfg)
+        roles = [("prefill", r) for r in range(self.cfg.prefill_tp)]
+        roles += [("decode", r) for r in range(self.cfg.decode_tp)]
+        try:
+            for role, r in roles:
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=rank_mod.main, args=(child, blob, role, r),
+                                   name=f"kvxfer-bench-{role}{r}", daemon=True)
+                proc.start()
+                child.close()
+                self.procs.append(_Proc(f"{role}{r}", proc, parent))
+            hellos = [self._recv(p, STARTUP_S) for p in self.procs]
+            self._all(Peers(hellos=[_expect(h, Hello) for h in hellos]), STARTUP_S)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                p.conn.send_bytes(ENCODER.encode(Stop()))
+            except (OSError, BrokenPipeError):
+                pass
+        for p in self.procs:
+            p.process.join(timeout=30)
+            if p.process.is_alive():
+                p.process.kill()
+                p.process.join(timeout=5)
+        self.procs = []
+
+    def run(self, op: Op, kind: PlanKind | None = None, *, scramble: bool = False,
+            snapshot: bool = False) -> RunFigures:
+        """One request moved from every prefill rank to every decode rank with `op`."""
+        kind = kind or self.cfg.plan
+        if (op, kind) not in self.prepared:
+            self._all(Prepare(ops=[op], plan=kind), STARTUP_S)
+            self.prepared.add((op, kind))
+        if scramble or snapshot:
+            self._all(Scramble(snapshot=snapshot), STARTUP_S)
+        timeout = self.cfg.deadline_slack_s + 600.0
+        reports = [_expect(r, RunReport) for r in self._all(Run(op=op, plan=kind), timeout)]
+        self._all(Deliver(op=op), timeout)
+        active = [r for r in reports if r.num_transfers]
+        return RunFigures(
+            transfer_ms=(max(r.end_ns for r in active) - min(r.start_ns for r in active)) / 1e6,
+            num_bytes=sum(r.num_bytes for r in active),
+            num_descriptors=sum(r.num_descriptors for r in active),
+            nixl_descriptors=sum(r.nixl_descriptors for r in active),
+            num_transfers=sum(r.num_transfers for r in active),
+            plan_us=max(r.plan_us for r in active),
+            post_us=max(r.post_us for r in active))
+
+    def verify(self) -> tuple[bool, str]:
+        replies = [_expect(r, Verified) for r in self._all(Verify(), STARTUP_S)]
+        bad = [r.detail for r in replies if not r.ok]
+        return not bad, "; ".join(bad)
+
+    def dump(self, directory: str) -> None:
+        self._all(Dump(directory=directory), STARTUP_S)
+
+    def _all(self, msg: object, timeout_s: float) -> list[object]:
+        """Send to every rank, then collect every reply (ranks work in parallel)."""
+        blob = ENCODER.encode(msg)
+        for p in self.procs:
+            p.conn.send_bytes(blob)
+        return [self._recv(p, timeout_s) for p in self.procs]
+
+    def _recv(self, p: _Proc, timeout_s: float) -> object:
+        deadline = time.monotonic() + timeout_s
+        while not p.conn.poll(0.05):
+            if not p.process.is_alive():
+                raise PeerGoneError(f"bench rank {p.name} exited with code {p.process.exitcode}")
+            if time.monotonic() > deadline:
+                raise TransferTimeout(f"bench rank {p.name}: no reply after {timeout_s:.0f} s")
+        try:
+            reply = FROM_RANK.decode(p.conn.recv_bytes())
+        except EOFError:
+            raise PeerGoneError(f"bench rank {p.name} closed its pipe") from None
+        if isinstance(reply, Failed):
+            raise _ERRORS.get(reply.kind, KvxferError)(f"bench rank {p.name}: {reply.message}")
+        return reply
+
+
+def _expect(reply: object, cls: type) -> object:
+    if not isinstance(reply, cls):
+        raise KvxferError(f"bench: expected {cls.__name__}, got {type(reply).__name__}")
+    return reply
+
+
+def measure_op(session: BenchSession, op: Op, iters: int, *, verify_last: bool,
+               snapshot: bool) -> tuple[OpFigures, RunFigures]:
+    """One warm-up run, then `iters` timed runs; the last one on a scrambled decode cache."""
+    session.run(op)
+    runs = [session.run(op, scramble=verify_last and i == iters - 1,
+                        snapshot=snapshot and i == iters - 1) for i in range(iters)]
+    times = [r.transfer_ms for r in runs]
+    median = statistics.median(times)
+    gbps = runs[0].num_bytes / (median / 1e3) / 1e9
+    return OpFigures(transfer_ms=median, gbps=gbps, transfer_ms_all=times), runs[-1]
+
+
+def memcpy_gbps(num_bytes: int, *, repeats: int = 3) -> float:
+    """Single-thread copy of `num_bytes` between two touched host buffers, best of `repeats`."""
+    src = np.ones(num_bytes, dtype=np.uint8)
+    dst = np.zeros(num_bytes, dtype=np.uint8)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return num_bytes / best / 1e9
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    with BenchSession(cfg) as session:
+        auto = None
+        op = Op.WRITE if cfg.mode is Mode.WRITE else Op.READ
+        if cfg.mode is Mode.AUTO:
+            auto = {o.value.lower(): measure_op(session, o, 1, verify_last=False, snapshot=False)[0].gbps
+                    for o in (Op.READ, Op.WRITE)}
+            op = Op.READ if auto["read"] >= auto["write"] else Op.WRITE
+        figures, last = measure_op(session, op, cfg.iters, verify_last=cfg.verify,
+                                   snapshot=cfg.dump is not None)
+        verified = None
+        if cfg.verify:
+            verified, detail = session.verify()
+            if not verified:
+                raise TransferError(f"bench: verification failed: {detail}")
+        if cfg.dump is not None:
+            session.dump(cfg.dump)
+    memcpy = memcpy_gbps(last.num_bytes) if cfg.memcpy else 0.0
+    return BenchResult(
+        mode=op.value.lower(), plan=cfg.plan.value, prefill_tp=cfg.prefill_tp,
+        decode_tp=cfg.decode_tp, device=cfg.device, threading=cfg.threading,
+        error_handling=cfg.error_handling, bytes=last.num_bytes, descriptors=last.num_descriptors,
+        nixl_descriptors=last.nixl_descriptors, num_transfers=last.num_transfers,
+        plan_us=last.plan_us, post_us=last.post_us, transfer_ms=figures.transfer_ms,
+        gbps=figures.gbps, memcpy_gbps=memcpy, ratio=figures.gbps / memcpy if memcpy else 0.0,
+        verified=verified, iters=cfg.iters, transfer_ms_all=figures.transfer_ms_all, auto=auto)
