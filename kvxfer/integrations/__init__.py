@@ -1,0 +1,1 @@
+"""Integrations of kvxfer with serving engines (each needs its engine installed)."""

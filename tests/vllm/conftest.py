@@ -1,0 +1,62 @@
+"""The vLLM plugin's tests run only under .venv-vllm's interpreter (`make test-vllm`).
+
+Under any other interpreter (the main `make test`, a plain `pytest`) every test here is skipped,
+with that reason, instead of failing to import vLLM: vLLM's CPU build lives in its own 3.7 GB
+virtualenv and is not part of the main one. Fixtures that start vLLM servers are session-scoped so
+the few instances a run needs start once (each takes ~35 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from vllm_cases import MAX_TOKENS, PROMPTS
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_VENV = ROOT / ".venv-vllm"
+IN_VLLM_VENV = Path(sys.prefix).resolve() == VLLM_VENV.resolve()
+SKIP_REASON = (
+    f"vLLM tests need the interpreter of {VLLM_VENV} (this is {sys.prefix}); run `make test-vllm`"
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IN_VLLM_VENV:
+        return
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny random Llamas of one shape: "a" (the model under test) and "b" (other weights)."""
+    from kvxfer.integrations.vllm.testing import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("models")
+    return {name: build_tiny_llama(root / name, seed=seed) for name, seed in (("a", 0), ("b", 1))}
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm-logs")
+
+
+@pytest.fixture(scope="session")
+def plain_tokens(models: dict[str, Path], logs: Path) -> dict[str, list[int]]:
+    """Greedy tokens of one vLLM instance without disaggregation, per prompt (each run twice:
+    the baseline must itself be deterministic)."""
+    from kvxfer.integrations.vllm.testing import ServerSpec, VllmServer, token_ids
+
+    server = VllmServer(ServerSpec(model=models["a"], name="plain"), logs)
+    try:
+        server.wait_ready()
+        runs = [{p: token_ids(server.complete(p, max_tokens=MAX_TOKENS)) for p in PROMPTS}
+                for _ in range(2)]
+    finally:
+        server.stop()
+    assert runs[0] == runs[1], "plain vLLM greedy decoding is not deterministic"
+    return runs[0]
