@@ -179,3 +179,25 @@ def test_config_json_round_trip(tmp_path):
     config, path = model_dir(tmp_path, "tiny-qwen2")
     assert load_model_config(path) == config
     assert dataclasses.replace(config, family="llama").to_hf()["architectures"] == ["LlamaForCausalLM"]
+
+
+# ---- warmup -----------------------------------------------------------------------------------
+
+
+def test_engine_warmup_builds_its_own_shape():
+    engine = tiny_engine(layout="packed")
+    records = engine.warmup()
+    assert [r.kernel.split()[:2] for r in records] == [["decode", "packed"], ["prefill", "packed"]]
+    assert all("q_heads=4 kv_heads=2 head_dim=16 page=4 float32" in r.kernel for r in records)
+
+
+def test_warmup_command_logs_every_rank_shape(tmp_path, caplog):
+    from kvxfer.cli import main
+
+    _, path = model_dir(tmp_path, "tiny")
+    with caplog.at_level("INFO"):
+        assert main(["warmup", "--model", str(path), "--tp", "1", "4", "--dtype", "float32"]) == 0
+    kernels = [m for m in caplog.messages if m.startswith("warmup: torch kernel")]
+    # TP 1: 4 q heads / 2 KV heads; TP 4: 1 q head / 1 KV head (replicated); decode + prefill each
+    assert len(kernels) == 4 and sum("q_heads=1 kv_heads=1" in m for m in kernels) == 2
+    assert main(["warmup", "--model", str(path), "--tp", "3"]) == 2

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvxfer.attention import PagedAttention, PageTable
+from kvxfer.attention import PagedAttention, PageTable, WarmupRecord, WarmupShape, warmup
 from kvxfer.engine.cache import BlockAllocator, KVCache
 from kvxfer.engine.config import EngineConfig, ModelConfig
 from kvxfer.engine.model import CausalLM, Shard
@@ -127,6 +127,14 @@ class Engine:
     def shape_block_ids(self, block_ids: Sequence[int]) -> Any:
         """Allocator ids as a step's `block_ids`: `[n]`, or `[2, n]` for separate K/V pages."""
         return np.asarray(block_ids).reshape(2, -1) if self.separate_kv_pages else list(block_ids)
+
+    def warmup(self) -> list[WarmupRecord]:
+        """Build and load this rank's attention kernels now (call before reporting ready); each
+        kernel is logged with its name, seconds and what it compiled. Not collective."""
+        shape = WarmupShape(self.config.cache.layout, self.shard.q_heads.size,
+                            self.shard.kv_heads.size, self.model_config.head_dim, self.block_size,
+                            self.config.torch_dtype)
+        return warmup([shape], device=self.device)
 
     # ---- collective steps: every rank calls them with the same arguments --------------------
 
