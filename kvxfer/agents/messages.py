@@ -216,6 +216,8 @@ def _decode_with(decoder: msgspec.msgpack.Decoder | msgspec.json.Decoder, data: 
         return decoder.decode(data)
     except RecursionError:  # msgspec raises it for deeply nested input: hostile, not a bug
         raise msgspec.DecodeError("input nested too deeply") from None
+    except UnicodeDecodeError as err:  # and this for a string that is not UTF-8
+        raise msgspec.DecodeError(f"a string is not valid UTF-8 (byte {err.start})") from None
 
 
 def decode(data: bytes) -> Message:

@@ -300,13 +300,21 @@ class SideChannelServer:
             self._bad_input_log.warning("side channel: dropped a message of %d frame(s) without a valid call id", len(frames))
             return
         routing_id, call_id, body = frames[0].bytes, frames[1].bytes, frames[2]
-        reply = self._reply_to(_peer_of(routing_id, body), body.bytes)
+        reply = self._safe_reply_to(_peer_of(routing_id, body), body.bytes)
         try:
             sock.send_multipart([routing_id, call_id, m.encode(reply)], flags=zmq.NOBLOCK)
             self._count("replied")
         except zmq.ZMQError as err:
             self._count("send_failures")
             self._bad_input_log.warning("side channel: reply not sent (%s)", err)
+
+    def _safe_reply_to(self, peer: PeerInfo, body: bytes) -> m.Message:
+        try:
+            return self._reply_to(peer, body)
+        except Exception as err:  # a bug of ours: answer, count, keep serving
+            self._count("internal_errors")
+            log.error("side channel: unexpected %s handling a message: %.200s", type(err).__name__, err)
+            return m.ErrorReply(kind="internal", message="internal error")
 
     def _reply_to(self, peer: PeerInfo, body: bytes) -> m.Message:
         try:
