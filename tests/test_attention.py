@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvxfer import attention
-from kvxfer.attention import PageTable, PagedAttention, WarmupShape
+from kvxfer.attention import PagedAttention, PageTable, WarmupShape
 from kvxfer.errors import LayoutError
 from kvxfer.layouts import LAYOUTS, Geometry, get_layout
 from kvxfer.verify import read_request, write_request
@@ -73,7 +73,7 @@ def run_case(layout, hq, hkv, requests, seed=0):
     attn.plan(table)
     attn.write(cache, torch.cat([x[0] for x in news]).float(), torch.cat([x[1] for x in news]).float())
     out = attn.run(torch.cat(qs).float(), cache)
-    expected = torch.cat([reference(q, kv[0], kv[1], c) for q, kv, (c, _) in zip(qs, dense, requests)])
+    expected = torch.cat([reference(q, kv[0], kv[1], c) for q, kv, (c, _) in zip(qs, dense, requests, strict=True)])
     return out, expected, cache, pages, dense
 
 
@@ -96,7 +96,7 @@ def test_torch_attention_matches_float64(layout, requests):
 @pytest.mark.parametrize("layout", ["flashinfer-hnd", "packed", "trtllm-nhd"])
 def test_write_lands_where_verify_reads(layout):
     _, _, cache, pages, dense = run_case(layout, hq=2, hkv=2, requests=[(5, 3), (0, 6)])
-    for ids, kv in zip(pages, dense):
+    for ids, kv in zip(pages, dense, strict=True):
         got = read_request(layout, cache, ids, kv.shape[2])
         torch.testing.assert_close(got.double(), kv, rtol=1e-6, atol=1e-6)
 

@@ -80,12 +80,12 @@ def test_batched_decode_equals_one_request_at_a_time():
     prompts = [PROMPT, PROMPT[:5], [9, 8, 7]]
     singles = [engine.generate(p, 4).tokens for p in prompts]
     blocks = [engine.allocator.allocate(engine.blocks_needed(len(p) + 4)) for p in prompts]
-    firsts = [engine.prefill(p, b).tokens[0] for p, b in zip(prompts, blocks)]
+    firsts = [engine.prefill(p, b).tokens[0] for p, b in zip(prompts, blocks, strict=True)]
     tokens = [[t] for t in firsts]
     for _ in range(3):
         batch = [DecodeRequest(token_id=t[-1], block_ids=b, num_cached=len(p) + len(t) - 1)
-                 for p, b, t in zip(prompts, blocks, tokens)]
-        for t, new in zip(tokens, engine.decode(batch).tokens):
+                 for p, b, t in zip(prompts, blocks, tokens, strict=True)]
+        for t, new in zip(tokens, engine.decode(batch).tokens, strict=True):
             t.append(new)
     assert tokens == singles
 

@@ -17,7 +17,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kvxfer.engine import CacheConfig, DecodeRequest, Engine, EngineConfig, TPGroup, free_port, preset
+from kvxfer.engine import (
+    CacheConfig,
+    DecodeRequest,
+    Engine,
+    EngineConfig,
+    TPGroup,
+    free_port,
+    preset,
+)
 from kvxfer.verify import read_request, write_request
 
 pytestmark = pytest.mark.slow
@@ -51,7 +59,7 @@ def decode_from(engine: Engine, source: dict) -> list[int]:
     ids = engine.allocator.allocate(engine.blocks_needed(len(PROMPT) + NEW_TOKENS))
     blocks = engine.shape_block_ids(ids)
     lo, hi = engine.shard.kv_heads.start, engine.shard.kv_heads.stop
-    for cache, full in zip(engine.caches, source["kv"]):
+    for cache, full in zip(engine.caches, source["kv"], strict=True):
         write_request(engine.config.cache.layout, cache, blocks, torch.from_numpy(full[:, lo:hi]))
     tokens = [source["first"]]
     while len(tokens) < NEW_TOKENS:
@@ -136,7 +144,7 @@ def test_prefill_kv_is_the_same_at_every_tp(chain):
     reference = assemble([chain[1][0]["dump"]])
     for tp in (2, 4):
         kv = assemble([r["dump"] for r in chain[tp]])
-        for got, want in zip(kv["kv"], reference["kv"]):
+        for got, want in zip(kv["kv"], reference["kv"], strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

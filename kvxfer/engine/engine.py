@@ -24,8 +24,13 @@ from kvxfer.engine.model import CausalLM, Shard
 from kvxfer.engine.parallel import TPGroup
 from kvxfer.engine.sampling import GREEDY, SamplingParams, sample
 from kvxfer.engine.tokenizer import load_tokenizer
-from kvxfer.engine.weights import SafetensorsSource, StateDictSource, WeightSource, load_weights
-from kvxfer.engine.weights import random_state_dict
+from kvxfer.engine.weights import (
+    SafetensorsSource,
+    StateDictSource,
+    WeightSource,
+    load_weights,
+    random_state_dict,
+)
 from kvxfer.errors import ConfigError, LayoutError
 from kvxfer.layouts import CacheDesc, check_block_ids, get_layout
 
