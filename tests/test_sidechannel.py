@@ -231,3 +231,10 @@ def _engine() -> m.EngineInfo:
         agent_metadata=b"metadata",
         regions=[],
     )
+
+
+def test_a_port_in_use_is_a_config_error(server: SideChannelServer, keys: Keys, recorder: Recorder) -> None:
+    port = int(server.address.rsplit(":", 1)[1])
+    with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+        SideChannelServer(keys.server_config(port=port), recorder).start()
+    assert isinstance(request(server.address, keys.client_config(), m.Ping()), m.Pong)

@@ -226,14 +226,23 @@ class SideChannelServer:
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # replies to a vanished peer fail, not block
-        if cfg.keys is not None:
-            sock.curve_server = True
-            sock.curve_secretkey = cfg.keys.own.secret
-            sock.curve_publickey = cfg.keys.own.public
-            sock.zap_domain = ZAP_DOMAIN
-            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-        else:
+        self._secure(sock)
+        self._bind(sock)
+        return zap, sock
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        keys = self.config.keys
+        if keys is None:
             log.warning("side channel server: INSECURE plaintext mode, no authentication, no encryption")
+            return
+        sock.curve_server = True
+        sock.curve_secretkey = keys.own.secret
+        sock.curve_publickey = keys.own.public
+        sock.zap_domain = ZAP_DOMAIN
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+    def _bind(self, sock: zmq.Socket) -> None:
+        cfg = self.config
         if cfg.host in _WILDCARD_HOSTS:
             log.warning("side channel server: listening on every interface (%s) as configured", cfg.host)
         host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
@@ -243,7 +252,6 @@ class SideChannelServer:
         else:
             self._port = sock.bind_to_random_port(f"tcp://{host}")
         log.info("side channel server listening on %s (%s)", self.address, "insecure" if cfg.insecure else "CURVE")
-        return zap, sock
 
     def _serve(self, zap: zmq.Socket | None, sock: zmq.Socket) -> None:
         poller = zmq.Poller()
