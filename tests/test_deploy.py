@@ -1,0 +1,339 @@
+"""deploy/: every kustomization renders, every object validates against the Kubernetes schemas
+(kubernetes-validate's bundled schemas, offline), and nothing drifts from the CLI: every KVXFER_*
+variable, flag and port in the manifests exists and agrees with kvxfer.daemons.config."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvxfer.daemons.config import (
+    CURVE_KEY_ENV_VARS,
+    Device,
+    ProxyConfig,
+    Role,
+    ServeConfig,
+    add_proxy_arguments,
+    add_serve_arguments,
+    env_var,
+    proxy_config_from_args,
+    serve_config_from_args,
+)
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+OVERLAYS = ("cpu-demo", "gpu", "rdma")
+KUSTOMIZATIONS = ("base", *(f"overlays/{name}" for name in OVERLAYS))
+K8S_VERSION = "1.32.0"  # the kubectl on the project's machines
+SECRET_NAME = "kvxfer-curve-keys"
+SECRET_KEYS = {"prefill.key", "prefill.key_secret", "decode.key", "decode.key_secret"}
+PLACEHOLDER_KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # any valid Z85 key
+POD_IP = "10.244.0.7"
+
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not on PATH")
+
+
+@functools.cache
+def render(kustomization: str) -> tuple[dict, ...]:
+    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s" / kustomization)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+
+
+def of_kind(objects: tuple[dict, ...], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def parser_for(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"kvxfer {command}", exit_on_error=False)
+    (add_serve_arguments if command == "serve" else add_proxy_arguments)(parser)
+    return parser
+
+
+def cli_env_vars(command: str) -> set[str]:
+    flags = {f for a in parser_for(command)._actions for f in a.option_strings if f.startswith("--")}
+    names = {env_var(f) for f in flags - {"--help", "--no-warmup"}}
+    return names | (set(CURVE_KEY_ENV_VARS) if command == "serve" else set())
+
+
+def resolve_env(container: dict, *, pod_name: str = "kvxfer-pod-0", pod_ip: str = POD_IP,
+                secret: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+    """The container's environment as a process would see it; downward-API and Secret references
+    are filled with `pod_name`, `pod_ip` and `secret` (default: a placeholder key)."""
+    env = {}
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {})
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        elif ref.get("fieldRef", {}).get("fieldPath") == "status.podIP":
+            env[item["name"]] = pod_ip
+        elif ref.get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[item["name"]] = pod_name
+        elif "secretKeyRef" in ref:
+            key_ref = ref["secretKeyRef"]
+            assert key_ref["name"] == SECRET_NAME and key_ref["key"] in SECRET_KEYS, key_ref
+            env[item["name"]] = (secret or {}).get(key_ref["key"], PLACEHOLDER_KEY)
+        else:
+            raise AssertionError(f"unsupported env source {item}")
+    return env
+
+
+def workloads(kustomization: str):
+    """(deployment, container, config) for every kvxfer container of the rendered objects."""
+    for deployment in of_kind(render(kustomization), "Deployment").values():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            yield deployment, container, config_of(container)
+
+
+def config_of(container: dict, env: dict[str, str] | None = None) -> ServeConfig | ProxyConfig:
+    """Parse the container's command line with the CLI's own parser and build its config."""
+    assert container["command"] == ["kvxfer"], container["command"]
+    command, *argv = container["args"]
+    parser = parser_for(command)
+    args = parser.parse_args(argv)  # an unknown flag raises here
+    env = resolve_env(container) if env is None else env
+    if command == "serve":
+        return serve_config_from_args(args, environ=env)
+    return proxy_config_from_args(args, environ=env)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_renders(kustomization):
+    objects = render(kustomization)
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    for name in ("kvxfer-prefill", "kvxfer-decode", "kvxfer-proxy"):
+        for kind in ("Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"):
+            assert (kind, name) in kinds
+    if kustomization != "base":
+        assert {o["metadata"].get("namespace") for o in objects} == {"kvxfer"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_objects_validate_against_kubernetes_schemas(kustomization):
+    kv = pytest.importorskip("kubernetes_validate")
+    for obj in render(kustomization):
+        kv.validate(obj, K8S_VERSION, strict=True)  # raises ValidationError with the field path
+
+
+def test_schema_validation_catches_a_misspelled_field():
+    kv = pytest.importorskip("kubernetes_validate")
+    bad = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "x"},
+           "spec": {"maxUnavailabel": 1, "selector": {"matchLabels": {"a": "b"}}}}  # fmt: skip
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, K8S_VERSION, strict=True)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_variable_and_flag_exists_in_the_cli(overlay):
+    for _, container, _ in workloads(f"overlays/{overlay}"):
+        command = container["args"][0]
+        used = {e["name"] for e in container.get("env", []) if e["name"].startswith("KVXFER_")}
+        assert used <= cli_env_vars(command), used - cli_env_vars(command)
+        for arg in container["args"][1:]:
+            assert not arg.startswith("--") or arg.split("=")[0] in parser_for(command)._option_string_actions
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ports_probes_and_metrics_agree_with_the_config(overlay):
+    for deployment, container, config in workloads(f"overlays/{overlay}"):
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        expected = {"http": config.port}
+        if isinstance(config, ServeConfig):
+            expected |= {f"side-{rank}": port for rank, port in enumerate(config.side_channel_ports)}
+        assert ports == expected, deployment["metadata"]["name"]
+        for probe, path in (("startupProbe", None), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+            get = container[probe]["httpGet"]
+            assert get["port"] in ("http", config.port) and (path is None or get["path"] == path)
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(config.port)
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_and_proxy_urls_point_at_real_ports(overlay):
+    objects = render(f"overlays/{overlay}")
+    deployments, services = of_kind(objects, "Deployment"), of_kind(objects, "Service")
+    for service in services.values():
+        selected = [d for d in deployments.values() if _selects(service["spec"]["selector"], d)]
+        assert len(selected) == 1, service["metadata"]["name"]
+        names = {p["name"] for c in _containers(selected[0]) for p in c["ports"]}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= names
+    proxy = config_of(_containers(deployments["kvxfer-proxy"])[0])
+    for url in proxy.prefill_urls + proxy.decode_urls:
+        host, port = re.fullmatch(r"https?://([^:/]+):(\d+)", url).groups()
+        assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}, url
+        target = config_of(_containers(_selected(services[host], deployments))[0])
+        assert target.port == int(port)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pools_agree_on_the_model_and_fit_their_gpus(overlay):
+    configs = {c.role: c for _, _, c in workloads(f"overlays/{overlay}") if isinstance(c, ServeConfig)}
+    prefill, decode = configs[Role.PREFILL], configs[Role.DECODE]
+    for field in ("model_dir", "preset", "seed", "dtype"):  # otherwise the transferred KV is garbage
+        assert getattr(prefill, field) == getattr(decode, field), field
+    for deployment, container, config in workloads(f"overlays/{overlay}"):
+        gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+        if isinstance(config, ServeConfig) and config.device is Device.CUDA:
+            assert gpus == config.tp, deployment["metadata"]["name"]
+        else:
+            assert gpus is None
+    engine_config = pytest.importorskip("kvxfer.engine.config")
+    if prefill.preset is not None:
+        for config in (prefill, decode):
+            engine_config.preset(config.preset).check_tp(config.tp)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_curve_is_on_and_each_pod_gets_only_its_own_secret(overlay):
+    for deployment, container, config in workloads(f"overlays/{overlay}"):
+        if not isinstance(config, ServeConfig):
+            continue
+        assert not config.insecure_plaintext and config.curve is not None
+        role, peer = config.role.value, ("decode" if config.role is Role.PREFILL else "prefill")
+        secret_refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+        files = _secret_files(deployment, container)
+        assert secret_refs == {f"{role}.key_secret"} and set(files.values()) == {f"{peer}.key"}
+        assert files[str(config.curve.server_key_file)] == f"{peer}.key"
+        allowed = [path for path in files if path.startswith(f"{config.curve.allowed_keys_dir}/")]
+        assert allowed and all(path.endswith(".key") for path in allowed)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_side_channels_are_reachable_from_the_peer_pool_only(overlay):
+    objects = render(f"overlays/{overlay}")
+    deployments, policies = of_kind(objects, "Deployment"), of_kind(objects, "NetworkPolicy")
+    for _, container, config in workloads(f"overlays/{overlay}"):
+        if not isinstance(config, ServeConfig):
+            continue
+        policy = policies[f"kvxfer-{config.role.value}"]["spec"]
+        peer = "decode" if config.role is Role.PREFILL else "prefill"
+        reaching = [rule for rule in policy["ingress"] if _covers(rule, config.side_channel_ports, container)]
+        assert reaching, "the peer pool cannot reach the side channel"
+        for rule in reaching:
+            sources = [_selected_component(src, deployments) for src in rule.get("from", [None])]
+            assert sources == [peer], rule
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_operational_settings(overlay):
+    objects = render(f"overlays/{overlay}")
+    pdbs = of_kind(objects, "PodDisruptionBudget").values()
+    for deployment, container, config in workloads(f"overlays/{overlay}"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert any(_selects(p["spec"]["selector"]["matchLabels"], deployment) for p in pdbs)
+        drain = config.lease_s + config.transfer_deadline_s if isinstance(config, ServeConfig) else config.request_timeout_s
+        assert pod["terminationGracePeriodSeconds"] > drain
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+
+
+def test_documented_flags_and_variables_exist():
+    """deploy/README.md, the Dockerfiles and the scripts mention only flags and variables the CLI has."""
+    known = cli_env_vars("serve") | cli_env_vars("proxy")
+    for path in [DEPLOY / "README.md", *DEPLOY.glob("docker/Dockerfile.*"), *DEPLOY.glob("scripts/*")]:
+        text = path.read_text()
+        assert set(re.findall(r"KVXFER_[A-Z0-9_]*[A-Z0-9]", text)) <= known, path
+        for command, rest in re.findall(r"kvxfer (serve|proxy)\b([^\n`]*)", text):
+            flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", rest))
+            assert flags <= set(parser_for(command)._option_string_actions), (path, flags)
+
+
+def test_dockerfile_warmup_covers_the_gpu_overlay():
+    cli = pytest.importorskip("kvxfer.cli")
+    text = (DEPLOY / "docker" / "Dockerfile.cuda").read_text()
+    args = dict(re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', text, flags=re.M))
+    warmup = re.search(r"RUN (kvxfer warmup [^\n]*\\\n[^\n]*)", text).group(1).replace("\\\n", " ")
+    argv = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], warmup).split()[1:]
+    parsed = cli.build_parser().parse_args(argv)  # the warmup command's own flags
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl not on PATH")
+    for _, _, config in workloads("overlays/gpu"):
+        if isinstance(config, ServeConfig):
+            assert config.tp in parsed.tp and config.layout in parsed.layout
+            assert (config.block_size, config.dtype, config.model_dir) == (parsed.block_size, parsed.dtype, Path(parsed.model))
+
+
+def test_secret_script_creates_the_keys_the_manifests_use(tmp_path):
+    """Runs deploy/scripts/create-curve-secret.sh with the real `kvxfer keys generate` and the
+    real `kubectl create --dry-run=client`; only `kubectl apply` is replaced, by a capture."""
+    pytest.importorskip("kvxfer.commands.keys")
+    kubectl, kvxfer = shutil.which("kubectl"), Path(__file__).resolve().parents[1] / ".venv" / "bin" / "kvxfer"
+    if kubectl is None or not kvxfer.exists():
+        pytest.skip("needs kubectl and .venv/bin/kvxfer")
+    stub = tmp_path / "bin" / "kubectl"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\nif [ "$1" = apply ]; then cat > {tmp_path}/applied.yaml; else exec {kubectl} "$@"; fi\n')
+    stub.chmod(0o755)
+    path = f"{stub.parent}:{kvxfer.parent}:/usr/bin:/bin"
+    out = subprocess.run([str(DEPLOY / "scripts" / "create-curve-secret.sh"), "demo"], env={"PATH": path},
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    secret = yaml.safe_load((tmp_path / "applied.yaml").read_text())
+    assert (secret["kind"], secret["metadata"]["name"], secret["metadata"]["namespace"]) == ("Secret", SECRET_NAME, "demo")
+    assert set(secret["data"]) == SECRET_KEYS
+
+
+def _containers(deployment: dict) -> list[dict]:
+    return deployment["spec"]["template"]["spec"]["containers"]
+
+
+def _selects(selector: dict, deployment: dict) -> bool:
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _selected(service: dict, deployments: dict[str, dict]) -> dict:
+    (deployment,) = [d for d in deployments.values() if _selects(service["spec"]["selector"], d)]
+    return deployment
+
+
+def _selected_component(source: dict | None, deployments: dict[str, dict]) -> str:
+    """The one kvxfer component a NetworkPolicy peer admits, or 'other' (namespaces, IP blocks,
+    everyone)."""
+    if not source or set(source) != {"podSelector"}:
+        return "other"
+    labels = source["podSelector"].get("matchLabels", {})
+    matched = [d for d in deployments.values() if _selects(labels, d)]
+    return matched[0]["metadata"]["labels"]["app.kubernetes.io/component"] if len(matched) == 1 else "other"
+
+
+def _covers(rule: dict, ports: tuple[int, ...], container: dict) -> bool:
+    if not rule.get("ports"):
+        return True
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for entry in rule["ports"]:
+        start = named.get(entry["port"], entry["port"])
+        if any(start <= port <= entry.get("endPort", start) for port in ports):
+            return True
+    return False
+
+
+def _secret_files(deployment: dict, container: dict) -> dict[str, str]:
+    """{path in the container: Secret key} for every Secret volume the container mounts."""
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if secret:
+            assert secret["secretName"] == SECRET_NAME and "items" in secret
+            files |= {f"{mount['mountPath']}/{item['path']}": item["key"] for item in secret["items"]}
+    return files
