@@ -35,8 +35,8 @@ NEW_TOKENS = 6
 SEED = 3
 
 
-def engine_config(layout: str, block_size: int) -> EngineConfig:
-    return EngineConfig(model=preset("tiny"), seed=SEED,
+def engine_config(layout: str, block_size: int, model: str = "tiny") -> EngineConfig:
+    return EngineConfig(model=preset(model), seed=SEED,
                         cache=CacheConfig(layout=layout, block_size=block_size, num_blocks=24))
 
 
@@ -69,12 +69,14 @@ def decode_from(engine: Engine, source: dict) -> list[int]:
     return tokens
 
 
-def run_rank(engine: Engine, source: dict | None) -> dict:
+def run_rank(engine: Engine, source: dict | None, qwen2: Engine) -> dict:
     out = engine.generate(PROMPT, NEW_TOKENS)
     result = {"rank": engine.rank, "tokens": out.tokens, "logits": out.logits.numpy(),
               "dump": prefill_dump(engine)}
     if source is not None:
         result["transferred"] = decode_from(engine, source)
+    out = qwen2.generate(PROMPT, NEW_TOKENS)  # q/k/v biases are sharded too
+    result["qwen2"] = (out.tokens, out.logits.numpy())
     return result
 
 
@@ -82,7 +84,8 @@ def worker(rank: int, tp: int, port: int, layout: str, block_size: int, source, 
     torch.set_num_threads(1)
     group = TPGroup.init(rank=rank, size=tp, init_method=f"tcp://127.0.0.1:{port}")
     try:
-        results.put(run_rank(Engine(engine_config(layout, block_size), group), source))
+        qwen2 = Engine(engine_config(layout, block_size, "tiny-qwen2"), group)
+        results.put(run_rank(Engine(engine_config(layout, block_size), group), source, qwen2))
     finally:
         group.close()
 
@@ -125,7 +128,8 @@ def assemble(dumps: list[dict]) -> dict:
 
 @pytest.fixture(scope="module")
 def chain():
-    tp1 = run_rank(Engine(engine_config("flash-attn-nhd", 4)), None)
+    tp1 = run_rank(Engine(engine_config("flash-attn-nhd", 4)), None,
+                   Engine(engine_config("flash-attn-nhd", 4, "tiny-qwen2")))
     tp2 = run_group(2, "flashinfer-hnd", 4, assemble([tp1["dump"]]))
     tp4 = run_group(4, "packed", 8, assemble([r["dump"] for r in tp2]))
     back = decode_from(Engine(engine_config("trtllm-hnd", 2)), assemble([r["dump"] for r in tp4]))
@@ -138,6 +142,14 @@ def test_tokens_and_logits_equal_tp1(chain, tp):
     for result in chain[tp]:
         assert result["tokens"] == reference["tokens"]
         np.testing.assert_allclose(result["logits"], reference["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_qwen2_tokens_and_logits_equal_tp1(chain, tp):
+    tokens, logits = chain[1][0]["qwen2"]
+    for result in chain[tp]:
+        assert result["qwen2"][0] == tokens
+        np.testing.assert_allclose(result["qwen2"][1], logits, rtol=1e-5, atol=1e-5)
 
 
 def test_prefill_kv_is_the_same_at_every_tp(chain):

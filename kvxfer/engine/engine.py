@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +35,9 @@ from kvxfer.layouts import CacheDesc, check_block_ids, get_layout
 
 log = logging.getLogger(__name__)
 
+# A request's blocks: [n] ids, or [2, n] (K pages, V pages) for TRT-LLM layouts.
+BlockIds = Sequence[int] | np.ndarray | torch.Tensor
+
 
 @dataclass(frozen=True, kw_only=True)
 class StepRequest:
@@ -47,7 +49,7 @@ class StepRequest:
     """
 
     token_ids: Sequence[int]
-    block_ids: Any
+    block_ids: BlockIds
     num_cached: int = 0
     sampling: SamplingParams = GREEDY
 
@@ -57,7 +59,7 @@ class DecodeRequest:
     """One decode step: `token_id` (not yet in the cache) goes at position `num_cached`."""
 
     token_id: int
-    block_ids: Any
+    block_ids: BlockIds
     num_cached: int
     sampling: SamplingParams = GREEDY
 
@@ -129,7 +131,7 @@ class Engine:
         pages = -(-num_tokens // self.block_size)
         return 2 * pages if self.separate_kv_pages else pages
 
-    def shape_block_ids(self, block_ids: Sequence[int]) -> Any:
+    def shape_block_ids(self, block_ids: Sequence[int]) -> BlockIds:
         """Allocator ids as a step's `block_ids`: `[n]`, or `[2, n]` for separate K/V pages."""
         return np.asarray(block_ids).reshape(2, -1) if self.separate_kv_pages else list(block_ids)
 
@@ -143,7 +145,7 @@ class Engine:
 
     # ---- collective steps: every rank calls them with the same arguments --------------------
 
-    def prefill(self, token_ids: Sequence[int], block_ids: Any, *, num_cached: int = 0,
+    def prefill(self, token_ids: Sequence[int], block_ids: BlockIds, *, num_cached: int = 0,
                 sampling: SamplingParams = GREEDY) -> StepOutput:
         """Write the prompt's KV into `block_ids` and sample the first generated token."""
         request = StepRequest(token_ids=token_ids, block_ids=block_ids, num_cached=num_cached,

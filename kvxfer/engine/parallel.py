@@ -35,12 +35,15 @@ class TPGroup:
              timeout_s: float = 120.0) -> TPGroup:
         """Join (and create) the default process group, e.g. `init_method="tcp://127.0.0.1:29500"`.
 
-        backend: "gloo" on CPU, "nccl" on CUDA. Every rank of the group must call this.
+        backend: "gloo" on CPU, "nccl" on CUDA (rank r takes GPU r; with fewer GPUs than ranks
+        use "gloo", which also reduces CUDA tensors). Every rank of the group must call this.
         """
         if not 0 <= rank < size:
             raise ConfigError(f"rank={rank} outside [0, {size})")
         if size == 1:
             return cls.single()
+        if backend == "nccl":  # one GPU per rank, chosen before NCCL binds a communicator
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=timeout_s))
         return cls(rank, size, dist.group.WORLD)
