@@ -13,11 +13,9 @@ from kvxfer.engine import (
     Engine,
     EngineConfig,
     SamplingParams,
-    byte_level_tokenizer,
     load_model_config,
     preset,
-    random_state_dict,
-    save_model_dir,
+    write_random_model_dir,
 )
 from kvxfer.errors import ConfigError, LayoutError
 
@@ -32,8 +30,7 @@ def transformers():
 
 def model_dir(tmp_path, name, **overrides):
     config = preset(name, **overrides)
-    tok = byte_level_tokenizer(config.vocab_size).to_str()
-    return config, save_model_dir(tmp_path / name, config, random_state_dict(config, 3), tokenizer_json=tok)
+    return config, write_random_model_dir(tmp_path / name, config, seed=3)
 
 
 # ---- transformers as the oracle ---------------------------------------------------------------

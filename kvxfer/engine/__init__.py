@@ -9,7 +9,7 @@ from kvxfer.engine.config import (
     load_model_config,
     preset,
 )
-from kvxfer.engine.engine import DecodeRequest, Engine, StepOutput, StepRequest
+from kvxfer.engine.engine import BlockIds, DecodeRequest, Engine, StepOutput, StepRequest
 from kvxfer.engine.model import Shard
 from kvxfer.engine.parallel import TPGroup, free_port
 from kvxfer.engine.sampling import GREEDY, SamplingParams
@@ -19,6 +19,7 @@ from kvxfer.engine.weights import (
     StateDictSource,
     random_state_dict,
     save_model_dir,
+    write_random_model_dir,
 )
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "PRESETS",
     "AllocationError",
     "BlockAllocator",
+    "BlockIds",
     "CacheConfig",
     "DecodeRequest",
     "Engine",
@@ -46,4 +48,5 @@ __all__ = [
     "preset",
     "random_state_dict",
     "save_model_dir",
+    "write_random_model_dir",
 ]

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from kvxfer.engine.config import ModelConfig
 from kvxfer.engine.model import CausalLM
+from kvxfer.engine.tokenizer import byte_level_tokenizer
 from kvxfer.errors import ConfigError
 
 
@@ -126,3 +127,10 @@ def save_model_dir(model_dir: str | Path, config: ModelConfig, tensors: dict[str
     if tokenizer_json is not None:
         (root / "tokenizer.json").write_text(tokenizer_json)
     return root
+
+
+def write_random_model_dir(model_dir: str | Path, config: ModelConfig, *, seed: int) -> Path:
+    """A complete random model directory (weights from `seed`, byte-level tokenizer.json) that
+    this engine and `transformers` both load: what the demo and the daemons' tests serve."""
+    tokenizer = byte_level_tokenizer(config.vocab_size).to_str()
+    return save_model_dir(model_dir, config, random_state_dict(config, seed), tokenizer_json=tokenizer)
