@@ -125,7 +125,7 @@ def _tp_and_pairing(
     exchanged = [
         a.heads for a in mapping.sources_of(decode.tp_rank) if a.prefill_rank == prefill.tp_rank
     ]
-    problems = []
+    problems: list[Mismatch] = []
     for head_range in exchanged:  # empty: these two ranks exchange nothing, nothing to pair
         try:
             pair(_region(lr), _region(rr), head_range, fallback=fallback)

@@ -25,14 +25,16 @@ a producer honours it only when that key matches the request's `Binding` (docs/s
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, get_args
+from typing import Annotated, Any, TypeVar, get_args
 
 import msgspec
 
 from kvxfer.layouts import CacheDesc
 
 PROTOCOL_VERSION = 1
+T = TypeVar("T")
 
 # Bounds that keep a hostile message from asking for absurd work; decoding refuses values outside.
 # Addresses and epochs: msgspec bounds must fit an int64; real user-space addresses are < 2**57.
@@ -106,15 +108,15 @@ class _Base(msgspec.Struct, frozen=True, tag_field="t"):
     protocol_version: int = PROTOCOL_VERSION
 
 
-class HandshakeRequest(_Base, kw_only=True, tag="hs"):
+class HandshakeRequest(_Base, frozen=True, kw_only=True, tag="hs"):
     engine: EngineInfo
 
 
-class HandshakeReply(_Base, kw_only=True, tag="hs_ok"):
+class HandshakeReply(_Base, frozen=True, kw_only=True, tag="hs_ok"):
     engine: EngineInfo
 
 
-class TransferDone(_Base, kw_only=True, tag="done"):
+class TransferDone(_Base, frozen=True, kw_only=True, tag="done"):
     """The consumer read (READ mode) what it needed of `request_id` from the producer, or failed."""
 
     request_id: RequestId
@@ -124,24 +126,24 @@ class TransferDone(_Base, kw_only=True, tag="done"):
     error_message: Text = ""
 
 
-class LeaseRenew(_Base, kw_only=True, tag="renew"):
+class LeaseRenew(_Base, frozen=True, kw_only=True, tag="renew"):
     """Heartbeat: keep these requests' blocks held a while longer."""
 
     request_ids: Annotated[list[RequestId], msgspec.Meta(max_length=4096)]
     consumer_rank: Rank = 0
 
 
-class LeaseRenewed(_Base, kw_only=True, tag="renewed"):
+class LeaseRenewed(_Base, frozen=True, kw_only=True, tag="renewed"):
     renewed: Annotated[list[RequestId], msgspec.Meta(max_length=4096)]
     unknown: Annotated[tuple[RequestId, ...], msgspec.Meta(max_length=4096)] = ()  # expired or never held
 
 
-class Abort(_Base, kw_only=True, tag="abort"):
+class Abort(_Base, frozen=True, kw_only=True, tag="abort"):
     request_id: RequestId
     reason: Text = ""
 
 
-class WriteRequest(_Base, kw_only=True, tag="write"):
+class WriteRequest(_Base, frozen=True, kw_only=True, tag="write"):
     """WRITE mode: decode rank `decode_rank` allocated `block_ids`; the producer pushes into them."""
 
     request_id: RequestId
@@ -149,7 +151,7 @@ class WriteRequest(_Base, kw_only=True, tag="write"):
     block_ids: BlockIds
 
 
-class WriteDone(_Base, kw_only=True, tag="write_done"):
+class WriteDone(_Base, frozen=True, kw_only=True, tag="write_done"):
     request_id: RequestId
     producer_rank: Rank
     status: Status = Status.OK
@@ -157,22 +159,22 @@ class WriteDone(_Base, kw_only=True, tag="write_done"):
     error_message: Text = ""
 
 
-class Ack(_Base, kw_only=True, tag="ack"):
+class Ack(_Base, frozen=True, kw_only=True, tag="ack"):
     """Generic success reply for messages that need no data back (TransferDone, Abort, WriteDone)."""
 
     request_id: ShortStr = ""
 
 
-class ErrorReply(_Base, kw_only=True, tag="err"):
+class ErrorReply(_Base, frozen=True, kw_only=True, tag="err"):
     kind: ShortStr  # a KvxferError.kind, or "malformed", "version", "internal"
     message: Text
 
 
-class Ping(_Base, kw_only=True, tag="ping"):
+class Ping(_Base, frozen=True, kw_only=True, tag="ping"):
     nonce: U64 = 0
 
 
-class Pong(_Base, kw_only=True, tag="pong"):
+class Pong(_Base, frozen=True, kw_only=True, tag="pong"):
     nonce: U64 = 0
     engine_id: ShortStr = ""
     boot_epoch: U64 = 0
@@ -195,7 +197,7 @@ Message = (
 MESSAGE_TYPES: tuple[type[_Base], ...] = get_args(Message)
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
 class _VersionProbe(msgspec.Struct):
@@ -211,9 +213,9 @@ def encode(msg: Message) -> bytes:
     return _encoder.encode(msg)
 
 
-def _decode_with(decoder: msgspec.msgpack.Decoder | msgspec.json.Decoder, data: bytes | str) -> object:
+def _decode_with(decode: Callable[[Any], T], data: bytes | str) -> T:
     try:
-        return decoder.decode(data)
+        return decode(data)
     except RecursionError:  # msgspec raises it for deeply nested input: hostile, not a bug
         raise msgspec.DecodeError("input nested too deeply") from None
     except UnicodeDecodeError as err:  # and this for a string that is not UTF-8
@@ -223,13 +225,13 @@ def _decode_with(decoder: msgspec.msgpack.Decoder | msgspec.json.Decoder, data: 
 def decode(data: bytes) -> Message:
     """Decode one side-channel message; raises msgspec.DecodeError (or ValidationError) naming
     the path of the bad field, e.g. "Expected `int`, got `str` - at `$.engine.tp_rank`"."""
-    return _decode_with(_decoder, data)  # type: ignore[return-value]
+    return _decode_with(_decoder.decode, data)
 
 
 def probe_version(data: bytes) -> int | None:
     """The protocol version of an undecodable message, if it has one."""
     try:
-        return _decode_with(_probe, data).protocol_version  # type: ignore[attr-defined]
+        return _decode_with(_probe.decode, data).protocol_version
     except msgspec.DecodeError:
         return None
 
@@ -255,7 +257,7 @@ def encode_notif(notif: XferNotif) -> bytes:
 
 
 def decode_notif(data: bytes) -> XferNotif:
-    return _decode_with(_notif_decoder, data)  # type: ignore[return-value]
+    return _decode_with(_notif_decoder.decode, data)
 
 
 class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -285,4 +287,4 @@ def encode_params(params: TransferParams) -> bytes:
 
 
 def decode_params(data: bytes | str) -> TransferParams:
-    return _decode_with(_params_decoder, data)  # type: ignore[return-value]
+    return _decode_with(_params_decoder.decode, data)

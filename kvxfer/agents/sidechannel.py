@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import msgspec
 import zmq
@@ -47,6 +48,8 @@ from kvxfer.errors import (
 )
 
 log = logging.getLogger(__name__)
+_Sock: TypeAlias = "zmq.Socket[bytes]"
+_Ctx: TypeAlias = "zmq.Context[zmq.Socket[bytes]]"
 
 DEFAULT_HOST = "127.0.0.1"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
@@ -198,7 +201,7 @@ class SideChannelServer:
 
     def _run(self) -> None:
         ctx = zmq.Context()
-        sockets: list[zmq.Socket] = []
+        sockets: list[_Sock] = []
         try:
             zap, sock = self._open(ctx, sockets)
         except (zmq.ZMQError, KvxferError) as err:
@@ -212,7 +215,7 @@ class SideChannelServer:
         finally:
             _close(sockets, ctx)
 
-    def _open(self, ctx: zmq.Context, sockets: list[zmq.Socket]) -> tuple[zmq.Socket | None, zmq.Socket]:
+    def _open(self, ctx: _Ctx, sockets: list[_Sock]) -> tuple[_Sock | None, _Sock]:
         cfg = self.config
         zap = None
         if not cfg.insecure:
@@ -230,7 +233,7 @@ class SideChannelServer:
         self._bind(sock)
         return zap, sock
 
-    def _secure(self, sock: zmq.Socket) -> None:
+    def _secure(self, sock: _Sock) -> None:
         keys = self.config.keys
         if keys is None:
             log.warning("side channel server: INSECURE plaintext mode, no authentication, no encryption")
@@ -241,7 +244,7 @@ class SideChannelServer:
         sock.zap_domain = ZAP_DOMAIN
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
-    def _bind(self, sock: zmq.Socket) -> None:
+    def _bind(self, sock: _Sock) -> None:
         cfg = self.config
         if cfg.host in _WILDCARD_HOSTS:
             log.warning("side channel server: listening on every interface (%s) as configured", cfg.host)
@@ -253,7 +256,7 @@ class SideChannelServer:
             self._port = sock.bind_to_random_port(f"tcp://{host}")
         log.info("side channel server listening on %s (%s)", self.address, "insecure" if cfg.insecure else "CURVE")
 
-    def _serve(self, zap: zmq.Socket | None, sock: zmq.Socket) -> None:
+    def _serve(self, zap: _Sock | None, sock: _Sock) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         if zap is not None:
@@ -266,7 +269,7 @@ class SideChannelServer:
             if sock in ready:
                 self._drain(sock)
 
-    def _answer_zap(self, zap: zmq.Socket) -> None:
+    def _answer_zap(self, zap: _Sock) -> None:
         """One ZAP request (RFC 27): admit CURVE clients whose key is on the allow-list."""
         frames = zap.recv_multipart()
         allowed, user_id, address = self._zap_verdict(frames)
@@ -289,7 +292,7 @@ class SideChannelServer:
         allowed = key in self.config.keys.allowed_client_keys
         return allowed, (key if allowed else b""), address.decode("ascii", "replace")
 
-    def _drain(self, sock: zmq.Socket, max_batch: int = 256) -> None:
+    def _drain(self, sock: _Sock, max_batch: int = 256) -> None:
         for _ in range(max_batch):
             try:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -302,7 +305,7 @@ class SideChannelServer:
                 self._count("internal_errors")
                 log.error("side channel: unexpected %s handling a message: %.200s", type(err).__name__, err)
 
-    def _handle_frames(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
+    def _handle_frames(self, sock: _Sock, frames: list[zmq.Frame]) -> None:
         if len(frames) != 3 or len(frames[1].bytes) != CALL_ID_BYTES:
             self._count("malformed")
             self._bad_input_log.warning("side channel: dropped a message of %d frame(s) without a valid call id", len(frames))
@@ -375,7 +378,7 @@ def _peer_of(routing_id: bytes, frame: zmq.Frame) -> PeerInfo:
     return PeerInfo(routing_id=routing_id, public_key=user_id or None, address=prop("Peer-Address"))
 
 
-def _close(sockets: list[zmq.Socket], ctx: zmq.Context) -> None:
+def _close(sockets: list[_Sock], ctx: _Ctx) -> None:
     for sock in sockets:
         sock.close(linger=0)
     ctx.term()
@@ -449,8 +452,8 @@ class ClientConfig:
 class _Link:
     """One DEALER socket, its monitor and what the monitor has reported so far."""
 
-    sock: zmq.Socket
-    monitor: zmq.Socket
+    sock: _Sock
+    monitor: _Sock
     events: int = 0  # OR of every event seen
     connected: bool = False  # a ZMTP handshake succeeded and no disconnect since
 
@@ -462,7 +465,7 @@ class SideChannelClient:
     restarted server is reached again and nothing queued for the old one is delivered late.
     """
 
-    def __init__(self, address: str, config: ClientConfig, *, context: zmq.Context | None = None):
+    def __init__(self, address: str, config: ClientConfig, *, context: _Ctx | None = None):
         self.address = address
         self.config = config
         self._ctx = context or zmq.Context.instance()

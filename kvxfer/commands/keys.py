@@ -43,7 +43,7 @@ ENV_SERVER = "KVXFER_CURVE_SERVER_KEY"
 ENV_ALLOWED = "KVXFER_CURVE_ALLOWED_KEYS"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("keys", help="CURVE key pairs for the side channel")
     sub = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     gen = sub.add_parser("generate", help="write a new key pair (NAME.key, NAME.key_secret)")
