@@ -257,6 +257,17 @@ def test_documented_flags_and_variables_exist():
             assert flags <= set(parser_for(command)._option_string_actions), (path, flags)
 
 
+@pytest.mark.parametrize("command", ["serve", "proxy"])
+def test_the_cli_commands_take_every_config_flag(command):
+    """`kvxfer serve --help` / `kvxfer proxy --help` offer what the manifests rely on."""
+    pytest.importorskip(f"kvxfer.commands.{command}")
+    from kvxfer.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    offered = set(sub.choices[command]._option_string_actions)
+    assert set(parser_for(command)._option_string_actions) <= offered
+
+
 def test_dockerfile_warmup_covers_the_gpu_overlay():
     cli = pytest.importorskip("kvxfer.cli")
     text = (DEPLOY / "docker" / "Dockerfile.cuda").read_text()
