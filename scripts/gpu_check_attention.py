@@ -66,7 +66,7 @@ def random_case(layout: str, q_len: int, torch, attention):
                         dtype=torch.float32).to(torch.bfloat16)
     kv_lens = [17, 100, 33, 260] if q_len == 1 else [40, 130, 64, 300]
     q_lens = [1] * 4 if q_len == 1 else [40, 30, 1, 77]  # prefill with and without a cached prefix
-    perm, start, blocks = torch.randperm(pages, device="cpu"), 0, []
+    perm, start, blocks = torch.randperm(pages, generator=torch.Generator().manual_seed(0)), 0, []
     for n in kv_lens:
         need = -(-n // bs) * (2 if spec.separate_kv_pages else 1)
         ids = perm[start : start + need]

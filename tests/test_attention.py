@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvxfer import attention
 from kvxfer.attention import PagedAttention, PageTable, WarmupShape
@@ -15,7 +17,7 @@ from kvxfer.errors import LayoutError
 from kvxfer.layouts import LAYOUTS, Geometry, get_layout
 from kvxfer.verify import read_request, write_request
 
-D, BS, NUM_PAGES = 16, 4, 24
+D, BS, NUM_PAGES = 16, 4, 32
 
 
 def reference(q, k, v, num_cached):
@@ -90,6 +92,19 @@ def run_case(layout, hq, hkv, requests, seed=0):
 def test_torch_attention_matches_float64(layout, requests):
     out, expected, *_ = run_case(layout, hq=4, hkv=2, requests=requests)
     assert out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layout=st.sampled_from(sorted(LAYOUTS)),
+    heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (6, 2), (8, 8)]),
+    requests=st.lists(st.tuples(st.integers(0, 10), st.integers(1, 6)), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_any_batch_matches_float64(layout, heads, requests, seed):
+    """Any mix of cached prefixes and new tokens, any GQA group, any layout."""
+    out, expected, *_ = run_case(layout, hq=heads[0], hkv=heads[1], requests=requests, seed=seed)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
