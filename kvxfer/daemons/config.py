@@ -214,7 +214,7 @@ class _Settings:
         if value is not None:
             return value, None
         name = env_var(flag)
-        if flag not in self.env_ignored and self.environ.get(name, "") != "":
+        if flag not in self.env_ignored and self.environ.get(name, "").strip():
             return self.environ[name], name
         return None, None
 
