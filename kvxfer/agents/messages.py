@@ -64,6 +64,11 @@ class Mode(Enum):
     WRITE = "write"  # prefill pushes into blocks decode allocated
 
 
+class MemoryKind(Enum):
+    DRAM = "DRAM"
+    VRAM = "VRAM"
+
+
 class Status(Enum):
     OK = "ok"
     ERROR = "error"
@@ -75,6 +80,7 @@ class RegionInfo(msgspec.Struct, frozen=True, kw_only=True):
     desc: CacheDesc
     layer_addrs: Annotated[list[U64], msgspec.Meta(max_length=4096)]  # [num_layers]
     device_id: Count = 0
+    memory: MemoryKind = MemoryKind.DRAM
 
 
 class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -149,6 +155,7 @@ class WriteRequest(_Base, frozen=True, kw_only=True, tag="write"):
     request_id: RequestId
     decode_rank: Rank
     block_ids: BlockIds
+    decode_engine_id: ShortStr = ""  # whose handshake (agent, cache) the producer pushes to
 
 
 class WriteDone(_Base, frozen=True, kw_only=True, tag="write_done"):
@@ -277,6 +284,8 @@ class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
     tp_size: TpSize
     binding: Binding = Binding()
     num_tokens: Count = 0
+    first_token_id: Count | None = None  # the token prefill sampled; decode continues from it
+    lease_expires_s: float = 0.0  # seconds the producer holds the blocks without a renewal
 
 
 _params_decoder = msgspec.json.Decoder(TransferParams)
