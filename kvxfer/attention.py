@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kvxfer.errors import LayoutError
+from kvxfer.errors import ConfigError, LayoutError
 from kvxfer.layouts import Geometry, get_layout
 
 log = logging.getLogger(__name__)
@@ -219,14 +219,14 @@ class PagedAttention:
 
     def _pick_backend(self, backend: str) -> _FlashInfer | None:
         if backend not in ("auto", "torch", "flashinfer"):
-            raise LayoutError(f"backend={backend!r} is not one of auto, torch, flashinfer")
+            raise ConfigError(f"attention backend={backend!r} is not one of auto, torch, flashinfer")
         if backend == "torch":
             return None
         gap = flashinfer_gap(self.layout, self.dtype, self.head_dim, self.device)
         if gap is None:
             return _FlashInfer(self)
         if backend == "flashinfer":
-            raise LayoutError(f"backend=flashinfer: {gap}")
+            raise ConfigError(f"attention backend=flashinfer: {gap}")
         if self.device.type == "cuda" and gap not in _logged_fallbacks:
             _logged_fallbacks.add(gap)
             log.warning("attention: torch fallback on %s for layout=%s: %s", self.device, self.layout, gap)

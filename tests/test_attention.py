@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from kvxfer import attention
 from kvxfer.attention import PagedAttention, PageTable, WarmupShape
-from kvxfer.errors import LayoutError
+from kvxfer.errors import ConfigError, LayoutError
 from kvxfer.layouts import LAYOUTS, Geometry, get_layout
 from kvxfer.verify import read_request, write_request
 
@@ -136,7 +136,7 @@ def test_run_before_plan_is_a_layout_error():
 
 def test_cpu_has_no_flashinfer_and_says_why():
     assert "not CUDA" in attention.flashinfer_gap("flashinfer-hnd", torch.bfloat16, 128, torch.device("cpu"))
-    with pytest.raises(LayoutError, match="backend=flashinfer"):
+    with pytest.raises(ConfigError, match="backend=flashinfer: device cpu is not CUDA"):
         PagedAttention(layout="flashinfer-hnd", num_q_heads=2, num_kv_heads=2, head_dim=128,
                        block_size=16, dtype=torch.bfloat16, device="cpu", backend="flashinfer")
 
