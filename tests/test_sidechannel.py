@@ -238,3 +238,24 @@ def test_a_port_in_use_is_a_config_error(server: SideChannelServer, keys: Keys, 
     with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
         SideChannelServer(keys.server_config(port=port), recorder).start()
     assert isinstance(request(server.address, keys.client_config(), m.Ping()), m.Pong)
+
+
+def test_a_call_queued_behind_a_slow_one_still_meets_its_deadline(keys: Keys) -> None:
+    release = threading.Event()
+
+    def handler(peer: PeerInfo, msg: m.Message) -> m.Message:
+        release.wait(2.0)
+        return m.Ack()
+
+    with SideChannelServer(keys.server_config(), handler) as srv, SideChannelClient(srv.address, keys.client_config()) as client:
+        results: list[m.Message] = []
+        slow = threading.Thread(target=lambda: results.append(client.request(m.Abort(request_id="a"), timeout_s=3.0)))
+        slow.start()
+        time.sleep(0.1)
+        start = time.monotonic()
+        with pytest.raises(TransferTimeout, match="behind another call"):
+            client.request(m.Ping(), timeout_s=0.2)
+        assert time.monotonic() - start < 0.2 + SLACK_S
+        release.set()
+        slow.join(5.0)
+    assert results == [m.Ack()]

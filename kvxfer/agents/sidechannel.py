@@ -459,7 +459,8 @@ class _Link:
 
 
 class SideChannelClient:
-    """Request/response to one server. Thread-safe (calls are serialised).
+    """Request/response to one server. Thread-safe: calls are serialised, and a call waiting
+    behind another still ends by its own deadline.
 
     A failed call (timeout, peer gone, auth) drops the socket; the next call reconnects, so a
     restarted server is reached again and nothing queued for the old one is delivered late.
@@ -479,17 +480,24 @@ class SideChannelClient:
         PeerGoneError (no connection, or it dropped), AuthError (CURVE handshake refused), or
         the typed error an `ErrorReply` stands for (`raise_for_reply`)."""
         deadline = time.monotonic() + timeout_s
-        body = m.encode(msg)
-        call_id = os.urandom(CALL_ID_BYTES)
-        with self._lock:
-            try:
-                link = self._ensure_link()
-                self._send(link, [call_id, body], deadline, what=type(msg).__name__)
-                reply = self._receive(link, call_id, deadline, what=type(msg).__name__)
-            except KvxferError:
-                self._drop_link()
-                raise
+        what = type(msg).__name__
+        if not self._lock.acquire(timeout=max(0.0, timeout_s)):
+            raise TransferTimeout(f"side channel {self.address}: {what} waited {timeout_s}s behind another call")
+        try:
+            reply = self._call(m.encode(msg), deadline, what=what)
+        finally:
+            self._lock.release()
         return raise_for_reply(reply, peer=self.address)
+
+    def _call(self, body: bytes, deadline: float, *, what: str) -> m.Message:
+        call_id = os.urandom(CALL_ID_BYTES)
+        try:
+            link = self._ensure_link()
+            self._send(link, [call_id, body], deadline, what=what)
+            return self._receive(link, call_id, deadline, what=what)
+        except KvxferError:
+            self._drop_link()
+            raise
 
     def close(self) -> None:
         with self._lock:
