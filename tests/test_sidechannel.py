@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -259,3 +261,32 @@ def test_a_call_queued_behind_a_slow_one_still_meets_its_deadline(keys: Keys) ->
         release.set()
         slow.join(5.0)
     assert results == [m.Ack()]
+
+
+SERVER_SCRIPT = """
+import sys, time
+from kvxfer.agents import messages as m
+from kvxfer.agents.keys import KeyConfig, KeyPair
+from kvxfer.agents.sidechannel import ServerConfig, SideChannelServer
+keys = KeyConfig(own=KeyPair.from_secret(sys.argv[1]), allowed_client_keys=frozenset({sys.argv[2].encode()}))
+with SideChannelServer(ServerConfig(keys=keys), lambda peer, msg: time.sleep(60) or m.Ack()) as srv:
+    print(srv.address, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_server_killed_mid_request_is_peer_gone_before_the_deadline(keys: Keys) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT, keys.server.secret.decode(), keys.client.public.decode()],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        address = proc.stdout.readline().strip() if proc.stdout else ""
+        threading.Timer(0.3, proc.kill).start()
+        start = time.monotonic()
+        with pytest.raises(PeerGoneError, match="connection lost"):
+            request(address, keys.client_config(), m.Abort(request_id="r"), timeout_s=5.0)
+        assert time.monotonic() - start < 0.3 + 1.5
+    finally:
+        proc.kill()
+        proc.wait(5)
