@@ -196,7 +196,7 @@ def flashinfer_gap(layout: str, dtype: torch.dtype, head_dim: int, device: torch
     if head_dim not in _FLASHINFER_HEAD_DIMS:
         return f"head_dim={head_dim} is not one of FlashInfer's {_FLASHINFER_HEAD_DIMS}"
     try:
-        import flashinfer  # noqa: F401
+        import flashinfer  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
     except ImportError as err:
         return f"flashinfer is not importable ({err})"
     return None
@@ -262,7 +262,7 @@ class _FlashInfer:
     """FlashInfer's batch decode and batch prefill wrappers for one PagedAttention."""
 
     def __init__(self, owner: PagedAttention) -> None:
-        import flashinfer
+        import flashinfer  # type: ignore[import-not-found,unused-ignore]
 
         self.owner = owner
         self.kv_layout, self.as_tuple = _FLASHINFER_LAYOUTS[owner.layout]
@@ -289,7 +289,8 @@ class _FlashInfer:
     def run(self, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
         kv: Any = kv_planes_for_flashinfer(self.owner.layout, cache) if self.as_tuple else cache
         wrapper = self.decode if self.is_decode else self.prefill
-        return wrapper.run(q.contiguous(), kv)
+        out: torch.Tensor = wrapper.run(q.contiguous(), kv)  # [num_tokens, Hq, D]
+        return out
 
 
 def kv_planes_for_flashinfer(layout: str, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,7 +347,7 @@ class WarmupRecord:
 def jit_libraries() -> set[str]:
     """Names of FlashInfer's JIT-built libraries on disk (empty without FlashInfer)."""
     try:
-        from flashinfer.jit import env as jit_env
+        from flashinfer.jit import env as jit_env  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return set()
     root = Path(jit_env.FLASHINFER_JIT_DIR)

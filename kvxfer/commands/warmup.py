@@ -18,7 +18,7 @@ from kvxfer.errors import ConfigError
 log = logging.getLogger("kvxfer.warmup")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("warmup", help="compile attention kernels ahead of time",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model directory, or a preset name")

@@ -110,7 +110,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv, d)
         attn.write(cache, k, v)
         out = attn.run(q, cache)  # [T, Hq_local, D]
-        return self.o_proj(out.reshape(t, self.num_q * d))
+        y: torch.Tensor = self.o_proj(out.reshape(t, self.num_q * d))
+        return y
 
 
 class MLP(nn.Module):
@@ -123,7 +124,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        y: torch.Tensor = self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y
 
 
 class DecoderLayer(nn.Module):
@@ -137,7 +139,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        y: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return y
 
 
 class Decoder(nn.Module):

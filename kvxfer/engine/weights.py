@@ -67,10 +67,12 @@ class SafetensorsSource:
                               f"has no tensor named {name!r}")
         with safe_open(self.files[name], framework="pt") as f:
             if part is None:
-                return f.get_tensor(name)
+                tensor: torch.Tensor = f.get_tensor(name)
+                return tensor
             dim, start, stop = part
             index = tuple([slice(None)] * dim + [slice(start, stop)])
-            return f.get_slice(name)[index]
+            sliced: torch.Tensor = f.get_slice(name)[index]
+            return sliced
 
 
 def load_weights(model: CausalLM, source: WeightSource) -> None:
