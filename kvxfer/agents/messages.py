@@ -156,6 +156,7 @@ class WriteRequest(_Base, frozen=True, kw_only=True, tag="write"):
     decode_rank: Rank
     block_ids: BlockIds
     decode_engine_id: ShortStr = ""  # whose handshake (agent, cache) the producer pushes to
+    decode_tp: TpSize = 1  # so every producer rank knows whether it pairs with decode_rank
 
 
 class WriteDone(_Base, frozen=True, kw_only=True, tag="write_done"):

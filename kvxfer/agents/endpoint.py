@@ -1,0 +1,183 @@
+"""One rank's transfer endpoint: its registered cache, its NIXL agent and its peers.
+
+The daemons and the vLLM plugin drive transfers through this class only. READ (decode pulls) and
+WRITE (prefill pushes into blocks decode allocated) share everything but the direction: the
+pairing of two caches is symmetric, so the same prepared lists serve both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kvxfer.agents import messages as m
+from kvxfer.agents.messages import (
+    EngineInfo,
+    Mode,
+    RegionInfo,
+    Role,
+    XferNotif,
+    decode_notif,
+    encode_notif,
+)
+from kvxfer.agents.metrics import TransferMetrics
+from kvxfer.agents.nixl_agent import (
+    AgentConfig,
+    NixlAgent,
+    Op,
+    Transfer,
+    device_id,
+    transfer_deadline,
+)
+from kvxfer.agents.peers import Peer, PeerTable
+from kvxfer.errors import KvxferError, TransferError
+from kvxfer.layouts import CacheDesc, CacheRegion
+from kvxfer.planning import Fallback, HeadRange, request_indices, request_spans
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Identity:
+    engine_id: str
+    boot_epoch: int
+    role: Role
+    tp_size: int
+    tp_rank: int
+    model_fingerprint: str
+
+
+@dataclass(frozen=True)
+class DeadlinePolicy:
+    """A transfer may take `slack_s` plus its bytes at `expected_gbps` (pessimistic)."""
+
+    slack_s: float = 2.0
+    expected_gbps: float = 0.5
+
+    def seconds(self, num_bytes: int) -> float:
+        return transfer_deadline(num_bytes, slack_s=self.slack_s, expected_gbps=self.expected_gbps)
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One peer's part of a request: its heads and its block ids."""
+
+    peer: Peer
+    heads: HeadRange
+    remote_ids: np.ndarray
+
+
+@dataclass
+class TransferSummary:
+    """What one rank moved for one request."""
+
+    mode: Mode
+    num_bytes: int = 0
+    num_descriptors: int = 0
+    seconds: float = 0.0
+    plan_seconds: float = 0.0
+    peers: list[str] = field(default_factory=list)
+
+    @property
+    def gbps(self) -> float:
+        return self.num_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class Endpoint:
+    def __init__(self, identity: Identity, tensors: list[torch.Tensor], desc: CacheDesc, *,
+                 agent_config: AgentConfig, fallback: Fallback = Fallback.NONE,
+                 deadline: DeadlinePolicy = DeadlinePolicy(),
+                 metrics: TransferMetrics | None = None) -> None:
+        # tensors: one per layer, each shaped desc.shape
+        self.identity = identity
+        self.deadline = deadline
+        self.metrics = metrics
+        self.agent = NixlAgent(agent_config, metrics=metrics)
+        try:
+            self.mem = self.agent.register(tensors)
+            self.region = CacheRegion(desc, np.array([t.data_ptr() for t in tensors], dtype=np.uint64),
+                                      device_id(tensors[0]))
+            self.peers = PeerTable(self.agent, self.region, self.mem, fallback=fallback)
+        except BaseException:
+            self.agent.close()
+            raise
+
+    def info(self, modes: tuple[Mode, ...] = (Mode.READ, Mode.WRITE)) -> EngineInfo:
+        """What this rank tells peers at handshake (its agent metadata and cache)."""
+        i = self.identity
+        region = RegionInfo(desc=self.region.desc, layer_addrs=[int(a) for a in self.region.layer_addrs],
+                            device_id=self.region.device_id, memory=m.MemoryKind(self.mem.value))
+        return EngineInfo(engine_id=i.engine_id, boot_epoch=i.boot_epoch, role=i.role, tp_size=i.tp_size,
+                          tp_rank=i.tp_rank, model_fingerprint=i.model_fingerprint,
+                          agent_name=self.agent.name, agent_metadata=self.agent.metadata(),
+                          regions=[region], modes=modes)
+
+    def read(self, request_id: str, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> TransferSummary:
+        """Pull every leg into our blocks `local_ids`; the producer of each leg is notified."""
+        return self._run(Op.READ, request_id, legs, local_ids, num_tokens)
+
+    def write(self, request_id: str, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> TransferSummary:
+        """Push our blocks `local_ids` into each leg's blocks; each consumer is notified."""
+        return self._run(Op.WRITE, request_id, legs, local_ids, num_tokens)
+
+    def _run(self, op: Op, request_id: str, legs: list[Leg], local_ids: np.ndarray,
+             num_tokens: int) -> TransferSummary:
+        summary = TransferSummary(Mode.READ if op is Op.READ else Mode.WRITE)
+        notif = encode_notif(XferNotif(request_id=request_id, rank=self.identity.tp_rank))
+        started = time.perf_counter()
+        posted: list[Transfer] = []
+        try:
+            for leg in legs:
+                posted.append(self._post(op, leg, local_ids, num_tokens, notif))
+            summary.plan_seconds = time.perf_counter() - started
+            num_bytes = sum(x.num_bytes for x in posted)
+            stats = self.agent.wait(posted, timeout_s=self.deadline.seconds(num_bytes))
+        except KvxferError:
+            for x in posted:
+                if not x.done:
+                    x.release()
+            raise
+        summary.seconds = time.perf_counter() - started
+        summary.num_bytes = sum(s.num_bytes or x.num_bytes for s, x in zip(stats, posted, strict=True))
+        summary.num_descriptors = sum(s.num_descriptors or x.num_descriptors for s, x in zip(stats, posted, strict=True))
+        summary.peers = [f"{leg.peer.engine_id}/{leg.peer.rank}" for leg in legs]
+        return summary
+
+    def _post(self, op: Op, leg: Leg, local_ids: np.ndarray, num_tokens: int, notif: bytes) -> Transfer:
+        prepared = self.peers.prepared(leg.peer, leg.heads)
+        if prepared.local is not None and prepared.remote is not None:
+            local_idx, remote_idx = request_indices(prepared.plan, local_ids, leg.remote_ids, num_tokens)
+            return self.agent.post(op, prepared.local, local_idx, prepared.remote, remote_idx, notif=notif)
+        spans = request_spans(prepared.plan, local_ids, leg.remote_ids, num_tokens)
+        return self.agent.post_spans(op, spans.local, spans.remote, peer=leg.peer.agent_name,
+                                     local_mem=self.mem, remote_mem=leg.peer.mem, notif=notif)
+
+    def collect_notifs(self) -> list[XferNotif]:
+        """Notifications from peers that finished a transfer with us (also drives NIXL progress
+        when there is no progress thread). Malformed ones are logged and dropped."""
+        out = []
+        for peer, payload in self.agent.collect_notifs():
+            try:
+                out.append(decode_notif(payload))
+            except Exception as err:  # a peer's bytes: never let them crash the poll loop
+                log.warning("dropping malformed notification from %s: %s", peer, err)
+                if self.metrics is not None:
+                    self.metrics.observe_failure("malformed")
+        return out
+
+    def close(self) -> None:
+        self.peers.close()
+        self.agent.close()
+
+    def __enter__(self) -> Endpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["DeadlinePolicy", "Endpoint", "Identity", "Leg", "TransferError", "TransferSummary"]

@@ -1,0 +1,66 @@
+"""`kvxfer serve prefill|decode`: one service per TP group, one process per rank; rank 0 serves
+HTTP (/v1/completions, /health, /ready, /metrics) and drives the others."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+
+import uvicorn
+
+from kvxfer.daemons.config import Role, ServeConfig, add_serve_arguments, serve_config_from_args
+from kvxfer.errors import KvxferError
+
+log = logging.getLogger("kvxfer.serve")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run a prefill or decode service (one process per TP rank)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = serve_config_from_args(args)
+    return serve(config, log_level=args.log_level.upper())
+
+
+def build_service(config: ServeConfig, *, log_level: str = "INFO"):
+    from kvxfer.daemons.decode import DecodeService
+    from kvxfer.daemons.prefill import PrefillService
+
+    cls = PrefillService if config.role is Role.PREFILL else DecodeService
+    return cls(config, log_level=log_level)
+
+
+def serve(config: ServeConfig, *, log_level: str = "INFO") -> int:
+    """Serve until SIGINT/SIGTERM. HTTP answers at once (/ready says 503 while ranks start);
+    a service that cannot start exits with status 1."""
+    from kvxfer.daemons.http import create_app
+
+    service = build_service(config, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=config.host, port=config.port,
+                                           log_level="warning", access_log=False))
+    failed = threading.Event()
+
+    def start() -> None:
+        try:
+            service.start()
+        except KvxferError:
+            failed.set()
+            server.should_exit = True
+        except Exception:
+            log.exception("service failed to start")
+            failed.set()
+            server.should_exit = True
+
+    threading.Thread(target=start, name="kvxfer-start", daemon=True).start()
+    log.info("%s service %s: HTTP on http://%s:%d, side channel base port %d", config.role.value,
+             config.engine_id, config.host, config.port, config.side_channel_port)
+    try:
+        server.run()
+    finally:
+        service.close()
+    return 1 if failed.is_set() else 0

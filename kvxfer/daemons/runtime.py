@@ -1,0 +1,398 @@
+"""One rank of a service: its engine shard, its transfer endpoint, its side-channel server, and
+the commands rank 0 sends it.
+
+Rank 0 and ranks 1..N-1 run the same `RankRuntime`; rank 0 calls `execute` directly, the others
+through the command bus (`bus.py`, `worker.py`). Commands are collective where the engine is
+(prefill, decode) and per rank where transfers are (each rank handshakes with and moves bytes to
+or from exactly the peers the TP mapping gives it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from kvxfer.agents import messages as m
+from kvxfer.agents.compat import check_compatible
+from kvxfer.agents.endpoint import DeadlinePolicy, Endpoint, Identity, Leg, TransferSummary
+from kvxfer.agents.keys import (
+    KeyConfig,
+    KeyPair,
+    load_allowed_keys,
+    load_keypair,
+    load_public_key,
+    parse_key,
+)
+from kvxfer.agents.metrics import TransferMetrics
+from kvxfer.agents.nixl_agent import AgentConfig, Threading
+from kvxfer.agents.sidechannel import (
+    ClientConfig,
+    PeerInfo,
+    ServerConfig,
+    SideChannelClient,
+    SideChannelServer,
+)
+from kvxfer.daemons.bus import Failed
+from kvxfer.daemons.config import CurveConfig, Role, ServeConfig
+from kvxfer.engine.config import CacheConfig, EngineConfig, load_model_config, preset
+from kvxfer.engine.engine import DecodeRequest, Engine
+from kvxfer.engine.parallel import TPGroup
+from kvxfer.engine.sampling import SamplingParams
+from kvxfer.errors import HandshakeError, PeerGoneError, TransferTimeout
+from kvxfer.planning import Fallback, map_tp
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 10.0
+_INBOX_TTL_S = 300.0
+
+
+# ---- commands (rank 0 -> every rank) and replies ----------------------------------------------
+
+class Prefill(msgspec.Struct, tag="prefill", frozen=True):
+    token_ids: list[int]
+    block_ids: list[int]
+    temperature: float = 0.0
+    seed: int = 0
+
+
+class Decode(msgspec.Struct, tag="decode", frozen=True):
+    token_id: int
+    block_ids: list[int]
+    num_cached: int
+    temperature: float = 0.0
+    seed: int = 0
+
+
+class Connect(msgspec.Struct, tag="connect", frozen=True):
+    """Decode ranks: handshake (cached per boot epoch) with every prefill rank they pair with."""
+
+    params: m.TransferParams
+
+
+class Pull(msgspec.Struct, tag="pull", frozen=True):
+    """Decode ranks, READ mode: read the request's heads into `block_ids`."""
+
+    params: m.TransferParams
+    block_ids: list[int]
+
+
+class AwaitPush(msgspec.Struct, tag="await_push", frozen=True):
+    """Decode ranks, WRITE mode: wait until every producer rank notified its push."""
+
+    params: m.TransferParams
+    timeout_s: float
+
+
+class Push(msgspec.Struct, tag="push", frozen=True):
+    """Prefill ranks, WRITE mode: push the request's heads into decode rank `decode_rank`."""
+
+    request_id: str
+    decode_engine_id: str
+    decode_rank: int
+    decode_block_ids: list[int]
+    block_ids: list[int]
+    num_tokens: int
+    decode_tp: int
+
+
+class Describe(msgspec.Struct, tag="describe", frozen=True):
+    pass
+
+
+class Token(msgspec.Struct, tag="token", frozen=True):
+    token: int
+
+
+class Moved(msgspec.Struct, tag="moved", frozen=True):
+    num_bytes: int = 0
+    num_descriptors: int = 0
+    seconds: float = 0.0
+
+
+class Described(msgspec.Struct, tag="described", frozen=True):
+    info: m.EngineInfo
+    side_channel: str
+    pid: int
+
+
+class Ok(msgspec.Struct, tag="ok", frozen=True):
+    pass
+
+
+Command = Prefill | Decode | Connect | Pull | AwaitPush | Push | Describe
+Reply = Token | Moved | Described | Ok | Failed
+command_encoder = msgspec.msgpack.Encoder()
+command_decoder = msgspec.msgpack.Decoder(Command)
+reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+# ---- building a rank ----------------------------------------------------------------------------
+
+def engine_config(config: ServeConfig) -> EngineConfig:
+    model = load_model_config(config.model_dir) if config.model_dir else preset(config.preset or "tiny-demo")
+    cache = CacheConfig(layout=config.layout, block_size=config.block_size,
+                        num_blocks=config.num_blocks or 1024)
+    return EngineConfig(model=model, cache=cache, dtype=config.dtype, device=config.device.value,
+                        model_dir=str(config.model_dir) if config.model_dir else None, seed=config.seed)
+
+
+def model_fingerprint(engine: EngineConfig) -> str:
+    """Architecture and dtype: what must agree for KV to mean the same on both sides. (Weights
+    are not hashed: a checkpoint mismatch is the operator's to avoid, as in every connector.)"""
+    arch = json.dumps({"model": engine.model.to_hf(), "dtype": engine.dtype}, sort_keys=True)
+    return hashlib.sha256(arch.encode()).hexdigest()[:16]
+
+
+def key_config(curve: CurveConfig | None) -> KeyConfig | None:
+    """Read this service's CURVE keys (files win over key material from the environment)."""
+    if curve is None:
+        return None
+    own = load_keypair(curve.secret_key_file) if curve.secret_key_file else \
+        KeyPair.from_secret(curve.secret_key or "", what="KVXFER_CURVE_SECRET_KEY")
+    server = load_public_key(curve.server_key_file) if curve.server_key_file else \
+        (parse_key(curve.server_key, what="KVXFER_CURVE_SERVER_KEY") if curve.server_key else None)
+    allowed = set(load_allowed_keys([curve.allowed_keys_dir])) if curve.allowed_keys_dir else set()
+    allowed.update(parse_key(k, what="KVXFER_CURVE_ALLOWED_KEYS item") for k in curve.allowed_keys)
+    return KeyConfig(own=own, server_public_key=server, allowed_client_keys=frozenset(allowed))
+
+
+def side_channel_address(base: str, rank: int) -> str:
+    """Rank r of a service listens on the base port + r."""
+    host, _, port = base.rpartition(":")
+    return f"{host}:{int(port) + rank}"
+
+
+@dataclass(frozen=True)
+class RankSetup:
+    """Everything a rank process needs to build itself (picklable for spawn)."""
+
+    config: ServeConfig
+    rank: int
+    boot_epoch: int
+    dist_init: str  # torch.distributed init method shared by the group
+
+
+class RankRuntime:
+    def __init__(self, setup: RankSetup, *, metrics: TransferMetrics | None = None) -> None:
+        config = self.config = setup.config
+        self.rank = setup.rank
+        self.metrics = metrics or TransferMetrics()
+        self.keys = key_config(config.curve)
+        self.engine_config = engine_config(config)
+        group = TPGroup.init(rank=setup.rank, size=config.tp, init_method=setup.dist_init,
+                             backend="nccl" if config.device.value == "cuda" else "gloo") \
+            if config.tp > 1 else TPGroup.single()
+        self.engine = Engine(self.engine_config, group)
+        identity = Identity(engine_id=config.engine_id, boot_epoch=setup.boot_epoch,
+                            role=m.Role(config.role.value), tp_size=config.tp, tp_rank=setup.rank,
+                            model_fingerprint=model_fingerprint(self.engine_config))
+        agent = AgentConfig(name=f"{config.engine_id}-{setup.boot_epoch}-r{setup.rank}",
+                            threading=Threading.PROGRESS_THREAD if config.nixl_threads else Threading.APP_POLL)
+        self.endpoint = Endpoint(identity, self.engine.caches, self.engine.cache_desc, agent_config=agent,
+                                 fallback=Fallback.FINE,
+                                 deadline=DeadlinePolicy(config.transfer_deadline_s, config.expected_gbps),
+                                 metrics=self.metrics)
+        self.lock = threading.RLock()  # the NIXL agent and peer table: command thread vs server thread
+        self.info = self.endpoint.info()
+        self._clients: dict[str, SideChannelClient] = {}
+        self._inbox: dict[str, tuple[float, set[int]]] = {}  # request id -> (first seen, sender ranks)
+        self.server: SideChannelServer | None = None
+        # Rank 0's service answers lease and push messages; set before the server starts.
+        self.service_handler: Callable[[PeerInfo, m.Message], m.Message | None] | None = None
+        if config.role is Role.PREFILL:
+            self.server = SideChannelServer(ServerConfig(
+                host=config.side_channel_host, port=config.side_channel_port + setup.rank, keys=self.keys,
+                insecure=config.insecure_plaintext, engine_id=config.engine_id,
+                boot_epoch=setup.boot_epoch), self.handle_peer)
+            self.server.start()
+        if config.warmup:
+            self.engine.warmup()
+
+    @property
+    def advertised_side_channel(self) -> str:
+        return f"tcp://{self.config.advertise_host}:{self.config.side_channel_port + self.rank}"
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        for client in self._clients.values():
+            client.close()
+        with self.lock:
+            self.endpoint.close()
+        self.engine.group.close()
+
+    # ---- side channel (prefill ranks): handshakes from decode ranks --------------------------
+
+    def handle_peer(self, peer: PeerInfo, msg: m.Message) -> m.Message:
+        """Per-rank side-channel messages. Rank 0's service wraps this for leases and pushes."""
+        if isinstance(msg, m.HandshakeRequest):
+            check_compatible(m.HandshakeReply(engine=self.info), msg, peer=msg.engine.engine_id)
+            with self.lock:
+                self.endpoint.peers.admit(msg.engine)
+            return m.HandshakeReply(engine=self.info)
+        if self.service_handler is not None:
+            reply = self.service_handler(peer, msg)
+            if reply is not None:
+                return reply
+        return m.ErrorReply(kind="malformed", message=f"rank {self.rank} does not take {type(msg).__name__}")
+
+    # ---- commands -----------------------------------------------------------------------------
+
+    def execute(self, command: Command) -> Reply:
+        match command:
+            case Prefill():
+                ids = self.engine.shape_block_ids(command.block_ids)
+                out = self.engine.prefill(command.token_ids, ids, sampling=_sampling(command))
+                return Token(out.tokens[0])
+            case Decode():
+                ids = self.engine.shape_block_ids(command.block_ids)
+                out = self.engine.decode([DecodeRequest(token_id=command.token_id, block_ids=ids,
+                                                        num_cached=command.num_cached,
+                                                        sampling=_sampling(command))])
+                return Token(out.tokens[0])
+            case Connect():
+                self.connect(command.params)
+                return Ok()
+            case Pull():
+                return _moved(self.pull(command.params, command.block_ids))
+            case AwaitPush():
+                self.await_push(command.params, command.timeout_s)
+                return Moved(num_bytes=self.expected_bytes(command.params))
+            case Push():
+                if not self.pairs_with(command.decode_rank, command.decode_tp):
+                    return Moved()
+                return _moved(self.push(command))
+            case Describe():
+                import os
+
+                return Described(self.info, self.advertised_side_channel, os.getpid())
+        raise HandshakeError(f"unknown command {type(command).__name__}")
+
+    def idle(self) -> None:
+        """Between commands: drive NIXL and file notifications by request."""
+        with self.lock:
+            notifs = self.endpoint.collect_notifs()
+        now = time.monotonic()
+        for notif in notifs:
+            first, senders = self._inbox.setdefault(notif.request_id, (now, set()))
+            senders.add(notif.rank)
+        for rid in [r for r, (t, _) in self._inbox.items() if now - t > _INBOX_TTL_S]:
+            del self._inbox[rid]
+
+    # ---- decode side --------------------------------------------------------------------------
+
+    def _sources(self, params: m.TransferParams):
+        mapping = map_tp(self.engine.model_config.num_kv_heads, params.tp_size, self.config.tp)
+        return mapping.sources_of(self.rank)
+
+    def connect(self, params: m.TransferParams) -> None:
+        """Handshake with every prefill rank we read from, unless already done at this epoch."""
+        for source in self._sources(params):
+            self._peer(params, source.prefill_rank)
+
+    def _peer(self, params: m.TransferParams, prefill_rank: int):
+        with self.lock:
+            peer = self.endpoint.peers.get(params.engine_id, prefill_rank)
+        if peer is not None and peer.boot_epoch == params.boot_epoch:
+            return peer
+        address = side_channel_address(params.side_channel, prefill_rank)
+        client = self.client_for(address)
+        reply = client.request(m.HandshakeRequest(engine=self.info), timeout_s=HANDSHAKE_TIMEOUT_S)
+        if not isinstance(reply, m.HandshakeReply):
+            raise HandshakeError(f"{address} answered {type(reply).__name__} to a handshake")
+        remote = reply.engine
+        check_compatible(m.HandshakeRequest(engine=self.info), reply, peer=address)
+        if remote.engine_id != params.engine_id or remote.boot_epoch != params.boot_epoch:
+            raise PeerGoneError(
+                f"prefill {params.engine_id} rank {prefill_rank} at epoch {params.boot_epoch} is gone: "
+                f"{address} is now {remote.engine_id} at epoch {remote.boot_epoch} (restarted; its KV is lost)")
+        with self.lock:
+            return self.endpoint.peers.admit(remote)
+
+    def push_timeout(self, num_tokens: int) -> float:
+        desc = self.engine.cache_desc
+        per_token = desc.num_kv * desc.num_heads * desc.row_bytes * desc.num_layers
+        return self.endpoint.deadline.seconds(per_token * num_tokens)
+
+    def client_for(self, address: str) -> SideChannelClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = SideChannelClient(address, ClientConfig(keys=self.keys, insecure=self.config.insecure_plaintext))
+            self._clients[address] = client
+        return client
+
+    def pull(self, params: m.TransferParams, block_ids: list[int]) -> TransferSummary:
+        legs = [Leg(self._peer(params, s.prefill_rank), s.heads, self.engine.shape_block_ids(params.block_ids))
+                for s in self._sources(params)]
+        with self.lock:
+            return self.endpoint.read(params.request_id, legs, self.prompt_blocks(block_ids, params.num_tokens),
+                                      params.num_tokens)
+
+    def prompt_blocks(self, block_ids: list[int], num_tokens: int):
+        """The blocks of a request's first `num_tokens` tokens, shaped for the layout."""
+        shaped = np.asarray(self.engine.shape_block_ids(block_ids))
+        pages = -(-num_tokens // self.engine.block_size)
+        return shaped[..., :pages]
+
+    def expected_bytes(self, params: m.TransferParams) -> int:
+        """Bytes of the request's tokens this rank receives (every head it reads)."""
+        desc = self.engine.cache_desc
+        heads = sum(s.heads.size for s in self._sources(params))
+        return heads * desc.row_bytes * desc.num_kv * desc.num_layers * params.num_tokens
+
+    def await_push(self, params: m.TransferParams, timeout_s: float) -> None:
+        expected = {s.prefill_rank for s in self._sources(params)}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.idle()
+            got = self._inbox.get(params.request_id, (0.0, set()))[1]
+            if expected <= got:
+                self._inbox.pop(params.request_id, None)
+                return
+            if time.monotonic() > deadline:
+                raise TransferTimeout(f"request {params.request_id}: pushes from prefill ranks "
+                                      f"{sorted(expected - got)} not done after {timeout_s:.1f} s")
+            time.sleep(0.0005)
+
+    # ---- prefill side -------------------------------------------------------------------------
+
+    def push(self, command: Push) -> TransferSummary:
+        with self.lock:
+            peer = self.endpoint.peers.get(command.decode_engine_id, command.decode_rank)
+            if peer is None:
+                raise HandshakeError(f"decode {command.decode_engine_id} rank {command.decode_rank} never "
+                                     f"handshook with prefill rank {self.rank}")
+            mapping = map_tp(self.engine.model_config.num_kv_heads, self.config.tp, peer.info.tp_size)
+            heads = [a.heads for a in mapping.targets_of(self.rank) if a.decode_rank == command.decode_rank]
+            pages = -(-command.num_tokens // peer.region.desc.block_size)
+            decode_ids = np.asarray(command.decode_block_ids)
+            decode_ids = decode_ids.reshape(2, -1)[:, :pages] if peer.region.desc.separate_kv_pages \
+                else decode_ids[:pages]
+            legs = [Leg(peer, h, decode_ids) for h in heads]
+            return self.endpoint.write(command.request_id, legs, self.engine.shape_block_ids(command.block_ids),
+                                       command.num_tokens)
+
+    def pairs_with(self, decode_rank: int, decode_tp: int) -> bool:
+        mapping = map_tp(self.engine.model_config.num_kv_heads, self.config.tp, decode_tp)
+        return any(a.decode_rank == decode_rank for a in mapping.targets_of(self.rank))
+
+
+def _sampling(command: Prefill | Decode) -> SamplingParams:
+    return SamplingParams(temperature=command.temperature, seed=command.seed)
+
+
+def _moved(summary: TransferSummary) -> Moved:
+    return Moved(summary.num_bytes, summary.num_descriptors, summary.seconds)
+
+
+def block_array(ids: list[int]) -> np.ndarray:
+    return np.asarray(ids, dtype=np.int64)

@@ -1,0 +1,184 @@
+"""Rank 0 of a prefill or decode service: starts the other ranks, builds its own, and runs every
+collective command through one executor thread (the engine is single-threaded by design).
+
+Readiness is earned, not assumed: `ready` is true only once every rank's model is loaded, its
+cache is registered with NIXL, its side channel listens (prefill) and its kernels are warm;
+it turns false again when a rank dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from kvxfer.agents.metrics import TransferMetrics
+from kvxfer.daemons.bus import Bus
+from kvxfer.daemons.config import ServeConfig
+from kvxfer.daemons.runtime import (
+    Command,
+    Described,
+    RankRuntime,
+    RankSetup,
+    Reply,
+    command_encoder,
+    reply_decoder,
+)
+from kvxfer.daemons.worker import worker_main
+from kvxfer.engine.parallel import free_port
+from kvxfer.engine.tokenizer import byte_level_tokenizer
+from kvxfer.errors import ConfigError, KvxferError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STARTUP_TIMEOUT_S = 600.0  # model load + kernel compilation on a cold GPU node
+COMMAND_SLACK_S = 30.0
+
+
+class ServiceMetrics:
+    """Service-level metrics in the same registry as the transfer metrics of rank 0."""
+
+    def __init__(self, transfer: TransferMetrics) -> None:
+        r = transfer.registry
+        self.transfer = transfer
+        self.requests = Counter("kvxfer_requests", "Completion requests by outcome", ["outcome"], registry=r)
+        self.request_seconds = Histogram("kvxfer_request_seconds", "Completion latency", registry=r)
+        self.request_bytes = Counter("kvxfer_request_transfer_bytes", "KV bytes moved for requests, all ranks",
+                                     registry=r)
+        self.request_descriptors = Counter("kvxfer_request_transfer_descriptors",
+                                           "Descriptors posted for requests, all ranks", registry=r)
+        self.transfer_seconds = Histogram("kvxfer_request_transfer_seconds", "KV load time of a request",
+                                          registry=r)
+        self.blocks_in_use = Gauge("kvxfer_blocks_in_use", "Cache blocks allocated (requests and leases)",
+                                   registry=r)
+        self.blocks_free = Gauge("kvxfer_blocks_free", "Cache blocks free", registry=r)
+        self.ready = Gauge("kvxfer_ready", "1 when every rank is up and warm", registry=r)
+
+
+class Service:
+    """What prefill and decode services share: the rank group and its one executor."""
+
+    def __init__(self, config: ServeConfig, *, log_level: str = "INFO") -> None:
+        self.config = config
+        self.log_level = log_level
+        self.boot_epoch = time.time_ns()
+        self.metrics = ServiceMetrics(TransferMetrics())
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="kvxfer-engine")
+        self.bus = Bus(command_encoder, reply_decoder)
+        self.runtime: RankRuntime | None = None
+        self.ranks: list[Described] = []
+        self.started = threading.Event()
+        self.start_error: str | None = None
+        self.allocator_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._idle_thread: threading.Thread | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Build every rank (blocking). Workers first: the TP group's init is collective."""
+        began = time.monotonic()
+        try:
+            setup = RankSetup(self.config, 0, self.boot_epoch, f"tcp://127.0.0.1:{free_port()}")
+            self.bus.spawn(worker_main, lambda r: (RankSetup(self.config, r, self.boot_epoch, setup.dist_init),
+                                                   self.log_level), range(1, self.config.tp))
+            self.runtime = RankRuntime(setup, metrics=self.metrics.transfer)
+            self.runtime.service_handler = self.handle_service_message
+            workers = self.bus.gather(STARTUP_TIMEOUT_S)
+            local = self.runtime.execute(_describe())
+            self.ranks = [local, *workers]
+            self.tokenizer = self.runtime.engine.tokenizer or \
+                byte_level_tokenizer(self.runtime.engine.model_config.vocab_size)
+        except KvxferError as err:
+            self.start_error = str(err)
+            log.error("service failed to start: %s", err)
+            raise
+        self._idle_thread = threading.Thread(target=self._idle_loop, name="kvxfer-idle", daemon=True)
+        self._idle_thread.start()
+        self.started.set()
+        self._update_blocks()
+        log.info("%s service %s ready: TP %d, %s, %.1f s to start", self.config.role.value,
+                 self.config.engine_id, self.config.tp, self.config.layout, time.monotonic() - began)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.started.clear()
+        self.bus.close()
+        if self.runtime is not None:
+            self.runtime.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        ok = self.started.is_set() and self.bus.alive() and self.start_error is None
+        self.metrics.ready.set(1 if ok else 0)
+        return ok
+
+    def why_not_ready(self) -> str:
+        if self.start_error:
+            return f"start failed: {self.start_error}"
+        if not self.started.is_set():
+            return "starting: loading the model, registering caches, warming kernels"
+        if not self.bus.alive():
+            return "a rank process died"
+        return ""
+
+    def _idle_loop(self) -> None:
+        while not self._stop.wait(0.002):
+            try:
+                self.runtime.idle()
+            except KvxferError as err:
+                log.warning("idle poll: %s", err)
+
+    # ---- commands -----------------------------------------------------------------------------
+
+    def call(self, command: Command, *, timeout_s: float = COMMAND_SLACK_S) -> list[Reply]:
+        """Run `command` on every rank (call from the executor thread)."""
+        if self.runtime is None:
+            raise ConfigError("service is not started")
+        return self.bus.call(command, lambda: self.runtime.execute(command), timeout_s=timeout_s)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    # ---- blocks -------------------------------------------------------------------------------
+
+    def allocate(self, num_tokens: int) -> list[int]:
+        engine = self.runtime.engine
+        with self.allocator_lock:
+            ids = engine.allocator.allocate(engine.blocks_needed(num_tokens))
+        self._update_blocks()
+        return ids
+
+    def free(self, ids: list[int] | tuple[int, ...]) -> None:
+        with self.allocator_lock:
+            self.runtime.engine.allocator.free(ids)
+        self._update_blocks()
+
+    def _update_blocks(self) -> None:
+        engine = self.runtime.engine
+        free = engine.allocator.num_free
+        self.metrics.blocks_free.set(free)
+        self.metrics.blocks_in_use.set(engine.config.cache.num_blocks - free)
+
+    def blocks_in_use(self) -> int:
+        engine = self.runtime.engine
+        return engine.config.cache.num_blocks - engine.allocator.num_free
+
+    def handle_service_message(self, peer: Any, msg: Any) -> Any:
+        """Rank-0 side-channel messages beyond handshakes (leases, pushes): prefill overrides."""
+        return None
+
+
+def _describe():
+    from kvxfer.daemons.runtime import Describe
+
+    return Describe()
