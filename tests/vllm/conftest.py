@@ -60,3 +60,38 @@ def plain_tokens(models: dict[str, Path], logs: Path) -> dict[str, list[int]]:
         server.stop()
     assert runs[0] == runs[1], "plain vLLM greedy decoding is not deterministic"
     return runs[0]
+
+
+@pytest.fixture(scope="session")
+def curve() -> dict[str, object]:
+    """CURVE key pairs of the producers (one pair, as a Secret would hold) and of the consumer."""
+    from kvxfer.agents.keys import generate_keypair
+
+    return {"producer": generate_keypair(), "consumer": generate_keypair()}
+
+
+def connector_config(role: str, curve: dict[str, object], **extra: object) -> dict[str, object]:
+    """`--kv-transfer-config` of a KvxferConnector instance with CURVE keys given inline."""
+    producer, consumer = curve["producer"], curve["consumer"]
+    if role == "kv_producer":
+        keys = {"curve_secret_key": producer.secret.decode(),
+                "curve_allowed_keys": [consumer.public.decode()]}
+    else:
+        keys = {"curve_secret_key": consumer.secret.decode(),
+                "curve_server_key": producer.public.decode()}
+    return {"kv_connector": "KvxferConnector", "kv_connector_module_path": "kvxfer.integrations.vllm",
+            "kv_role": role, "kv_connector_extra_config": {**keys, **extra}}
+
+
+@pytest.fixture(scope="session")
+def consumer(models: dict[str, Path], logs: Path, curve: dict[str, object]):
+    """The decode instance every P/D test uses (model "a"); a failed load fails the request."""
+    from kvxfer.integrations.vllm.testing import ServerSpec, VllmServer
+
+    config = {**connector_config("kv_consumer", curve), "kv_load_failure_policy": "fail"}
+    server = VllmServer(ServerSpec(model=models["a"], name="consumer", kv_transfer_config=config), logs)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,133 @@
+"""The scheduler half of the connector (runs in vLLM's EngineCore process, one per instance).
+
+It decides, per request, what the workers do, and hands that over in the step's metadata:
+- consumer: a request arriving with a producer's `kv_transfer_params` is loaded asynchronously
+  (`get_num_new_matched_tokens` answers "all prompt tokens not cached locally, async"), into the
+  blocks vLLM allocates (`update_state_after_alloc`) -> a LoadJob.
+- producer: a request sent with `do_remote_decode` keeps its blocks after it finishes
+  (`request_finished` returns True) -> a SendJob; the workers free them, through vLLM, once every
+  consumer rank confirmed or the lease expired (`get_finished` on the worker side).
+No transfer, layout or planning work happens here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvxfer.agents.messages import TransferParams, new_request_id
+from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole
+from kvxfer.integrations.vllm.params import (
+    LoadJob,
+    ReleaseJob,
+    SendJob,
+    binding_for,
+    consumer_params,
+    producer_reply,
+    wants_remote_decode,
+)
+from kvxfer.layouts import num_blocks_for
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+def boot_epoch_of(instance_id: str) -> int:
+    """One epoch per vLLM instance, the same in its scheduler and every worker (all derive it from
+    the instance id vLLM draws at start), new on every restart."""
+    return int(hashlib.sha256(instance_id.encode()).hexdigest()[:15], 16)
+
+
+@dataclass
+class StepJobs:
+    """What the workers must start in the next step."""
+
+    sends: list[SendJob] = field(default_factory=list)
+    loads: list[LoadJob] = field(default_factory=list)
+    releases: list[ReleaseJob] = field(default_factory=list)
+
+
+class SchedulerSide:
+    def __init__(self, config: ConnectorConfig, *, block_size: int, tp_size: int,
+                 boot_epoch: int) -> None:
+        self.config = config
+        self.block_size = block_size
+        self.tp_size = tp_size
+        self.boot_epoch = boot_epoch
+        self._jobs = StepJobs()
+        self._loading: set[str] = set()  # consumer requests whose load was handed to workers
+
+    # -- consumer ------------------------------------------------------------------------------
+
+    def num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        if self.config.role is not ConnectorRole.CONSUMER or request.request_id in self._loading:
+            return 0, False
+        if consumer_params(request.kv_transfer_params) is None:
+            return 0, False
+        count = len(request.prompt_token_ids or ()) - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if self.config.role is not ConnectorRole.CONSUMER or request.request_id in self._loading:
+            return
+        params = consumer_params(request.kv_transfer_params)
+        if params is None:
+            return
+        self._loading.add(request.request_id)
+        if num_external_tokens == 0:
+            self._jobs.releases.append(ReleaseJob(request.request_id, params, "prompt cached locally"))
+            return
+        needed = num_blocks_for(num_external_tokens, self.block_size)
+        local_ids = blocks.get_unhashed_block_ids()[:needed]
+        skip = len(request.prompt_token_ids or ()) - num_external_tokens
+        self._jobs.loads.append(LoadJob(request.request_id, params, tuple(local_ids), skip,
+                                        num_external_tokens))
+
+    # -- both ------------------------------------------------------------------------------------
+
+    def finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self.config.role is ConnectorRole.CONSUMER:
+            self._consumer_finished(request)
+            return False, None
+        return self._producer_finished(request, block_ids)
+
+    def _consumer_finished(self, request: Request) -> None:
+        if request.request_id in self._loading:
+            self._loading.discard(request.request_id)
+            return
+        params = consumer_params(request.kv_transfer_params)
+        if params is not None:  # ended before it was scheduled: the producer need not wait
+            self._jobs.releases.append(ReleaseJob(request.request_id, params, "request ended unscheduled"))
+
+    def _producer_finished(self, request: Request,
+                           block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        if not wants_remote_decode(request.kv_transfer_params) or not block_ids:
+            return False, None
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            return False, None  # aborted or failed: nothing to hand over
+        keys = self.config.keys
+        params = TransferParams(
+            engine_id=self.config.engine_id,
+            boot_epoch=self.boot_epoch,
+            request_id=new_request_id(),
+            block_ids=list(block_ids),
+            side_channel=self.config.side_channel_address(0),
+            tp_size=self.tp_size,
+            binding=binding_for(request.kv_transfer_params,
+                                keys.allowed_client_keys if keys else frozenset()),
+            num_tokens=request.num_prompt_tokens,
+            lease_expires_s=self.config.lease_s,
+        )
+        self._jobs.sends.append(SendJob(request.request_id, params))
+        return True, producer_reply(params)
+
+    def take_jobs(self) -> StepJobs:
+        jobs, self._jobs = self._jobs, StepJobs()
+        return jobs
