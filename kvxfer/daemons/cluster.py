@@ -51,13 +51,17 @@ class Running:
         return f"http://127.0.0.1:{self.http_port}"
 
 
-def free_ports(count: int) -> int:
-    """A base port with `count` consecutive free ports on loopback (side channels: base + rank)."""
+def free_ports(count: int, taken: set[int] | None = None) -> int:
+    """A base port with `count` consecutive free ports on loopback (side channels: base + rank),
+    none of them in `taken` (which gets them: ports handed out but not yet listened on)."""
+    taken = set() if taken is None else taken
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             base = s.getsockname()[1]
-        if base + count < 65000 and all(_port_free(base + i) for i in range(count)):
+        ports = set(range(base, base + count))
+        if base + count < 65000 and not ports & taken and all(_port_free(p) for p in ports):
+            taken.update(ports)
             return base
     raise ConfigError(f"no {count} consecutive free ports on 127.0.0.1")
 
@@ -87,6 +91,7 @@ class LocalCluster:
     proxy_args: tuple[str, ...] = ()
     services: list[Running] = field(default_factory=list)
     proxy: Running | None = None
+    _ports: set[int] = field(default_factory=set)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -99,7 +104,7 @@ class LocalCluster:
             self.services.append(self._service(spec, f"decode{i}", keys))
         for svc in self.services:
             self._launch(svc)
-        port = free_ports(1)
+        port = free_ports(1, self._ports)
         args = ["proxy", "--port", str(port), "--prefill", *[s.url for s in self.services if s.spec.role == "prefill"],
                 "--decode", *[s.url for s in self.services if s.spec.role == "decode"], *self.proxy_args]
         self.proxy = Running(ServiceSpec("proxy"), "proxy", port, 0, args, self.workdir / "proxy.log")
@@ -183,7 +188,7 @@ class LocalCluster:
         return keydir
 
     def _service(self, spec: ServiceSpec, name: str, keys: Path | None) -> Running:
-        http_port, side_port = free_ports(1), free_ports(spec.tp)
+        http_port, side_port = free_ports(1, self._ports), free_ports(spec.tp, self._ports)
         seed = self.decode_seed if spec.role == "decode" and self.decode_seed is not None else self.seed
         model = ["--model", str(self.model_dir)] if self.model_dir else ["--preset", self.preset, "--seed", str(seed)]
         args = ["serve", spec.role, *model, "--tp", str(spec.tp), "--layout", spec.layout,
