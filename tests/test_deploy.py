@@ -243,6 +243,10 @@ def test_operational_settings(overlay):
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        # Read-only root; /tmp is where HOME, FlashInfer's log and its lock files go (Dockerfile.cuda).
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert tmp and "emptyDir" in {v["name"]: v for v in pod["volumes"]}[tmp[0]["name"]]
         assert {"cpu", "memory"} <= set(container["resources"]["requests"])
 
 
@@ -272,7 +276,7 @@ def test_dockerfile_warmup_covers_the_gpu_overlay():
     cli = pytest.importorskip("kvxfer.cli")
     text = (DEPLOY / "docker" / "Dockerfile.cuda").read_text()
     args = dict(re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', text, flags=re.M))
-    warmup = re.search(r"RUN (kvxfer warmup [^\n]*\\\n[^\n]*)", text).group(1).replace("\\\n", " ")
+    warmup = re.search(r"kvxfer warmup .*?--cache-dir \S+", text.replace("\\\n", " ")).group(0)
     argv = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], warmup).split()[1:]
     parsed = cli.build_parser().parse_args(argv)  # the warmup command's own flags
     if shutil.which("kubectl") is None:
