@@ -45,6 +45,12 @@ def serve(config: ServeConfig, *, log_level: str = "INFO") -> int:
                                            log_level="warning", access_log=False))
     failed = threading.Event()
 
+    def fatal() -> None:
+        failed.set()
+        server.should_exit = True
+
+    service.on_fatal = fatal
+
     def start() -> None:
         try:
             service.start()

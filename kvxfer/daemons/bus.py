@@ -58,6 +58,9 @@ class Bus:
     def alive(self) -> bool:
         return all(p.is_alive() for p in self._procs)
 
+    def alive_each(self) -> list[bool]:
+        return [p.is_alive() for p in self._procs]
+
     def pids(self) -> list[int]:
         return [p.pid or 0 for p in self._procs]
 

@@ -19,7 +19,7 @@ from kvxfer.daemons.config import Mode
 from kvxfer.daemons.prefill import tokenize
 from kvxfer.daemons.runtime import AwaitPush, Connect, Decode, Moved, Pull, Token
 from kvxfer.daemons.service import Service
-from kvxfer.errors import ConfigError, KvxferError
+from kvxfer.errors import ConfigError, KvxferError, PeerGoneError
 from kvxfer.planning import map_tp
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class DecodeService(Service):
         started = time.perf_counter()
         client = self.runtime.client_for(params.side_channel)
         try:
+            self.check_alive(client, params)
             self.call(Connect(params))
             mode = self.mode_for(params)
             if mode is Mode.READ:
@@ -94,6 +95,18 @@ class DecodeService(Service):
                                  transfer_ms=seconds * 1e3, gbps=num_bytes / seconds / 1e9 if seconds else 0.0,
                                  peers=len(map_tp(self.runtime.engine.model_config.num_kv_heads, params.tp_size,
                                                    self.config.tp).assignments))
+
+    def check_alive(self, client, params: m.TransferParams) -> None:
+        """One round trip to prefill rank 0: a restarted prefill (new boot epoch) lost the KV these
+        parameters point to, so say so now instead of reading through a stale agent."""
+        pong = client.request(m.Ping(), timeout_s=NOTIFY_TIMEOUT_S)
+        if not isinstance(pong, m.Pong):
+            raise PeerGoneError(f"prefill {params.engine_id} answered {type(pong).__name__} to a ping")
+        if (pong.engine_id, pong.boot_epoch) != (params.engine_id, params.boot_epoch):
+            raise PeerGoneError(
+                f"prefill {params.engine_id} at epoch {params.boot_epoch} is gone: "
+                f"{params.side_channel} is now {pong.engine_id} at epoch {pong.boot_epoch} (restarted; the "
+                f"request's KV was lost with it)")
 
     def mode_for(self, params: m.TransferParams) -> Mode:
         """READ or WRITE; `auto` pushes into GPU memory (pull over CUDA IPC falls back to a slow

@@ -79,6 +79,7 @@ class Service:
         self.allocator_lock = threading.Lock()
         self._stop = threading.Event()
         self._idle_thread: threading.Thread | None = None
+        self.on_fatal: Callable[[], None] | None = None  # called once if a rank dies
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -131,11 +132,22 @@ class Service:
         return ""
 
     def _idle_loop(self) -> None:
+        checked = time.monotonic()
         while not self._stop.wait(0.002):
             try:
                 self.runtime.idle()
             except KvxferError as err:
                 log.warning("idle poll: %s", err)
+            if time.monotonic() - checked > 0.5:
+                checked = time.monotonic()
+                if not self.bus.alive():
+                    dead = [pid for pid, alive in zip(self.bus.pids(), self.bus.alive_each(), strict=True) if not alive]
+                    log.error("rank process(es) %s died: the service cannot serve; exiting so that its "
+                              "supervisor restarts it", dead)
+                    self.metrics.ready.set(0)
+                    if self.on_fatal is not None:
+                        self.on_fatal()
+                    return
 
     # ---- commands -----------------------------------------------------------------------------
 
