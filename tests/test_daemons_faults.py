@@ -119,3 +119,16 @@ def test_no_block_leaked_after_leases_expire(cluster):
         time.sleep(LEASE_S + 1.0)
         assert blocks_in_use(client, prefill_url) == 0
         assert blocks_in_use(client, cluster.by_name("decode0").url) == 0
+
+
+def test_forged_block_ids_are_refused_before_any_read(cluster):
+    """Parameters travel through clients: a block list that is not the lease's is never read."""
+    with httpx.Client(timeout=60) as client:
+        victim = prefill_only(client, cluster)
+        forged = prefill_only(client, cluster)
+        forged["block_ids"] = victim["block_ids"]  # another request's KV
+        reply = decode_with(client, cluster, forged)
+        assert reply.status_code == 502
+        assert "its lease holds" in reply.json()["error"]["message"]
+        ok = decode_with(client, cluster, victim)
+        assert ok.status_code == 200, ok.text

@@ -37,6 +37,7 @@ def examples() -> list[m.Message]:
         m.LeaseRenew(request_ids=[rid, m.new_request_id()], consumer_rank=3),
         m.LeaseRenewed(renewed=[rid], unknown=("gone",)),
         m.Abort(request_id=rid, reason="client went away"),
+        m.Claim(request_id=rid, block_ids=[3, 1, 4], num_tokens=40),
         m.WriteRequest(request_id=rid, decode_rank=1, block_ids=[5, 9, 2]),
         m.WriteDone(request_id=rid, producer_rank=0),
         m.Ack(request_id=rid),

@@ -149,6 +149,16 @@ class Abort(_Base, frozen=True, kw_only=True, tag="abort"):
     reason: Text = ""
 
 
+class Claim(_Base, frozen=True, kw_only=True, tag="claim"):
+    """Before it reads, a consumer asks the producer to confirm that these transfer parameters
+    are genuine: the lease is held, bound to the asking peer, over exactly these blocks and tokens.
+    Parameters travel through clients and proxies; a forged block list must never be read."""
+
+    request_id: RequestId
+    block_ids: BlockIds
+    num_tokens: Count
+
+
 class WriteRequest(_Base, frozen=True, kw_only=True, tag="write"):
     """WRITE mode: decode rank `decode_rank` allocated `block_ids`; the producer pushes into them."""
 
@@ -195,6 +205,7 @@ Message = (
     | LeaseRenew
     | LeaseRenewed
     | Abort
+    | Claim
     | WriteRequest
     | WriteDone
     | Ack

@@ -67,6 +67,8 @@ class DecodeService(Service):
         client = self.runtime.client_for(params.side_channel)
         try:
             self.check_alive(client, params)
+            client.request(m.Claim(request_id=params.request_id, block_ids=params.block_ids,
+                                   num_tokens=params.num_tokens), timeout_s=NOTIFY_TIMEOUT_S)
             self.call(Connect(params))
             mode = self.mode_for(params)
             if mode is Mode.READ:

@@ -19,7 +19,7 @@ from kvxfer.agents.sidechannel import PeerInfo, check_binding
 from kvxfer.daemons import api
 from kvxfer.daemons.runtime import Prefill, Push, Token
 from kvxfer.daemons.service import Service
-from kvxfer.errors import ConfigError, KvxferError, LeaseError
+from kvxfer.errors import ConfigError, KvxferError, LeaseError, PlanError
 
 log = logging.getLogger(__name__)
 CONSUMER = "consumer"  # one consumer per request: the decode service (its rank 0 speaks for it)
@@ -85,6 +85,9 @@ class PrefillService(Service):
             case m.WriteRequest():
                 self._push(peer, msg)
                 return m.Ack(request_id=msg.request_id)
+            case m.Claim():
+                self._claim(peer, msg)
+                return m.Ack(request_id=msg.request_id)
         return None
 
     def _checked(self, peer: PeerInfo, request_id: str) -> None:
@@ -103,6 +106,17 @@ class PrefillService(Service):
                 self.leases.confirm(request_id, CONSUMER, now=time.monotonic())
         if released is not None:
             self._release(released.request_id, released.blocks)
+
+    def _claim(self, peer: PeerInfo, msg: m.Claim) -> None:
+        """Refuse parameters that do not match the lease: forged or stale block lists."""
+        self._checked(peer, msg.request_id)
+        with self.lease_lock:
+            blocks, num_tokens = self._requests[msg.request_id]
+        if list(msg.block_ids) != list(blocks) or msg.num_tokens != num_tokens:
+            self.metrics.transfer.observe_failure("plan")
+            raise PlanError(f"request {msg.request_id}: parameters name blocks {list(msg.block_ids)[:8]} "
+                            f"and {msg.num_tokens} tokens, but its lease holds {list(blocks)[:8]} and "
+                            f"{num_tokens} tokens; refusing")
 
     def _renew(self, peer: PeerInfo, msg: m.LeaseRenew) -> m.Message:
         renewed, unknown = [], []
