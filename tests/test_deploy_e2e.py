@@ -12,6 +12,7 @@ under a temporary directory.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -127,6 +128,27 @@ def reference_tokens(config: ServeConfig) -> list[int]:
     return list(engine.generate(PROMPT, MAX_TOKENS).tokens)
 
 
+def check_metrics(ports: dict[str, int], *, lease_s: float) -> None:
+    """What Prometheus scrapes at the annotated ports: transfer bytes counted, and no block still
+    held once the request's leases are released (or, at the latest, expired)."""
+    def scrape(name: str) -> str:
+        return httpx.get(f"http://127.0.0.1:{ports[name]}/metrics", timeout=5.0).text
+
+    moved = sum(_samples(scrape(name), "kvxfer_transfer_bytes_total") for name in ORDER[:2])
+    assert moved > 0 and "kvxfer_proxy_request" in scrape("kvxfer-proxy")
+    assert all("\nkvxfer_blocks_held " in scrape(name) for name in ORDER[:2])
+    deadline = time.monotonic() + lease_s + 10.0
+    while any(_samples(scrape(name), "kvxfer_blocks_held") for name in ORDER[:2]):
+        assert time.monotonic() < deadline, "blocks still held after the lease"
+        time.sleep(0.5)
+
+
+def _samples(text: str, metric: str) -> float:
+    """The sum of a metric's samples (every label set) in Prometheus text format."""
+    pattern = rf"^{metric}(?:{{[^}}]*}})? (\S+)$"
+    return sum(float(value) for value in re.findall(pattern, text, flags=re.M))
+
+
 def stop(process: subprocess.Popen, grace_s: float) -> float:
     """SIGTERM the process group this test started; SIGKILL it after `grace_s`, as the kubelet
     would. Returns the seconds it took to exit."""
@@ -171,9 +193,11 @@ def test_cpu_demo_entrypoints_answer_through_the_proxy(tmp_path):
         reply = httpx.post(f"http://127.0.0.1:{ports['kvxfer-proxy']}/v1/completions",
                            json={"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0}, timeout=300.0)  # fmt: skip
         assert reply.status_code == 200, reply.text
-        answer = reply.json()["choices"][0]["token_ids"]
+        body = reply.json()
         decode = config_of(_containers(deployments["kvxfer-decode"])[0])
-        assert answer == reference_tokens(decode)
+        assert body["choices"][0]["token_ids"] == reference_tokens(decode)
+        assert body["kvxfer"]["bytes"] > 0 and body["kvxfer"]["peers"] >= 1  # the KV did move
+        check_metrics(ports, lease_s=decode.lease_s)
     finally:
         exits = {name: stop(process, grace) for name, (process, grace) in reversed(processes.items())}
     assert all(seconds != float("inf") for seconds in exits.values()), exits
