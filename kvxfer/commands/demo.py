@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-block-size", type=int, help="decode block size (default: --block-size)")
     p.add_argument("--mode", choices=["read", "write", "auto"], default="read", help="transfer mode (default: read)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device of both services (default: cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="model and cache dtype; FlashInfer needs 16-bit (default: float32)")
     p.add_argument("--preset", default="tiny-demo", help="random model preset (default: tiny-demo)")
     p.add_argument("--model", type=Path, help="Hugging Face model directory instead of --preset")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         decode=[ServiceSpec("decode", args.decode_tp, args.decode_layout or args.layout,
                             args.decode_block_size or args.block_size)],
         preset=args.preset, model_dir=args.model, seed=args.seed, device=args.device, mode=args.mode,
-        insecure=args.insecure_plaintext)
+        insecure=args.insecure_plaintext, extra=("--dtype", args.dtype))
     rows = []
     try:
         progress.step(f"starting prefill TP {args.prefill_tp}, decode TP {args.decode_tp}, proxy (logs: {workdir})")
@@ -107,7 +109,8 @@ def reference_tokens(args: argparse.Namespace, prompts: list[str]) -> list[list[
 
     model = load_model_config(args.model) if args.model else preset(args.preset)
     engine = Engine(EngineConfig(model=model, cache=CacheConfig(num_blocks=64), seed=args.seed,
-                                 model_dir=str(args.model) if args.model else None))
+                                 model_dir=str(args.model) if args.model else None,
+                                 device=args.device, dtype=args.dtype))
     tokenizer = engine.tokenizer or byte_level_tokenizer(model.vocab_size)
     return [engine.generate(tokenizer.encode(p).ids, args.max_tokens).tokens for p in prompts]
 

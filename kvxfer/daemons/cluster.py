@@ -89,6 +89,7 @@ class LocalCluster:
     insecure: bool = False
     log_level: str = "INFO"
     proxy_args: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()  # `kvxfer serve` flags for every service (e.g. --dtype)
     services: list[Running] = field(default_factory=list)
     proxy: Running | None = None
     _ports: set[int] = field(default_factory=set)
@@ -178,7 +179,7 @@ class LocalCluster:
         """One key pair per pool (`kvxfer keys generate` does the same); each pool's allow-list
         (`allowed-by-<pool>/`) holds the other pool's public key."""
         keydir = self.workdir / "keys"
-        for pool, other in (("prefill", "decode"), ("decode", "prefill")):
+        for pool in ("prefill", "decode"):
             if not (keydir / f"{pool}.key_secret").exists():
                 write_keypair(generate_keypair(), keydir, pool)
         for pool, other in (("prefill", "decode"), ("decode", "prefill")):
@@ -194,7 +195,7 @@ class LocalCluster:
         args = ["serve", spec.role, *model, "--tp", str(spec.tp), "--layout", spec.layout,
                 "--block-size", str(spec.block_size), "--num-blocks", str(spec.num_blocks),
                 "--device", self.device, "--port", str(http_port), "--side-channel-port", str(side_port),
-                "--mode", self.mode, "--engine-id", name, *spec.extra]
+                "--mode", self.mode, "--engine-id", name, *self.extra, *spec.extra]
         if keys is None:
             args.append("--insecure-plaintext")
         else:

@@ -23,14 +23,6 @@ import numpy as np
 from kvxfer.agents import messages as m
 from kvxfer.agents.compat import check_compatible
 from kvxfer.agents.endpoint import DeadlinePolicy, Endpoint, Identity, Leg, TransferSummary
-from kvxfer.agents.keys import (
-    KeyConfig,
-    KeyPair,
-    load_allowed_keys,
-    load_keypair,
-    load_public_key,
-    parse_key,
-)
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig, Threading
 from kvxfer.agents.sidechannel import (
@@ -41,12 +33,12 @@ from kvxfer.agents.sidechannel import (
     SideChannelServer,
 )
 from kvxfer.daemons.bus import Failed
-from kvxfer.daemons.config import CurveConfig, Role, ServeConfig
+from kvxfer.daemons.config import Role, ServeConfig, load_curve_keys
 from kvxfer.engine.config import CacheConfig, EngineConfig, load_model_config, preset
 from kvxfer.engine.engine import DecodeRequest, Engine
 from kvxfer.engine.parallel import TPGroup
 from kvxfer.engine.sampling import SamplingParams
-from kvxfer.errors import HandshakeError, PeerGoneError, TransferTimeout
+from kvxfer.errors import ConfigError, HandshakeError, PeerGoneError, TransferTimeout
 from kvxfer.planning import Fallback, map_tp
 
 log = logging.getLogger(__name__)
@@ -139,10 +131,32 @@ reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 def engine_config(config: ServeConfig) -> EngineConfig:
     model = load_model_config(config.model_dir) if config.model_dir else preset(config.preset or "tiny-demo")
-    cache = CacheConfig(layout=config.layout, block_size=config.block_size,
-                        num_blocks=config.num_blocks or 1024)
+    num_blocks = config.num_blocks or blocks_for_memory(config, model)
+    cache = CacheConfig(layout=config.layout, block_size=config.block_size, num_blocks=num_blocks)
     return EngineConfig(model=model, cache=cache, dtype=config.dtype, device=config.device.value,
                         model_dir=str(config.model_dir) if config.model_dir else None, seed=config.seed)
+
+
+def blocks_for_memory(config: ServeConfig, model) -> int:
+    """Cache blocks per rank that fit `memory_fraction` of the GPU's free memory, after this
+    rank's share of the weights (estimated from the config: weights are loaded after the cache
+    is sized)."""
+    import torch
+
+    from kvxfer.engine.config import DTYPES
+
+    item = torch.tensor([], dtype=DTYPES[config.dtype]).element_size()
+    free, _ = torch.cuda.mem_get_info()
+    h, f, layers = model.hidden_size, model.intermediate_size, model.num_layers
+    per_layer = h * (model.num_q_heads + 2 * model.num_kv_heads) * model.head_dim + h * h + 3 * h * f
+    weights = (layers * per_layer + 2 * model.vocab_size * h) * item // config.tp
+    kv_heads = max(1, model.num_kv_heads // config.tp)
+    block_bytes = 2 * kv_heads * config.block_size * model.head_dim * item * layers
+    budget = int(free * (config.memory_fraction or 0.9)) - weights
+    if budget < block_bytes:
+        raise ConfigError(f"--memory-fraction={config.memory_fraction}: {free / 2**30:.1f} GiB free on the GPU "
+                          f"leaves no room for one cache block after {weights / 2**30:.1f} GiB of weights")
+    return budget // block_bytes
 
 
 def model_fingerprint(engine: EngineConfig) -> str:
@@ -152,17 +166,14 @@ def model_fingerprint(engine: EngineConfig) -> str:
     return hashlib.sha256(arch.encode()).hexdigest()[:16]
 
 
-def key_config(curve: CurveConfig | None) -> KeyConfig | None:
-    """Read this service's CURVE keys (files win over key material from the environment)."""
-    if curve is None:
-        return None
-    own = load_keypair(curve.secret_key_file) if curve.secret_key_file else \
-        KeyPair.from_secret(curve.secret_key or "", what="KVXFER_CURVE_SECRET_KEY")
-    server = load_public_key(curve.server_key_file) if curve.server_key_file else \
-        (parse_key(curve.server_key, what="KVXFER_CURVE_SERVER_KEY") if curve.server_key else None)
-    allowed = set(load_allowed_keys([curve.allowed_keys_dir])) if curve.allowed_keys_dir else set()
-    allowed.update(parse_key(k, what="KVXFER_CURVE_ALLOWED_KEYS item") for k in curve.allowed_keys)
-    return KeyConfig(own=own, server_public_key=server, allowed_client_keys=frozenset(allowed))
+def collective_backend(config: ServeConfig) -> str:
+    """NCCL when every rank has a GPU of its own; gloo otherwise (CPU, or several ranks sharing
+    one GPU, which NCCL refuses)."""
+    if config.device.value != "cuda":
+        return "gloo"
+    import torch
+
+    return "nccl" if torch.cuda.device_count() >= config.tp else "gloo"
 
 
 def side_channel_address(base: str, rank: int) -> str:
@@ -186,11 +197,10 @@ class RankRuntime:
         config = self.config = setup.config
         self.rank = setup.rank
         self.metrics = metrics or TransferMetrics()
-        self.keys = key_config(config.curve)
+        self.keys = load_curve_keys(config.curve) if config.curve is not None else None
         self.engine_config = engine_config(config)
         group = TPGroup.init(rank=setup.rank, size=config.tp, init_method=setup.dist_init,
-                             backend="nccl" if config.device.value == "cuda" else "gloo") \
-            if config.tp > 1 else TPGroup.single()
+                             backend=collective_backend(config)) if config.tp > 1 else TPGroup.single()
         self.engine = Engine(self.engine_config, group)
         identity = Identity(engine_id=config.engine_id, boot_epoch=setup.boot_epoch,
                             role=m.Role(config.role.value), tp_size=config.tp, tp_rank=setup.rank,
