@@ -28,7 +28,8 @@ from kvxfer.errors import ConfigError, KvxferError, PeerGoneError, TransferError
 log = logging.getLogger(__name__)
 
 _LOCAL = "NIXL_INIT_AGENT"
-_PEER_GONE = (nixl_bindings.nixlRemoteDisconnectError, nixl_bindings.nixlNotFoundError)
+_DISCONNECTED = nixl_bindings.nixlRemoteDisconnectError
+_NOT_FOUND = nixl_bindings.nixlNotFoundError  # a peer's metadata, or memory never registered
 _NIXL_ERRORS = tuple(
     getattr(nixl_bindings, name) for name in dir(nixl_bindings)
     if name.startswith("nixl") and name.endswith("Error")
@@ -85,18 +86,28 @@ class AgentConfig:
     name: str
     threading: Threading = Threading.APP_POLL
     error_handling: ErrorHandling = ErrorHandling.NONE
-    num_workers: int = 1
+    num_workers: int = 1  # UCX workers
+    num_threads: int = 0  # UCX backend thread pool splitting large transfers (0: none)
     telemetry: bool = True
 
 
 @dataclass(frozen=True)
 class PollPolicy:
-    """Spin for `spin_s` (polling drives the copy when there is no progress thread), then sleep
-    with exponential backoff from `min_sleep_s` to `max_sleep_s`."""
+    """Spin for `spin_s`, then sleep with exponential backoff from `min_sleep_s` to `max_sleep_s`.
 
-    spin_s: float = 0.05
+    Without a progress thread, polling is what moves bytes: a transfer loop spins long and
+    sleeps briefly (`for_transfers`). Waiting for a peer's notification only needs to notice it.
+    """
+
+    spin_s: float = 0.01
     min_sleep_s: float = 20e-6
-    max_sleep_s: float = 2e-3
+    max_sleep_s: float = 1e-3
+
+    @staticmethod
+    def for_transfers(threading: Threading) -> PollPolicy:
+        if threading is Threading.APP_POLL:
+            return PollPolicy(spin_s=1.0, min_sleep_s=5e-6, max_sleep_s=100e-6)
+        return PollPolicy(spin_s=0.0, min_sleep_s=20e-6, max_sleep_s=1e-3)
 
 
 class Backoff:
@@ -139,8 +150,11 @@ def nixl_errors(what: str, peer: str = "") -> Iterator[None]:
         yield
     except KvxferError:
         raise
-    except _PEER_GONE as err:
+    except _DISCONNECTED as err:
         raise PeerGoneError(f"{where}: {type(err).__name__}: {err}") from err
+    except _NOT_FOUND as err:
+        cls = PeerGoneError if peer else TransferError
+        raise cls(f"{where}: {type(err).__name__}: {err} (unknown peer or unregistered memory)") from err
     except _NIXL_ERRORS as err:
         raise TransferError(f"{where}: {type(err).__name__}: {err}") from err
 
@@ -212,16 +226,14 @@ class NixlAgent:
         self.metrics = metrics
         self._stack = ExitStack()
         self._peers: set[str] = set()
+        self._inbox: list[tuple[str, bytes]] = []
         with nixl_errors("create agent"):
             self.raw = nixl_agent(config.name, nixl_agent_config(
                 enable_prog_thread=config.threading is Threading.PROGRESS_THREAD,
                 capture_telemetry=config.telemetry,
                 backends=[],
             ))
-            self.raw.create_backend("UCX", {
-                "ucx_error_handling_mode": config.error_handling.value,
-                "num_workers": str(config.num_workers),
-            })
+            self.raw.create_backend("UCX", _ucx_options(config))
 
     @property
     def name(self) -> str:
@@ -355,11 +367,12 @@ class NixlAgent:
         return xfer
 
     def wait(self, transfers: Sequence[Transfer], *, timeout_s: float,
-             policy: PollPolicy = PollPolicy()) -> list[XferStats]:
+             policy: PollPolicy | None = None) -> list[XferStats]:
         """Drive every transfer to completion within `timeout_s`, or raise (and cancel them all).
 
         Returns each transfer's telemetry (zeros when telemetry is off) and releases the handles.
         """
+        policy = policy or PollPolicy.for_transfers(self.config.threading)
         deadline, backoff = time.monotonic() + timeout_s, Backoff(policy)
         try:
             while not all([x.poll() for x in transfers]):
@@ -398,11 +411,18 @@ class NixlAgent:
         with nixl_errors("send notification", peer):
             self.raw.send_notif(peer, payload)
 
-    def collect_notifs(self) -> list[tuple[str, bytes]]:
-        """(peer, payload) of every notification that arrived since the last call, in order."""
+    def progress(self) -> None:
+        """Drive NIXL once (a passive side must, without a progress thread, for connection
+        set-up and notifications); notifications that arrive are kept for `collect_notifs`."""
         with nixl_errors("get notifications"):
             new = self.raw.get_new_notifs()
-        return [(_text(peer), bytes(msg)) for peer, msgs in new.items() for msg in msgs]
+        self._inbox.extend((_text(peer), bytes(msg)) for peer, msgs in new.items() for msg in msgs)
+
+    def collect_notifs(self) -> list[tuple[str, bytes]]:
+        """(peer, payload) of every notification that arrived since the last call, in order."""
+        self.progress()
+        got, self._inbox = self._inbox, []
+        return got
 
     def wait_notifs(self, count: int, *, timeout_s: float,
                     policy: PollPolicy = PollPolicy()) -> list[tuple[str, bytes]]:
@@ -418,6 +438,16 @@ class NixlAgent:
                 self._failed(err)
                 raise err
             backoff.pause()
+
+
+def _ucx_options(config: AgentConfig) -> dict[str, str]:
+    options = {
+        "ucx_error_handling_mode": config.error_handling.value,
+        "num_workers": str(config.num_workers),
+    }
+    if config.num_threads > 0:
+        options["num_threads"] = str(config.num_threads)
+    return options
 
 
 def _text(value: str | bytes) -> str:

@@ -4,6 +4,7 @@ byte strides the planner used."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -58,14 +59,33 @@ def make_cache(cfg: BenchConfig, role: str, rank: int) -> RankCache:
     desc = describe(layout, num_layers=cfg.layers, num_blocks=pool, block_size=block_size,
                     num_heads=heads.size, head_dim=cfg.head_dim, dtype=cfg.dtype,
                     first_head=heads.start, total_heads=cfg.kv_heads)
-    device = torch.device(cfg.device, rank) if cfg.device == "cuda" else torch.device("cpu")
-    tensors = [torch.empty(desc.shape, dtype=TORCH_DTYPES[cfg.dtype], device=device)
-               for _ in range(cfg.layers)]
+    tensors = _allocate(cfg, desc, rank)
     rng = np.random.default_rng([cfg.seed, 0 if is_prefill else 1, rank])
     ids = rng.permutation(pool)[:pages] if cfg.random_blocks else np.arange(pages)
     if desc.separate_kv_pages:
         ids = ids.reshape(2, needed)
     return RankCache(role, rank, heads, desc, tensors, ids.astype(np.int64))
+
+
+def host_buffer(num_bytes: int, *, huge_pages: bool) -> torch.Tensor:
+    """`[num_bytes]` uint8 host memory from its own anonymous mapping, optionally with
+    transparent huge pages (fewer pages for the kernel to pin per process_vm_readv/writev)."""
+    mapping = mmap.mmap(-1, max(num_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=num_bytes)  # keeps `mapping` alive
+
+
+def _allocate(cfg: BenchConfig, desc: CacheDesc, rank: int) -> list[torch.Tensor]:
+    """Per-layer tensors of `desc.shape`: CUDA memory on GPU `rank`, else one host mapping."""
+    dtype = TORCH_DTYPES[cfg.dtype]
+    if cfg.device == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        return [torch.empty(desc.shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
+    arena = host_buffer(desc.layer_bytes * cfg.layers, huge_pages=cfg.huge_pages)
+    # arena: [layers * layer_bytes] bytes -> per layer desc.shape
+    return [arena[i * desc.layer_bytes:(i + 1) * desc.layer_bytes].view(dtype).view(desc.shape)
+            for i in range(cfg.layers)]
 
 
 def request_kv(cfg: BenchConfig, layer: int, heads: HeadRange, device: torch.device) -> torch.Tensor:

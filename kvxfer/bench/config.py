@@ -47,9 +47,11 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     threading: str = "app-poll"
     error_handling: str = "none"
     num_workers: int = 1
+    num_threads: int = 0
     deadline_slack_s: float = 10.0
     expected_gbps: float = 0.2
     memcpy: bool = True
+    huge_pages: bool = True  # host caches (and the memcpy baseline) on transparent huge pages
 
     def check(self) -> None:
         for name in ("prefill_tp", "decode_tp", "kv_heads", "head_dim", "layers", "tokens",
@@ -78,6 +80,9 @@ class BenchResult(msgspec.Struct, kw_only=True):
     device: str
     threading: str
     error_handling: str
+    huge_pages: bool
+    num_workers: int
+    num_threads: int
     bytes: int  # moved to all decode ranks per request
     descriptors: int  # posted by all initiators per request
     nixl_descriptors: int  # after NIXL merged adjacent descriptors (telemetry)

@@ -6,6 +6,7 @@ traceback, so the coordinator can raise the same kind of error."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from multiprocessing.connection import Connection
 
@@ -43,6 +44,7 @@ from kvxfer.errors import KvxferError
 from kvxfer.planning import map_tp
 
 log = logging.getLogger(__name__)
+IDLE_PROGRESS_S = 0.001
 
 
 class RankState:
@@ -55,7 +57,8 @@ class RankState:
             cache_mod.scramble(self.cache)
         self.agent = NixlAgent(AgentConfig(
             name=f"{role}{rank}", threading=Threading(cfg.threading),
-            error_handling=ErrorHandling(cfg.error_handling), num_workers=cfg.num_workers))
+            error_handling=ErrorHandling(cfg.error_handling), num_workers=cfg.num_workers,
+            num_threads=cfg.num_threads))
         self.mem = self.agent.register(self.cache.tensors)
         self.hellos: list[Hello] = []
         self.plans: dict[tuple[Op, PlanKind], list[initiator.PeerPlan]] = {}
@@ -148,6 +151,8 @@ def main(conn: Connection, config: bytes, role: str, rank: int) -> None:
         state = RankState(cfg, role, rank)
         conn.send_bytes(ENCODER.encode(state.hello()))
         while True:
+            while not conn.poll(IDLE_PROGRESS_S):
+                state.agent.progress()  # peers connecting to us need us to progress
             msg = TO_RANK.decode(conn.recv_bytes())
             if isinstance(msg, Stop):
                 break
@@ -163,3 +168,7 @@ def main(conn: Connection, config: bytes, role: str, rank: int) -> None:
     finally:
         if state is not None:
             state.close()
+    # Everything is released and every reply sent; skip interpreter teardown (torch and UCX
+    # finalizers take seconds) so a bench or test does not wait for it.
+    conn.close()
+    os._exit(0)

@@ -15,6 +15,7 @@ import numpy as np
 
 from kvxfer.agents.nixl_agent import Op
 from kvxfer.bench import rank as rank_mod
+from kvxfer.bench.cache import host_buffer
 from kvxfer.bench.config import BenchConfig, BenchResult, Mode, OpFigures, PlanKind
 from kvxfer.bench.messages import (
     ENCODER,
@@ -106,7 +107,7 @@ class BenchSession:
             except (OSError, BrokenPipeError):
                 pass
         for p in self.procs:
-            p.process.join(timeout=30)
+            p.process.join(timeout=10)
             if p.process.is_alive():
                 p.process.kill()
                 p.process.join(timeout=5)
@@ -120,7 +121,7 @@ class BenchSession:
             self._all(Prepare(ops=[op], plan=kind), STARTUP_S)
             self.prepared.add((op, kind))
         if scramble or snapshot:
-            self._all(Scramble(snapshot=snapshot), STARTUP_S)
+            self.scramble(snapshot=snapshot)
         timeout = self.cfg.deadline_slack_s + 600.0
         reports = [_expect(r, RunReport) for r in self._all(Run(op=op, plan=kind), timeout)]
         self._all(Deliver(op=op), timeout)
@@ -133,6 +134,10 @@ class BenchSession:
             num_transfers=sum(r.num_transfers for r in active),
             plan_us=max(r.plan_us for r in active),
             post_us=max(r.post_us for r in active))
+
+    def scramble(self, *, snapshot: bool = False) -> None:
+        """Overwrite every decode cache (and snapshot every cache for `dump` when asked)."""
+        self._all(Scramble(snapshot=snapshot), STARTUP_S)
 
     def verify(self) -> tuple[bool, str]:
         replies = [_expect(r, Verified) for r in self._all(Verify(), STARTUP_S)]
@@ -183,10 +188,13 @@ def measure_op(session: BenchSession, op: Op, iters: int, *, verify_last: bool,
     return OpFigures(transfer_ms=median, gbps=gbps, transfer_ms_all=times), runs[-1]
 
 
-def memcpy_gbps(num_bytes: int, *, repeats: int = 3) -> float:
-    """Single-thread copy of `num_bytes` between two touched host buffers, best of `repeats`."""
-    src = np.ones(num_bytes, dtype=np.uint8)
-    dst = np.zeros(num_bytes, dtype=np.uint8)
+def memcpy_gbps(num_bytes: int, *, huge_pages: bool, repeats: int = 3) -> float:
+    """Single-thread copy of `num_bytes` between two touched host buffers allocated like the
+    caches, best of `repeats`."""
+    src = host_buffer(num_bytes, huge_pages=huge_pages).numpy()
+    dst = host_buffer(num_bytes, huge_pages=huge_pages).numpy()
+    src.fill(1)
+    dst.fill(0)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -212,11 +220,12 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                 raise TransferError(f"bench: verification failed: {detail}")
         if cfg.dump is not None:
             session.dump(cfg.dump)
-    memcpy = memcpy_gbps(last.num_bytes) if cfg.memcpy else 0.0
+    memcpy = memcpy_gbps(last.num_bytes, huge_pages=cfg.huge_pages) if cfg.memcpy else 0.0
     return BenchResult(
         mode=op.value.lower(), plan=cfg.plan.value, prefill_tp=cfg.prefill_tp,
         decode_tp=cfg.decode_tp, device=cfg.device, threading=cfg.threading,
-        error_handling=cfg.error_handling, bytes=last.num_bytes, descriptors=last.num_descriptors,
+        error_handling=cfg.error_handling, huge_pages=cfg.huge_pages,
+        num_workers=cfg.num_workers, num_threads=cfg.num_threads, bytes=last.num_bytes, descriptors=last.num_descriptors,
         nixl_descriptors=last.nixl_descriptors, num_transfers=last.num_transfers,
         plan_us=last.plan_us, post_us=last.post_us, transfer_ms=figures.transfer_ms,
         gbps=figures.gbps, memcpy_gbps=memcpy, ratio=figures.gbps / memcpy if memcpy else 0.0,

@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--ucx-error-handling", choices=["none", "peer"], default="none",
                    help="UCX peer failure handling; 'none' enables shared-memory transports")
     x.add_argument("--num-workers", type=int, default=1, help="UCX workers per agent (default: 1)")
+    x.add_argument("--num-threads", type=int, default=0,
+                   help="UCX backend threads splitting each transfer (default: 0, none)")
+    x.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
+                   help="host caches and the memcpy baseline on transparent huge pages (default: on)")
     x.add_argument("--verify", action="store_true",
                    help="decode ranks check every byte of the last run by torch indexing")
     x.add_argument("--dump", metavar="DIR",
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         mode=Mode(args.mode), plan=PlanKind(args.plan), fallback=args.fallback, device=args.device,
         random_blocks=args.random_blocks, seed=args.seed, iters=args.iters, verify=args.verify,
         dump=args.dump, threading=args.threading, error_handling=args.ucx_error_handling,
-        num_workers=args.num_workers)
+        num_workers=args.num_workers, num_threads=args.num_threads, huge_pages=args.huge_pages)
     result = run_bench(cfg)
     print(_table(result))
     if args.json:
@@ -74,6 +78,7 @@ def _table(r) -> str:
     rows = [
         ("mode", r.mode), ("plan", r.plan), ("prefill_tp -> decode_tp", f"{r.prefill_tp} -> {r.decode_tp}"),
         ("threading", r.threading), ("ucx error handling", r.error_handling),
+        ("huge pages", r.huge_pages), ("ucx workers / threads", f"{r.num_workers} / {r.num_threads}"),
         ("bytes", r.bytes), ("descriptors (posted)", r.descriptors),
         ("descriptors (after NIXL merge)", r.nixl_descriptors), ("transfers", r.num_transfers),
         ("plan_us", r.plan_us), ("post_us", r.post_us), ("transfer_ms (median)", r.transfer_ms),
