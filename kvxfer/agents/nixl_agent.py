@@ -440,6 +440,11 @@ class NixlAgent:
             backoff.pause()
 
 
+def quiet_nixl_logs(level: int = logging.WARNING) -> None:
+    """NIXL's Python logger prints INFO lines on stdout; keep stdout for our own output."""
+    logging.getLogger("nixl").setLevel(level)
+
+
 def _ucx_options(config: AgentConfig) -> dict[str, str]:
     options = {
         "ucx_error_handling_mode": config.error_handling.value,

@@ -8,6 +8,7 @@ from enum import Enum
 import msgspec
 
 from kvxfer.errors import ConfigError
+from kvxfer.planning import map_tp
 
 
 class Mode(Enum):
@@ -62,6 +63,7 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"bench: device={self.device!r} is not 'cpu' or 'cuda'")
         if self.spare_blocks < 0:
             raise ConfigError(f"bench: spare_blocks={self.spare_blocks} must not be negative")
+        map_tp(self.kv_heads, self.prefill_tp, self.decode_tp)  # PlanError before any spawn
 
 
 class OpFigures(msgspec.Struct, kw_only=True):

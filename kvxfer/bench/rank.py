@@ -18,6 +18,7 @@ from kvxfer.agents.nixl_agent import (
     NixlAgent,
     Op,
     Threading,
+    quiet_nixl_logs,
     transfer_deadline,
 )
 from kvxfer.bench import cache as cache_mod
@@ -145,6 +146,7 @@ class RankState:
 def main(conn: Connection, config: bytes, role: str, rank: int) -> None:
     """Entry point of a spawned rank process."""
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role}{rank} %(levelname)s %(name)s: %(message)s")
+    quiet_nixl_logs()
     cfg = msgspec.msgpack.decode(config, type=BenchConfig)
     state = None
     try:
