@@ -135,6 +135,7 @@ def test_nixl_failures_become_kvxfer_errors(pair):
 
 def test_removed_peer_is_gone(pair):
     a, _, ta, tb, _ = pair
+    a.release_list(a.prepare(_rows(tb), mem=MemKind.DRAM, peer="test-b"))
     a.remove_peer("test-b")
     assert "test-b" not in a.peers
     with pytest.raises(PeerGoneError):

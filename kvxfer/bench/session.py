@@ -188,9 +188,11 @@ def measure_op(session: BenchSession, op: Op, iters: int, *, verify_last: bool,
     return OpFigures(transfer_ms=median, gbps=gbps, transfer_ms_all=times), runs[-1]
 
 
-def memcpy_gbps(num_bytes: int, *, huge_pages: bool, repeats: int = 3) -> float:
-    """Single-thread copy of `num_bytes` between two touched host buffers allocated like the
-    caches, best of `repeats`."""
+def memcpy_gbps(num_bytes: int, *, device: str, huge_pages: bool, repeats: int = 3) -> float:
+    """Copy bandwidth of `num_bytes` between two buffers allocated like the caches, best of
+    `repeats`: one host thread on CPU, a device-to-device copy on CUDA."""
+    if device == "cuda":
+        return _device_copy_gbps(num_bytes, repeats)
     src = host_buffer(num_bytes, huge_pages=huge_pages).numpy()
     dst = host_buffer(num_bytes, huge_pages=huge_pages).numpy()
     src.fill(1)
@@ -199,6 +201,22 @@ def memcpy_gbps(num_bytes: int, *, huge_pages: bool, repeats: int = 3) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return num_bytes / best / 1e9
+
+
+def _device_copy_gbps(num_bytes: int, repeats: int) -> float:
+    import torch
+
+    src = torch.ones(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.zeros_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return num_bytes / best / 1e9
 
@@ -220,7 +238,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                 raise TransferError(f"bench: verification failed: {detail}")
         if cfg.dump is not None:
             session.dump(cfg.dump)
-    memcpy = memcpy_gbps(last.num_bytes, huge_pages=cfg.huge_pages) if cfg.memcpy else 0.0
+    memcpy = memcpy_gbps(last.num_bytes, device=cfg.device,
+                                 huge_pages=cfg.huge_pages) if cfg.memcpy else 0.0
     return BenchResult(
         mode=op.value.lower(), plan=cfg.plan.value, prefill_tp=cfg.prefill_tp,
         decode_tp=cfg.decode_tp, device=cfg.device, threading=cfg.threading,
