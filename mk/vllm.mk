@@ -6,15 +6,16 @@
 # CUDA builds that break `import vllm`, so they go; NIXL comes without its deps (torch is pinned).
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
-VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_VERSION := 0.32.0
 VLLM_TORCH := 2.13.0+cpu
+# Named after the pins, so changing a pin (not editing this file) reinstalls.
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm$(VLLM_VERSION)-torch$(VLLM_TORCH)
 
 .PHONY: vllm-env test-vllm vllm-clean
 
 vllm-env: $(VLLM_STAMP)
 
-$(VLLM_STAMP): mk/vllm.mk pyproject.toml
+$(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	echo "torch==$(VLLM_TORCH)" > $(VLLM_VENV)/constraints.txt
@@ -31,7 +32,8 @@ $(VLLM_STAMP): mk/vllm.mk pyproject.toml
 
 test-vllm: $(VLLM_STAMP)
 	@$(VLLM_PY) -c "import vllm, torch; print('vLLM', vllm.__version__, '| torch', torch.__version__)"
-	$(VLLM_PY) -m pytest -c tests/vllm/pytest.ini --confcutdir=tests/vllm tests/vllm $(PYTEST_ARGS)
+	mkdir -p out
+	$(VLLM_PY) -m pytest -c tests/vllm/pytest.ini --confcutdir=tests/vllm --basetemp=out/vllm-tests tests/vllm $(PYTEST_ARGS)
 
 vllm-clean:
 	rm -rf $(VLLM_VENV)

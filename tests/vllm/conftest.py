@@ -42,7 +42,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("vllm-logs")
+    """Each server's log (`make test-vllm` keeps them under out/vllm-tests/ after the run)."""
+    path = tmp_path_factory.mktemp("vllm-logs")
+    print(f"vLLM server logs: {path}")
+    return path
 
 
 @pytest.fixture(scope="session")

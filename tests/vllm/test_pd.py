@@ -58,6 +58,8 @@ def test_pd_tokens_equal_plain_then_producer_killed(models, logs, curve, consume
 
 def test_negative_control_other_weights_change_tokens(models, logs, curve, consumer, plain_tokens):
     with producer(models["b"], "producer-b", logs, curve) as prod:
-        changed = [token_ids(prefill_then_decode(prod, consumer, p, max_tokens=MAX_TOKENS)[1])
-                   != plain_tokens[p] for p in PROMPTS]
-    assert all(changed), changed
+        got = {p: token_ids(prefill_then_decode(prod, consumer, p, max_tokens=MAX_TOKENS)[1])
+               for p in PROMPTS}
+    same = [p[:40] for p in PROMPTS if got[p] == plain_tokens[p]]
+    assert not same, f"tokens unchanged by another producer's KV for {same}: {got}"
+

@@ -39,6 +39,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _log_like_vllm() -> None:
+    """kvxfer's log lines in vLLM's processes: vLLM configures only its own logger, so without
+    this our INFO lines (registration, leases) would be dropped. The plugin is kvxfer's entry
+    point in those processes, as the CLI is in kvxfer's own."""
+    root = logging.getLogger("kvxfer")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+_log_like_vllm()
+
+
 @dataclass
 class KvxferMetadata(KVConnectorMetadata):
     """One step's jobs, scheduler -> workers."""
@@ -46,6 +62,7 @@ class KvxferMetadata(KVConnectorMetadata):
     sends: list[SendJob] = field(default_factory=list)
     loads: list[LoadJob] = field(default_factory=list)
     releases: list[ReleaseJob] = field(default_factory=list)
+    submitted: bool = False  # set by the worker that handed the jobs over (once per step)
 
 
 def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
@@ -108,7 +125,6 @@ class KvxferConnector(KVConnectorBase_V1):
         epoch = boot_epoch_of(vllm_config.instance_id)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
-        self._submitted: int | None = None  # id() of the metadata already handed to the worker
         self._load_errors: set[int] = set()
         tp_size = vllm_config.parallel_config.tensor_parallel_size
         if role is KVConnectorRole.SCHEDULER:
@@ -157,9 +173,9 @@ class KvxferConnector(KVConnectorBase_V1):
         """Hand this step's jobs to the service thread; loads run there, between steps (vLLM keeps
         the loading requests out of the batch until `get_transfer_results` reports them)."""
         meta = self._get_connector_metadata()
-        if not isinstance(meta, KvxferMetadata) or id(meta) == self._submitted:
+        if not isinstance(meta, KvxferMetadata) or meta.submitted:
             return
-        self._submitted = id(meta)
+        meta.submitted = True
         self._work().submit(meta.sends, meta.loads, meta.releases)
 
     def wait_for_layer_load(self, layer_name: str) -> None:

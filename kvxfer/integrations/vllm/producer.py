@@ -121,7 +121,7 @@ class Producer:
         """A consumer is done with this rank for a request: it read nothing from us (our heads are
         read from a replica), or it failed and gives the blocks back."""
         if msg.status is m.Status.OK:
-            self._release(peer, msg.request_id, "consumer needs nothing from this rank")
+            self._abort(peer, msg.request_id, "consumer needs nothing from this rank")
         else:
             self._abort(peer, msg.request_id, f"consumer failed: {msg.error_kind}: {msg.error_message}")
         return m.Ack(request_id=msg.request_id)
@@ -233,9 +233,6 @@ class Producer:
 
     # -- ending leases ---------------------------------------------------------------------------
 
-    def _release(self, peer: PeerInfo | None, transfer_id: str, why: str) -> None:
-        self._abort(peer, transfer_id, why)
-
     def _abort(self, peer: PeerInfo | None, transfer_id: str, why: str) -> None:
         with self._lock:
             held = self._held.get(transfer_id)
@@ -251,4 +248,6 @@ class Producer:
             return
         held = self._held.pop(released.request_id, None)
         if held is not None:
+            log.info("kvxfer lease of request=%s (transfer %s) ended: %s", held.job.req_id,
+                     released.request_id, released.outcome.value)
             self._finished.add(held.job.req_id)

@@ -124,15 +124,19 @@ class WorkerSide:
         self._server.start()
 
     def shutdown(self) -> None:
+        """Stop serving, then release NIXL; a failure here is logged, never raised into vLLM's
+        own shutdown."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        if self._server is not None:
-            self._server.stop()
-        if self.consumer is not None:
-            self.consumer.close()
-        if self.endpoint is not None:
-            self.endpoint.close()
+        for name, close in (("side channel", self._server and self._server.stop),
+                            ("consumer", self.consumer and self.consumer.close),
+                            ("endpoint", self.endpoint and self.endpoint.close)):
+            try:
+                if close:
+                    close()
+            except Exception:
+                log.exception("kvxfer shutdown: closing the %s failed", name)
 
     # -- vLLM's thread ---------------------------------------------------------------------------
 
@@ -203,6 +207,9 @@ class WorkerSide:
                 self._results.failed.add(job.req_id)
                 self._results.failed_blocks.update(job.local_ids)
             return
+        log.info("kvxfer loaded request=%s from %s: %d tokens, %d bytes, %d descriptors, %.1f ms (%s)",
+                 job.req_id, ",".join(summary.peers), job.num_tokens, summary.num_bytes,
+                 summary.num_descriptors, summary.seconds * 1e3, summary.mode.value)
         with self._lock:
             self._stats.record_load(num_bytes=summary.num_bytes, num_descriptors=summary.num_descriptors,
                                     seconds=summary.seconds)
