@@ -25,8 +25,8 @@ def test_bench_auto_json_verify_and_dump(tmp_path, capsys):
     assert status == 0
     result = json.loads(out[-1])
     assert FIELDS <= set(result)
-    assert result["verified"] is True and result["mode"] in ("read", "write")
-    assert set(result["auto"]) == {"read", "write"}
+    assert result["verified"] is True and result["mode"] in ("read", "write", "split")
+    assert set(result["auto"]) == {"read", "write", "split"}
     # 2 layers x 40 tokens x 2 heads x 16 bf16 values x K and V, over both decode ranks (chunks
     # of gcd(16, 8) = 8 tokens, so no block tail rides along).
     assert result["bytes"] == 2 * 40 * 2 * 16 * 2 * 2

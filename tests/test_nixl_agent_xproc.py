@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvxfer.agents.nixl_agent import Op
-from kvxfer.bench.config import BenchConfig, PlanKind
+from kvxfer.bench.config import BenchConfig, PlanKind, Strategy
 from kvxfer.bench.session import BenchSession
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -31,10 +30,10 @@ CASES = {
 def test_read_and_write_are_byte_exact(case):
     cfg = BenchConfig(**SMALL, **CASES[case], seed=len(case))
     with BenchSession(cfg) as session:
-        for op in (Op.READ, Op.WRITE):
-            figures = session.run(op, PlanKind.PREPPED, scramble=True)
+        for strategy in Strategy:
+            figures = session.run(strategy, PlanKind.PREPPED, scramble=True)
             ok, detail = session.verify()
-            assert ok, f"{case} {op.name}: {detail}"
+            assert ok, f"{case} {strategy.name}: {detail}"
             assert figures.num_bytes > 0 and figures.num_transfers >= 1
 
 
@@ -42,10 +41,10 @@ def test_explicit_spans_and_per_block_paths():
     cfg = BenchConfig(**SMALL, **CASES["block 16->32"])
     with BenchSession(cfg) as session:
         for kind in (PlanKind.SPANS, PlanKind.PER_BLOCK):
-            for op in (Op.READ, Op.WRITE):
-                figures = session.run(op, kind, scramble=True)
+            for strategy in (Strategy.READ, Strategy.WRITE):
+                figures = session.run(strategy, kind, scramble=True)
                 ok, detail = session.verify()
-                assert ok, f"{kind.value} {op.name}: {detail}"
+                assert ok, f"{kind.value} {strategy.name}: {detail}"
         assert figures.num_descriptors > 0
         # The check is not vacuous: a decode cache nobody wrote to does not verify.
         session.scramble()

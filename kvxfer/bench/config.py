@@ -11,10 +11,20 @@ from kvxfer.errors import ConfigError
 from kvxfer.planning import map_tp
 
 
+class Strategy(Enum):
+    """Who initiates: decode pulls (READ), prefill pushes (WRITE), or both at once on halves of
+    every peer's descriptors (SPLIT: the two processes' cores copy in parallel)."""
+
+    READ = "read"
+    WRITE = "write"
+    SPLIT = "split"
+
+
 class Mode(Enum):
-    READ = "read"  # decode ranks pull
-    WRITE = "write"  # prefill ranks push
-    AUTO = "auto"  # measure both at setup, keep the faster
+    READ = "read"
+    WRITE = "write"
+    SPLIT = "split"
+    AUTO = "auto"  # measure every strategy at setup, keep the fastest
 
 
 class PlanKind(Enum):

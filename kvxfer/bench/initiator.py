@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
@@ -31,6 +32,18 @@ class PeerPlan:
     plan: PairPlan
     local: DescList | None  # prepared tables (PlanKind.PREPPED only)
     remote: DescList | None
+
+
+class Half(Enum):
+    """Which part of every peer's descriptors this rank moves (SPLIT strategy)."""
+
+    ALL = "all"
+    FIRST = "first"
+    SECOND = "second"
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        cut = rows.shape[0] // 2
+        return {Half.ALL: rows, Half.FIRST: rows[:cut], Half.SECOND: rows[cut:]}[self]
 
 
 @dataclass(frozen=True)
@@ -69,10 +82,10 @@ def build(cfg: BenchConfig, agent: NixlAgent, op: Op, kind: PlanKind, cache: Ran
 
 
 def post_all(cfg: BenchConfig, agent: NixlAgent, op: Op, kind: PlanKind, cache: RankCache,
-             plans: list[PeerPlan], *, notif: bytes) -> Posted:
+             plans: list[PeerPlan], *, notif: bytes, half: Half = Half.ALL) -> Posted:
     """Plan the request for every peer (timed), then post one transfer per peer."""
     t0 = time.perf_counter()
-    work = [_request(cfg, kind, cache, p) for p in plans]
+    work = [tuple(half.of(side) for side in _request(cfg, kind, cache, p)) for p in plans]
     plan_us = (time.perf_counter() - t0) * 1e6
     transfers = []
     for p, (local, remote) in zip(plans, work, strict=True):

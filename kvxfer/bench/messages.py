@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from kvxfer.agents.nixl_agent import Op
-from kvxfer.bench.config import PlanKind
+from kvxfer.bench.config import PlanKind, Strategy
 from kvxfer.layouts import CacheDesc
 
 
@@ -47,14 +47,14 @@ class Scramble(_Msg):
 
 
 class Run(_Msg):
-    op: Op
+    strategy: Strategy
     plan: PlanKind
 
 
 class Deliver(_Msg):
-    """Decode ranks wait for the producers' notifications of the last WRITE."""
+    """Decode ranks wait for the producers' notifications of the last WRITE (or SPLIT)."""
 
-    op: Op
+    strategy: Strategy
 
 
 class Verify(_Msg):

@@ -23,7 +23,7 @@ from kvxfer.agents.nixl_agent import (
 )
 from kvxfer.bench import cache as cache_mod
 from kvxfer.bench import initiator
-from kvxfer.bench.config import BenchConfig, PlanKind
+from kvxfer.bench.config import BenchConfig, PlanKind, Strategy
 from kvxfer.bench.messages import (
     ENCODER,
     TO_RANK,
@@ -64,7 +64,6 @@ class RankState:
         self.hellos: list[Hello] = []
         self.plans: dict[tuple[Op, PlanKind], list[initiator.PeerPlan]] = {}
         self.before = None
-        self.last_op: Op | None = None
 
     def hello(self) -> Hello:
         c = self.cache
@@ -87,10 +86,10 @@ class RankState:
                     cache_mod.scramble(self.cache)
                 self.before = cache_mod.snapshot(self.cache) if snap else None
                 return Ack()
-            case Run(op=op, plan=kind):
-                return self._run(op, kind)
-            case Deliver(op=op):
-                return self._deliver(op)
+            case Run(strategy=strategy, plan=kind):
+                return self._run(strategy, kind)
+            case Deliver(strategy=strategy):
+                return self._deliver(strategy)
             case Verify():
                 if self.cache.role != "decode":
                     return Verified(ok=True, detail="", num_bytes=0)
@@ -111,14 +110,14 @@ class RankState:
                 self.agent.connect(h.agent)
         return Ack()
 
-    def _run(self, op: Op, kind: PlanKind) -> RunReport:
+    def _run(self, strategy: Strategy, kind: PlanKind) -> RunReport:
+        op, half = _my_part(strategy, self.cache.role)
         plans = self.plans.get((op, kind), [])
         if not plans:
             return RunReport()
-        self.last_op = op
         start = time.monotonic_ns()
-        posted = initiator.post_all(self.cfg, self.agent, op, kind, self.cache, plans,
-                                    notif=b"" if op is Op.READ else ENCODER.encode(op))
+        posted = initiator.post_all(self.cfg, self.agent, op, kind, self.cache, plans, half=half,
+                                    notif=b"" if op is Op.READ else ENCODER.encode(strategy))
         num_bytes = sum(x.num_bytes for x in posted.transfers)
         timeout = transfer_deadline(num_bytes, slack_s=self.cfg.deadline_slack_s,
                                     expected_gbps=self.cfg.expected_gbps)
@@ -131,9 +130,9 @@ class RankState:
             num_transfers=len(posted.transfers), post_us=max(s.post_us for s in stats),
             plan_us=posted.plan_us)
 
-    def _deliver(self, op: Op) -> Ack:
-        """After a WRITE the decode rank waits for each producer's notification."""
-        if op is Op.WRITE and self.cache.role == "decode":
+    def _deliver(self, strategy: Strategy) -> Ack:
+        """After a WRITE (or SPLIT) the decode rank waits for each producer's notification."""
+        if strategy is not Strategy.READ and self.cache.role == "decode":
             mapping = map_tp(self.cfg.kv_heads, self.cfg.prefill_tp, self.cfg.decode_tp)
             expected = len(mapping.sources_of(self.cache.rank))
             self.agent.wait_notifs(expected, timeout_s=self.cfg.deadline_slack_s)
@@ -141,6 +140,13 @@ class RankState:
 
     def close(self) -> None:
         self.agent.close()
+
+
+def _my_part(strategy: Strategy, role: str) -> tuple[Op, initiator.Half]:
+    """The op this role initiates under `strategy`, and on which half of the descriptors."""
+    if strategy is Strategy.SPLIT:
+        return (Op.READ, initiator.Half.FIRST) if role == "decode" else (Op.WRITE, initiator.Half.SECOND)
+    return (Op.READ if strategy is Strategy.READ else Op.WRITE), initiator.Half.ALL
 
 
 def main(conn: Connection, config: bytes, role: str, rank: int) -> None:

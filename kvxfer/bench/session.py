@@ -16,7 +16,7 @@ import numpy as np
 from kvxfer.agents.nixl_agent import Op
 from kvxfer.bench import rank as rank_mod
 from kvxfer.bench.cache import host_buffer
-from kvxfer.bench.config import BenchConfig, BenchResult, Mode, OpFigures, PlanKind
+from kvxfer.bench.config import BenchConfig, BenchResult, Mode, OpFigures, PlanKind, Strategy
 from kvxfer.bench.messages import (
     ENCODER,
     FROM_RANK,
@@ -113,18 +113,20 @@ class BenchSession:
                 p.process.join(timeout=5)
         self.procs = []
 
-    def run(self, op: Op, kind: PlanKind | None = None, *, scramble: bool = False,
+    def run(self, strategy: Strategy, kind: PlanKind | None = None, *, scramble: bool = False,
             snapshot: bool = False) -> RunFigures:
-        """One request moved from every prefill rank to every decode rank with `op`."""
+        """One request moved from every prefill rank to every decode rank."""
         kind = kind or self.cfg.plan
-        if (op, kind) not in self.prepared:
-            self._all(Prepare(ops=[op], plan=kind), STARTUP_S)
-            self.prepared.add((op, kind))
+        ops = [o for o in (Op.READ, Op.WRITE) if (o, kind) not in self.prepared
+               and (strategy is Strategy.SPLIT or strategy.value == o.value.lower())]
+        if ops:
+            self._all(Prepare(ops=ops, plan=kind), STARTUP_S)
+            self.prepared.update((o, kind) for o in ops)
         if scramble or snapshot:
             self.scramble(snapshot=snapshot)
         timeout = self.cfg.deadline_slack_s + 600.0
-        reports = [_expect(r, RunReport) for r in self._all(Run(op=op, plan=kind), timeout)]
-        self._all(Deliver(op=op), timeout)
+        reports = [_expect(r, RunReport) for r in self._all(Run(strategy=strategy, plan=kind), timeout)]
+        self._all(Deliver(strategy=strategy), timeout)
         active = [r for r in reports if r.num_transfers]
         return RunFigures(
             transfer_ms=(max(r.end_ns for r in active) - min(r.start_ns for r in active)) / 1e6,
@@ -176,11 +178,11 @@ def _expect(reply: object, cls: type) -> object:
     return reply
 
 
-def measure_op(session: BenchSession, op: Op, iters: int, *, verify_last: bool,
-               snapshot: bool) -> tuple[OpFigures, RunFigures]:
+def measure(session: BenchSession, strategy: Strategy, iters: int, *, verify_last: bool,
+            snapshot: bool) -> tuple[OpFigures, RunFigures]:
     """One warm-up run, then `iters` timed runs; the last one on a scrambled decode cache."""
-    session.run(op)
-    runs = [session.run(op, scramble=verify_last and i == iters - 1,
+    session.run(strategy)
+    runs = [session.run(strategy, scramble=verify_last and i == iters - 1,
                         snapshot=snapshot and i == iters - 1) for i in range(iters)]
     times = [r.transfer_ms for r in runs]
     median = statistics.median(times)
@@ -224,12 +226,13 @@ def _device_copy_gbps(num_bytes: int, repeats: int) -> float:
 def run_bench(cfg: BenchConfig) -> BenchResult:
     with BenchSession(cfg) as session:
         auto = None
-        op = Op.WRITE if cfg.mode is Mode.WRITE else Op.READ
         if cfg.mode is Mode.AUTO:
-            auto = {o.value.lower(): measure_op(session, o, 1, verify_last=False, snapshot=False)[0].gbps
-                    for o in (Op.READ, Op.WRITE)}
-            op = Op.READ if auto["read"] >= auto["write"] else Op.WRITE
-        figures, last = measure_op(session, op, cfg.iters, verify_last=cfg.verify,
+            auto = {s.value: measure(session, s, 1, verify_last=False, snapshot=False)[0].gbps
+                    for s in Strategy}
+            strategy = Strategy(max(auto, key=auto.__getitem__))
+        else:
+            strategy = Strategy(cfg.mode.value)
+        figures, last = measure(session, strategy, cfg.iters, verify_last=cfg.verify,
                                    snapshot=cfg.dump is not None)
         verified = None
         if cfg.verify:
@@ -241,7 +244,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     memcpy = memcpy_gbps(last.num_bytes, device=cfg.device,
                                  huge_pages=cfg.huge_pages) if cfg.memcpy else 0.0
     return BenchResult(
-        mode=op.value.lower(), plan=cfg.plan.value, prefill_tp=cfg.prefill_tp,
+        mode=strategy.value, plan=cfg.plan.value, prefill_tp=cfg.prefill_tp,
         decode_tp=cfg.decode_tp, device=cfg.device, threading=cfg.threading,
         error_handling=cfg.error_handling, huge_pages=cfg.huge_pages,
         num_workers=cfg.num_workers, num_threads=cfg.num_threads, bytes=last.num_bytes, descriptors=last.num_descriptors,

@@ -23,9 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_geometry_arguments(p)
     p.set_defaults(decode_tp=1)
     x = p.add_argument_group("transfer")
-    x.add_argument("--mode", choices=["read", "write", "auto"], default="auto",
-                   help="read: decode pulls; write: prefill pushes; auto: measure both, keep the "
-                        "faster (default: auto)")
+    x.add_argument("--mode", choices=["read", "write", "split", "auto"], default="auto",
+                   help="read: decode pulls; write: prefill pushes; split: both at once on halves "
+                        "of the descriptors; auto: measure each, keep the fastest (default: auto)")
     x.add_argument("--plan", choices=["prepped", "spans", "per-block"], default="prepped",
                    help="prepped: tables once per peer + int32 indices (default); spans: coalesced "
                         "explicit spans; per-block: naive one descriptor per block unit")
