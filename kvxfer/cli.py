@@ -16,7 +16,7 @@ import sys
 from kvxfer.errors import KvxferError
 
 # Order is the order of `kvxfer --help`.
-COMMANDS = ("demo", "serve", "proxy", "bench", "plan", "warmup", "keys")
+COMMANDS = ("demo", "serve", "proxy", "bench", "plan", "warmup", "keys", "soak")
 
 
 def build_parser() -> argparse.ArgumentParser:

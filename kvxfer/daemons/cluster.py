@@ -162,10 +162,20 @@ class LocalCluster:
                 svc.proc.wait(30)
 
     def restart(self, name: str, *, timeout_s: float = 120.0) -> None:
+        self.relaunch(name)
+        self.wait_ready(timeout_s=timeout_s, services=[self.by_name(name)])
+
+    def relaunch(self, name: str) -> None:
+        """Stop a service (and any rank left of it) and start it again; does not wait for /ready
+        (a supervisor's restart: the soak's, Kubernetes' in production)."""
         svc = self.by_name(name)
         self._terminate(svc)
         self._launch(svc)
-        self.wait_ready(timeout_s=timeout_s, services=[svc])
+
+    def exit_code(self, name: str) -> int | None:
+        """The service's exit status, or None while its rank-0 process runs."""
+        proc = self.by_name(name).proc
+        return None if proc is None else proc.poll()
 
     def tail(self, svc: Running, lines: int = 30) -> str:
         try:

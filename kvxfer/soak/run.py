@@ -1,0 +1,117 @@
+"""One soak run, start to finish: reference answers, the deployment (CURVE on, prefill's side
+channel behind the relay), the supervisor, the load and the faults, then the leak check."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from kvxfer.daemons.cluster import LocalCluster, ServiceSpec
+from kvxfer.soak.config import SoakConfig
+from kvxfer.soak.faults import FaultInjector
+from kvxfer.soak.load import LoadGenerator
+from kvxfer.soak.prompts import prompt_texts, reference_prompts
+from kvxfer.soak.relay import ADVERTISED_HOST, SideChannelRelay
+from kvxfer.soak.report import Report
+from kvxfer.soak.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+HELD_METRICS = ("kvxfer_blocks_in_use", "kvxfer_blocks_held")
+SETTLE_SLACK_S = 20.0
+
+
+def build_cluster(config: SoakConfig, workdir: Path) -> LocalCluster:
+    timing = ("--lease-s", str(config.lease_s), "--transfer-deadline-s", str(config.transfer_deadline_s))
+    return LocalCluster(
+        workdir=workdir,
+        prefill=[ServiceSpec("prefill", config.prefill_tp, extra=(*timing, "--advertise-host", ADVERTISED_HOST))],
+        decode=[ServiceSpec("decode", config.decode_tp, extra=timing)],
+        preset=config.preset, log_level=config.log_level,
+        proxy_args=("--request-timeout-s", str(config.request_timeout_s)))
+
+
+def run_soak(config: SoakConfig) -> Report:
+    config.validate()
+    workdir = config.workdir or Path(tempfile.mkdtemp(prefix="kvxfer-soak-"))
+    log.info("soak: %d requests at concurrency %d, %d faults, fault seed %d, logs in %s",
+             config.num_requests, config.concurrency, config.num_faults, config.fault_seed, workdir)
+    prompts = reference_prompts(prompt_texts(config.num_prompts, config.max_prompt_chars, config.seed),
+                                preset=config.preset, seed=0, max_tokens=config.max_tokens)
+    cluster = build_cluster(config, workdir)
+    try:
+        cluster.start(timeout_s=config.ready_timeout_s)
+        prefill = cluster.by_name("prefill0")
+        relay = SideChannelRelay([prefill.side_port + r for r in range(config.prefill_tp)])
+        relay.start()
+        try:
+            return _drive(config, cluster, relay, prompts)
+        finally:
+            relay.stop()
+    finally:
+        cluster.stop()
+
+
+def _drive(config: SoakConfig, cluster: LocalCluster, relay: SideChannelRelay, prompts) -> Report:
+    supervisor = Supervisor(cluster)
+    supervisor.start()
+    load = LoadGenerator(config, cluster.url, prompts)
+    started = time.monotonic()
+    injector = FaultInjector(config, supervisor, relay, lambda: load.sent, started)
+    injector.start()
+    try:
+        outcomes = asyncio.run(load.run())
+    finally:
+        injector.stop()
+    seconds = time.monotonic() - started
+    try:
+        supervisor.wait_ready(supervisor.names, config.ready_timeout_s)
+        leaked = settle(cluster, config.lease_s + SETTLE_SLACK_S)
+        failures = {s.name: scrape(s.url, "kvxfer_failures_total") for s in cluster.services}
+    finally:
+        supervisor.stop()
+    return Report(config=_plain(config), seed=config.seed, fault_seed=config.fault_seed, outcomes=outcomes,
+                  faults=injector.events, restarts=dict(supervisor.restarts), leaked=leaked, seconds=seconds,
+                  faults_skipped=injector.skipped, service_failures=failures)
+
+
+def settle(cluster: LocalCluster, timeout_s: float) -> dict[str, int]:
+    """Blocks still held on every service once leases had time to expire (polled until 0)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = {}
+        for svc in cluster.services:
+            values = scrape(svc.url, *HELD_METRICS)
+            for name in HELD_METRICS:
+                if name in values or name == "kvxfer_blocks_in_use":
+                    held[f"{svc.name} {name}"] = int(values.get(name, -1))
+        if all(v == 0 for v in held.values()) or time.monotonic() > deadline:
+            return held
+        time.sleep(1.0)
+
+
+def scrape(url: str, *names: str) -> dict[str, float]:
+    """Samples of the named metrics from /metrics: {"name" or "name{labels}": value}."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5.0).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        key, _, value = line.rpartition(" ")
+        if key.split("{")[0] in names:
+            out[key if "{" in key else key] = float(value)
+    return out
+
+
+def _plain(config: SoakConfig) -> dict:
+    out = dataclasses.asdict(config)
+    out["workdir"] = str(config.workdir) if config.workdir else None
+    return out
