@@ -8,6 +8,7 @@ from kvxfer.planning.pairing import (
     descriptor_table,
     pair,
     request_indices,
+    request_layer_offsets,
     request_spans,
 )
 from kvxfer.planning.tp import Assignment, Direction, HeadRange, TPMapping, heads_of_rank, map_tp
@@ -23,6 +24,7 @@ __all__ = [
     "coalesce_pairs",
     "descriptor_table",
     "request_indices",
+    "request_layer_offsets",
     "heads_of_rank",
     "map_tp",
     "pair",

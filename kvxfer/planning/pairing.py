@@ -124,11 +124,7 @@ def request_spans(
     blocks belong to the request, so nothing outside it is touched. Spans are ordered layer,
     chunk, K/V, then any finer coordinate.
     """
-    if num_tokens <= 0:
-        raise PlanError(f"num_tokens={num_tokens} must be positive")
-    num_chunks = -(-num_tokens // plan.chunk_tokens)
-    local_offsets = _layer_offsets(plan, 0, local_ids, num_tokens, num_chunks, "local")
-    remote_offsets = _layer_offsets(plan, 1, remote_ids, num_tokens, num_chunks, "remote")
+    local_offsets, remote_offsets = request_layer_offsets(plan, local_ids, remote_ids, num_tokens)
     # Offsets inside a layer are the same for every layer, so runs are found once per request,
     # on one layer's units, not on all of them; runs never cross layers.
     if coalesce:
@@ -140,6 +136,21 @@ def request_spans(
     return SpanPairs(
         _per_layer(plan.local, local_offsets, lengths),
         _per_layer(plan.remote, remote_offsets, lengths),
+    )
+
+
+def request_layer_offsets(
+    plan: PairPlan, local_ids: np.ndarray, remote_ids: np.ndarray, num_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets of each `plan.unit_bytes` unit of one request inside one layer, on each side,
+    paired by position and ordered (chunk, K/V, finer): the same in every layer. What a staged
+    transfer gathers and scatters."""
+    if num_tokens <= 0:
+        raise PlanError(f"num_tokens={num_tokens} must be positive")
+    num_chunks = -(-num_tokens // plan.chunk_tokens)
+    return (
+        _layer_offsets(plan, 0, local_ids, num_tokens, num_chunks, "local"),
+        _layer_offsets(plan, 1, remote_ids, num_tokens, num_chunks, "remote"),
     )
 
 
