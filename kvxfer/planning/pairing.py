@@ -16,8 +16,15 @@ from enum import Enum
 import numpy as np
 
 from kvxfer.errors import LayoutError, PlanError
-from kvxfer.layouts import CacheDesc, CacheRegion, Dim, check_block_ids, ids_per_kv, merge_contiguous
-from kvxfer.layouts import spans_array, validate_desc
+from kvxfer.layouts import (
+    CacheDesc,
+    CacheRegion,
+    Dim,
+    check_block_ids,
+    ids_per_kv,
+    merge_contiguous,
+    validate_desc,
+)
 from kvxfer.planning.tp import HeadRange
 
 
