@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/kvxfer demo
 
+# The main suite, then the vLLM plugin against a real vLLM in its own virtualenv (mk/vllm.mk).
 test: $(STAMP)
 	$(PY) -m pytest
+	$(MAKE) test-vllm
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
