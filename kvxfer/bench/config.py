@@ -106,6 +106,7 @@ class BenchResult(msgspec.Struct, kw_only=True):
     memcpy_gbps: float  # single-thread copy of the same bytes, same run
     ratio: float
     verified: bool | None  # None when --verify was not given
+    notif_rtt_us: float  # NIXL notification round trip decode0 <-> prefill0, median
     iters: int
     transfer_ms_all: list[float]
     auto: dict[str, float] | None = None  # gbps per op measured by --mode auto

@@ -57,6 +57,16 @@ class Deliver(_Msg):
     strategy: Strategy
 
 
+class PingPong(_Msg):
+    """decode0 sends `count` notifications to prefill0, each echoed back before the next."""
+
+    count: int
+
+
+class Latency(_Msg):
+    rtt_us: list[float]
+
+
 class Verify(_Msg):
     pass
 
@@ -95,8 +105,8 @@ class Failed(_Msg):
     message: str
 
 
-ToRank = Peers | Prepare | Scramble | Run | Deliver | Verify | Dump | Stop
-FromRank = Hello | Ack | RunReport | Verified | Failed
+ToRank = Peers | Prepare | Scramble | Run | Deliver | PingPong | Verify | Dump | Stop
+FromRank = Hello | Ack | RunReport | Latency | Verified | Failed
 
 TO_RANK = msgspec.msgpack.Decoder(ToRank)
 FROM_RANK = msgspec.msgpack.Decoder(FromRank)

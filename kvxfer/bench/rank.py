@@ -32,7 +32,9 @@ from kvxfer.bench.messages import (
     Dump,
     Failed,
     Hello,
+    Latency,
     Peers,
+    PingPong,
     Prepare,
     Run,
     RunReport,
@@ -90,6 +92,8 @@ class RankState:
                 return self._run(strategy, kind)
             case Deliver(strategy=strategy):
                 return self._deliver(strategy)
+            case PingPong(count=count):
+                return self._ping_pong(count)
             case Verify():
                 if self.cache.role != "decode":
                     return Verified(ok=True, detail="", num_bytes=0)
@@ -137,6 +141,25 @@ class RankState:
             expected = len(mapping.sources_of(self.cache.rank))
             self.agent.wait_notifs(expected, timeout_s=self.cfg.deadline_slack_s)
         return Ack()
+
+    def _ping_pong(self, count: int) -> Ack | Latency:
+        """Notification round trips between decode0 and prefill0 (NIXL's own messages)."""
+        peer = {h.role: h.agent for h in self.hellos if h.rank == 0}
+        timeout = self.cfg.deadline_slack_s
+        if self.cache.rank != 0:
+            return Ack()
+        if self.cache.role == "prefill":
+            for _ in range(count):
+                self.agent.wait_notifs(1, timeout_s=timeout)
+                self.agent.send_notif(peer["decode"], b"pong")
+            return Ack()
+        rtt = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            self.agent.send_notif(peer["prefill"], b"ping")
+            self.agent.wait_notifs(1, timeout_s=timeout)
+            rtt.append((time.perf_counter() - t0) * 1e6)
+        return Latency(rtt_us=rtt)
 
     def close(self) -> None:
         self.agent.close()

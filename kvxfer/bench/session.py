@@ -24,7 +24,9 @@ from kvxfer.bench.messages import (
     Dump,
     Failed,
     Hello,
+    Latency,
     Peers,
+    PingPong,
     Prepare,
     Run,
     RunReport,
@@ -47,6 +49,7 @@ from kvxfer.errors import (
 
 _ERRORS = {cls.kind: cls for cls in (ConfigError, LayoutError, PlanError, HandshakeError,
                                      TransferError, TransferTimeout, PeerGoneError, LeaseError)}
+NUM_PINGS = 200
 STARTUP_S = 300.0  # spawning, allocating and filling caches
 
 
@@ -137,6 +140,11 @@ class BenchSession:
             plan_us=max(r.plan_us for r in active),
             post_us=max(r.post_us for r in active))
 
+    def ping_pong(self, count: int) -> list[float]:
+        """Round-trip times (us) of NIXL notifications between decode0 and prefill0."""
+        replies = self._all(PingPong(count=count), STARTUP_S)
+        return next(r.rtt_us for r in replies if isinstance(r, Latency))
+
     def scramble(self, *, snapshot: bool = False) -> None:
         """Overwrite every decode cache (and snapshot every cache for `dump` when asked)."""
         self._all(Scramble(snapshot=snapshot), STARTUP_S)
@@ -225,6 +233,7 @@ def _device_copy_gbps(num_bytes: int, repeats: int) -> float:
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
     with BenchSession(cfg) as session:
+        rtt_us = statistics.median(session.ping_pong(NUM_PINGS))
         auto = None
         if cfg.mode is Mode.AUTO:
             auto = {s.value: measure(session, s, 1, verify_last=False, snapshot=False)[0].gbps
@@ -251,4 +260,4 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         nixl_descriptors=last.nixl_descriptors, num_transfers=last.num_transfers,
         plan_us=last.plan_us, post_us=last.post_us, transfer_ms=figures.transfer_ms,
         gbps=figures.gbps, memcpy_gbps=memcpy, ratio=figures.gbps / memcpy if memcpy else 0.0,
-        verified=verified, iters=cfg.iters, transfer_ms_all=figures.transfer_ms_all, auto=auto)
+        verified=verified, notif_rtt_us=rtt_us, iters=cfg.iters, transfer_ms_all=figures.transfer_ms_all, auto=auto)

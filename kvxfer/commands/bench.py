@@ -85,6 +85,7 @@ def _table(r) -> str:
         ("transfer_ms (all)", ", ".join(f"{t:.2f}" for t in r.transfer_ms_all)),
         ("gbps", r.gbps), ("memcpy_gbps", r.memcpy_gbps), ("ratio", r.ratio),
         ("verified", "not checked" if r.verified is None else r.verified),
+        ("notification round trip (us)", r.notif_rtt_us),
     ]
     if r.auto:
         rows.append(("auto (gbps)", ", ".join(f"{k} {v:.2f}" for k, v in r.auto.items())))
