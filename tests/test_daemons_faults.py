@@ -132,3 +132,43 @@ def test_forged_block_ids_are_refused_before_any_read(cluster):
         assert "its lease holds" in reply.json()["error"]["message"]
         ok = decode_with(client, cluster, victim)
         assert ok.status_code == 200, ok.text
+
+
+
+def test_a_single_rank_killed_mid_request_makes_the_service_exit_promptly(tmp_path):
+    """Decode TP 4, rank 2 SIGKILLed mid-generation: ranks 1 and 3 see the reset and move on, rank 0
+    waits in the collective on a live peer. The service must still exit (so that its supervisor
+    restarts it) within seconds, not hang in a graceful shutdown behind that request, and the
+    request gets an error, not a hang."""
+    import os
+    import signal
+
+    from kvxfer.soak.procs import rank_pids
+
+    tp4 = LocalCluster(tmp_path, [ServiceSpec("prefill", 1, extra=FAST)], [ServiceSpec("decode", 4, extra=FAST)],
+                       preset="tiny", log_level="WARNING", proxy_args=("--request-timeout-s", "60"))
+    tp4.start(timeout_s=300)
+    try:
+        decode = tp4.by_name("decode0")
+        result: dict = {}
+
+        def stream() -> None:
+            with httpx.Client(timeout=90) as client:
+                with client.stream("POST", f"{tp4.url}/v1/completions",
+                                   json={"prompt": PROMPT, "max_tokens": 2000, "stream": True}) as reply:
+                    result["body"] = b"".join(reply.iter_raw())
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        time.sleep(3.0)
+        workers = rank_pids(decode.proc.pid)[1:]
+        assert len(workers) == 3, workers
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.monotonic()
+        decode.proc.wait(60)
+        assert time.monotonic() - killed < 20, "the service took too long to exit after a rank died"
+        thread.join(90)
+        assert not thread.is_alive(), "the client hung"
+        assert b"error" in result["body"], result["body"][-300:]
+    finally:
+        tp4.stop()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
+import time
 
 import uvicorn
 
@@ -13,6 +15,7 @@ from kvxfer.daemons.config import Role, ServeConfig, add_serve_arguments, serve_
 from kvxfer.errors import KvxferError
 
 log = logging.getLogger("kvxfer.serve")
+FATAL_EXIT_S = 5.0  # after a rank died: how long the service may take to stop before a hard exit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,8 +49,14 @@ def serve(config: ServeConfig, *, log_level: str = "INFO") -> int:
     failed = threading.Event()
 
     def fatal() -> None:
+        """A rank died: exit now. Requests in flight may wait on a collective with the dead rank
+        (up to the group's timeout), and a graceful shutdown would wait for them, so the HTTP
+        server does not wait, and a hard exit follows if the engine thread still holds on."""
         failed.set()
         server.should_exit = True
+        server.force_exit = True
+        threading.Thread(target=_exit_after, args=(service, FATAL_EXIT_S), name="kvxfer-fatal-exit",
+                         daemon=True).start()
 
     service.on_fatal = fatal
 
@@ -70,3 +79,13 @@ def serve(config: ServeConfig, *, log_level: str = "INFO") -> int:
     finally:
         service.close()
     return 1 if failed.is_set() else 0
+
+
+def _exit_after(service, seconds: float) -> None:
+    """The last resort of a service whose rank died: kill the remaining ranks, exit with 1."""
+    time.sleep(seconds)
+    log.error("service did not stop %.0f s after a rank died (a request waits on the dead rank); "
+              "exiting hard", seconds)
+    service.bus.kill()
+    logging.shutdown()
+    os._exit(1)

@@ -108,6 +108,12 @@ class Bus:
                 replies = self.gather(timeout_s)
             return [local, *replies]
 
+    def kill(self) -> None:
+        """SIGKILL every worker still running (a service giving up on its ranks)."""
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+
     def close(self, timeout_s: float = 5.0) -> None:
         for conn in self._conns:
             conn.close()
