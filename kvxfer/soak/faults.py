@@ -77,7 +77,7 @@ class FaultInjector:
             while self.progress() < max(self._due(index), resumed_at + self.min_gap):
                 if self._stop.wait(0.2):
                     return
-            if not self.supervisor.wait_ready(self.supervisor.names, self.config.ready_timeout_s):
+            if not self.supervisor.wait_ready(self.supervisor.names, self.config.ready_timeout_s, self._stop):
                 if self._stop.is_set():
                     return
                 self.skipped += 1
@@ -93,7 +93,7 @@ class FaultInjector:
             self.events.append(event)
             log.warning("fault %d/%d at %.1f s: %s on %s %s", index, self.config.num_faults, event.at_s,
                         event.kind, event.target, event.detail)
-            self.supervisor.wait_ready(self.supervisor.names, self.config.ready_timeout_s)
+            self.supervisor.wait_ready(self.supervisor.names, self.config.ready_timeout_s, self._stop)
             resumed_at = self.progress()
 
     def _now(self) -> float:

@@ -21,6 +21,7 @@ class Report:
     outcomes: list[Outcome]
     faults: list[FaultEvent]
     restarts: dict[str, int]  # supervisor restarts by service
+    liveness_kills: dict[str, int]  # services the supervisor killed for failing /health (wedged)
     leaked: dict[str, int]  # blocks still in use after leases expired, by service ("service/metric")
     seconds: float = 0.0
     faults_skipped: int = 0
@@ -50,7 +51,8 @@ class Report:
     def violations(self) -> list[str]:
         out = []
         for name, value in (("wrong answers", self.count(WRONG)), ("hung requests", self.count(HUNG)),
-                            ("unclear failures", self.count(UNCLEAR))):
+                            ("unclear failures", self.count(UNCLEAR)),
+                            ("liveness kills", sum(self.liveness_kills.values()))):
             if value:
                 out.append(f"{name}: {value} (must be 0)")
         for where, value in self.leaked.items():  # -1: the service did not answer /metrics
@@ -78,6 +80,7 @@ class Report:
         rows += [[f"fault: {kind}", n, ""] for kind, n in self.fault_counts().items()]
         rows += [["faults injected (client aborts not counted)", len(self.faults), ""]]
         rows += [[f"supervisor restarts: {svc}", n, ""] for svc, n in sorted(self.restarts.items())]
+        rows += [["liveness kills (a service wedged)", sum(self.liveness_kills.values()), "must be 0"]]
         rows += [["fault seed / load seed", f"{self.fault_seed} / {self.seed}", ""],
                  ["wall time, s", round(self.seconds, 1), ""]]
         return rows
@@ -94,7 +97,7 @@ class Report:
             "unclear_by_what": self.unclear_by_what(), "leaked_blocks": self.leaked,
             "latency_p50_s": self.latency(0.5), "latency_p99_s": self.latency(0.99),
             "faults": self.fault_counts(), "faults_injected": len(self.faults),
-            "faults_skipped": self.faults_skipped, "restarts": self.restarts,
+            "faults_skipped": self.faults_skipped, "restarts": self.restarts, "liveness_kills": self.liveness_kills,
             "service_failures": self.service_failures, "seconds": self.seconds,
             "fault_events": [asdict(e) for e in self.faults], "violations": self.violations(),
         })

@@ -76,7 +76,8 @@ def _drive(config: SoakConfig, cluster: LocalCluster, relay: SideChannelRelay, p
     finally:
         supervisor.stop()
     return Report(config=_plain(config), seed=config.seed, fault_seed=config.fault_seed, outcomes=outcomes,
-                  faults=injector.events, restarts=dict(supervisor.restarts), leaked=leaked, seconds=seconds,
+                  faults=injector.events, restarts=dict(supervisor.restarts),
+                  liveness_kills=dict(supervisor.liveness_kills), leaked=leaked, seconds=seconds,
                   faults_skipped=injector.skipped, service_failures=failures)
 
 
