@@ -81,3 +81,15 @@ class LeaseError(KvxferError):
     """A request's blocks are not (or no longer) held: expired, aborted or never granted."""
 
     kind = "lease"
+
+
+def error_class(kind: str) -> type[KvxferError]:
+    """The error class whose `kind` is `kind` (KvxferError for an unknown kind): how an error
+    reported by another process (a rank's reply, a peer's ErrorReply) is raised again here."""
+    pending: list[type[KvxferError]] = [KvxferError]
+    while pending:
+        cls = pending.pop()
+        if cls.kind == kind:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return KvxferError

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from kvxfer.errors import KvxferError, PeerGoneError, TransferTimeout
+from kvxfer.errors import KvxferError, PeerGoneError, TransferTimeout, error_class
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +125,7 @@ class Bus:
 
 
 def _error_of(reply: Failed, rank: int) -> KvxferError:
-    from kvxfer.errors import (
-        ConfigError,
-        HandshakeError,
-        LayoutError,
-        LeaseError,
-        PlanError,
-        TransferError,
-    )
-
-    kinds = {cls.kind: cls for cls in (ConfigError, HandshakeError, LayoutError, LeaseError, PlanError,
-                                       TransferError, TransferTimeout, PeerGoneError)}
-    return kinds.get(reply.kind, KvxferError)(f"rank {rank}: {reply.message}")
+    return error_class(reply.kind)(f"rank {rank}: {reply.message}")
 
 
 def serve_commands(conn: mpc.Connection, handle: Callable[[Any], msgspec.Struct],
