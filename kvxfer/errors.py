@@ -90,6 +90,10 @@ def error_class(kind: str) -> type[KvxferError]:
     while pending:
         cls = pending.pop()
         if cls.kind == kind:
+            # A class with its own constructor (IncompatiblePeerError) takes more than a message:
+            # raise its parent, which still says the same thing to `except` clauses upstream.
+            while "__init__" in vars(cls):
+                cls = cls.__mro__[1]
             return cls
         pending.extend(cls.__subclasses__())
     return KvxferError
