@@ -2,17 +2,22 @@
 
 Under any other interpreter (the main `make test`, a plain `pytest`) every test here is skipped,
 with that reason, instead of failing to import vLLM: vLLM's CPU build lives in its own 3.7 GB
-virtualenv and is not part of the main one. Fixtures that start vLLM servers are session-scoped so
-the few instances a run needs start once (each takes ~35 s on 2 cores).
+virtualenv and is not part of the main one. Each vLLM server takes 35-80 s to start on 2 cores, so
+a run starts few: the plain reference once per session, and at most one producer/consumer pair
+alive at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vllm_cases import MAX_TOKENS, PROMPTS
+from vllm_cases import BASELINE_PROMPTS, MAX_TOKENS
+
+from kvxfer.integrations.vllm.testing import ServerSpec, VllmServer, free_port, token_ids
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_VENV = ROOT / ".venv-vllm"
@@ -52,33 +57,39 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def plain_tokens(models: dict[str, Path], logs: Path) -> dict[str, list[int]]:
     """Greedy tokens of one vLLM instance without disaggregation, per prompt (each run twice:
     the baseline must itself be deterministic)."""
-    from kvxfer.integrations.vllm.testing import ServerSpec, VllmServer, token_ids
-
-    server = VllmServer(ServerSpec(model=models["a"], name="plain"), logs)
-    try:
-        server.wait_ready()
-        runs = [{p: token_ids(server.complete(p, max_tokens=MAX_TOKENS)) for p in PROMPTS}
+    with server(ServerSpec(model=models["a"], name="plain"), logs) as plain:
+        runs = [{p: token_ids(plain.complete(p, max_tokens=MAX_TOKENS)) for p in BASELINE_PROMPTS}
                 for _ in range(2)]
-    finally:
-        server.stop()
     assert runs[0] == runs[1], "plain vLLM greedy decoding is not deterministic"
     return runs[0]
 
 
 @pytest.fixture(scope="session")
 def curve() -> dict[str, object]:
-    """CURVE key pairs of the producers (one pair, as a Secret would hold) and of the consumer."""
+    """CURVE key pairs of the producers (one pair, as a Secret would hold) and of the consumers."""
     from kvxfer.agents.keys import generate_keypair
 
     return {"producer": generate_keypair(), "consumer": generate_keypair()}
 
 
+@contextlib.contextmanager
+def server(spec: ServerSpec, logs: Path) -> Iterator[VllmServer]:
+    """A ready server for the length of a `with` block."""
+    running = VllmServer(spec, logs)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
 def connector_config(role: str, curve: dict[str, object], **extra: object) -> dict[str, object]:
-    """`--kv-transfer-config` of a KvxferConnector instance with CURVE keys given inline."""
+    """`--kv-transfer-config` of a KvxferConnector instance, CURVE keys given inline."""
     producer, consumer = curve["producer"], curve["consumer"]
     if role == "kv_producer":
         keys = {"curve_secret_key": producer.secret.decode(),
                 "curve_allowed_keys": [consumer.public.decode()]}
+        extra = {"side_channel_port": free_port(), **extra}
     else:
         keys = {"curve_secret_key": consumer.secret.decode(),
                 "curve_server_key": producer.public.decode()}
@@ -86,15 +97,15 @@ def connector_config(role: str, curve: dict[str, object], **extra: object) -> di
             "kv_role": role, "kv_connector_extra_config": {**keys, **extra}}
 
 
-@pytest.fixture(scope="session")
-def consumer(models: dict[str, Path], logs: Path, curve: dict[str, object]):
-    """The decode instance every P/D test uses (model "a"); a failed load fails the request."""
-    from kvxfer.integrations.vllm.testing import ServerSpec, VllmServer
+def producer_spec(model: Path, name: str, curve: dict[str, object], *, tp: int = 1) -> ServerSpec:
+    # A generous lease: on a loaded 2-core machine a consumer may start its load many seconds
+    # after the producer finished (expiry itself is tested in tests/test_leases.py).
+    return ServerSpec(model=model, name=name, extra_args=["--tensor-parallel-size", str(tp)],
+                      kv_transfer_config=connector_config("kv_producer", curve, lease_s=120))
 
-    config = {**connector_config("kv_consumer", curve), "kv_load_failure_policy": "fail"}
-    server = VllmServer(ServerSpec(model=models["a"], name="consumer", kv_transfer_config=config), logs)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+
+def consumer_spec(model: Path, name: str, curve: dict[str, object], *, tp: int = 1,
+                  mode: str = "read", policy: str = "fail") -> ServerSpec:
+    config = {**connector_config("kv_consumer", curve, mode=mode), "kv_load_failure_policy": policy}
+    return ServerSpec(model=model, name=name, extra_args=["--tensor-parallel-size", str(tp)],
+                      kv_transfer_config=config)

@@ -1,39 +1,28 @@
-"""Producer and consumer vLLM instances with KvxferConnector, driven like vLLM's two-step P/D
-proxy. Greedy decoding must give exactly the plain instance's tokens, and must not when the
-producer's weights differ (so the consumer really decodes from transferred KV)."""
+"""Producer and consumer vLLM instances with KvxferConnector (TP 1 each, READ, CURVE), driven like
+vLLM's two-step P/D proxy. Greedy decoding must give exactly the plain instance's tokens, and must
+not when the producer's weights differ (so the consumer really decodes from transferred KV)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import connector_config
-from vllm_cases import MAX_TOKENS, PROMPTS
+import pytest
+from conftest import consumer_spec, producer_spec, server
+from vllm_cases import MAX_TOKENS, ORPHAN_PROMPT, PROMPTS
 
-from kvxfer.integrations.vllm.testing import (
-    ServerError,
-    ServerSpec,
-    VllmServer,
-    free_port,
-    prefill_then_decode,
-    token_ids,
-)
+from kvxfer.integrations.vllm.testing import ServerError, VllmServer, prefill_then_decode, token_ids
 
 
-@contextlib.contextmanager
-def producer(model: Path, name: str, logs: Path, curve: dict[str, object]) -> Iterator[VllmServer]:
-    config = connector_config("kv_producer", curve, side_channel_port=free_port())
-    server = VllmServer(ServerSpec(model=model, name=name, kv_transfer_config=config), logs)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+@pytest.fixture(scope="module")
+def consumer(models: dict[str, Path], logs: Path, curve: dict[str, object]) -> Iterator[VllmServer]:
+    """One decode instance for this module; a failed load fails the request."""
+    with server(consumer_spec(models["a"], "consumer", curve), logs) as running:
+        yield running
 
 
 def test_pd_tokens_equal_plain_then_producer_killed(models, logs, curve, consumer, plain_tokens):
-    with producer(models["a"], "producer-a", logs, curve) as prod:
+    with server(producer_spec(models["a"], "producer-a", curve), logs) as prod:
         for prompt in PROMPTS:
             first, second = prefill_then_decode(prod, consumer, prompt, max_tokens=MAX_TOKENS)
             params = first["kv_transfer_params"]
@@ -42,24 +31,19 @@ def test_pd_tokens_equal_plain_then_producer_killed(models, logs, curve, consume
 
         # The producer dies after prefill, before the consumer loads: the consumer's request
         # fails (kv_load_failure_policy=fail) and the consumer keeps serving.
-        prompt = "A lease holds blocks until every consumer confirms."
+        prompt = ORPHAN_PROMPT
         first = prod.complete(prompt, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
         prod.kill()
-    try:
-        failed = consumer.complete(prompt, max_tokens=MAX_TOKENS,
-                                   kv_transfer_params=first["kv_transfer_params"])
-    except ServerError as err:
-        assert err.status >= 500, err
-    else:
-        assert failed["choices"][0]["finish_reason"] == "error", failed
+    with pytest.raises(ServerError) as failed:
+        consumer.complete(prompt, max_tokens=MAX_TOKENS, kv_transfer_params=first["kv_transfer_params"])
+    assert failed.value.status == 500, failed.value
     again = consumer.complete(PROMPTS[0], max_tokens=MAX_TOKENS)
     assert token_ids(again) == plain_tokens[PROMPTS[0]]
 
 
 def test_negative_control_other_weights_change_tokens(models, logs, curve, consumer, plain_tokens):
-    with producer(models["b"], "producer-b", logs, curve) as prod:
+    with server(producer_spec(models["b"], "producer-b", curve), logs) as prod:
         got = {p: token_ids(prefill_then_decode(prod, consumer, p, max_tokens=MAX_TOKENS)[1])
                for p in PROMPTS}
     same = [p[:40] for p in PROMPTS if got[p] == plain_tokens[p]]
     assert not same, f"tokens unchanged by another producer's KV for {same}: {got}"
-

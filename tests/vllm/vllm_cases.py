@@ -9,3 +9,10 @@ PROMPTS = [
     " ".join(f"token{i} of a long prompt that spans several cache blocks" for i in range(10)),
 ]
 MAX_TOKENS = 16
+
+# Shares PROMPTS[2]'s first two blocks: a consumer that loaded PROMPTS[2] hits its prefix cache for
+# 256 tokens and loads only the rest (in WRITE mode that load falls back to READ).
+PREFIX_PROMPT = PROMPTS[2] + " and then a different ending"
+# Prefilled by a producer that is then killed before the consumer loads it.
+ORPHAN_PROMPT = "A lease holds blocks until every consumer confirms."
+BASELINE_PROMPTS = [*PROMPTS, PREFIX_PROMPT, ORPHAN_PROMPT]

@@ -138,6 +138,7 @@ class Consumer:
         if peer is not None and peer.boot_epoch == params.boot_epoch:
             return peer
         ours = self._hello
+        started = time.perf_counter()
         reply = self._call(params, rank, ours)
         if not isinstance(reply, m.HandshakeReply):
             raise ConfigError(f"producer {params.engine_id} rank {rank} answered the handshake with "
@@ -147,7 +148,10 @@ class Consumer:
             raise KvxferError(f"producer {params.engine_id} rank {rank} restarted (boot epoch "
                               f"{reply.engine.boot_epoch}, request made at {params.boot_epoch}); "
                               f"its KV for request {params.request_id} is gone")
-        return self.endpoint.peers.admit(reply.engine)
+        peer = self.endpoint.peers.admit(reply.engine)
+        log.info("kvxfer handshake with producer %s rank %d (epoch %x): %.1f ms", params.engine_id, rank,
+                 params.boot_epoch, (time.perf_counter() - started) * 1e3)
+        return peer
 
     # -- WRITE mode --------------------------------------------------------------------------------
 

@@ -79,6 +79,8 @@ class Producer:
         with self._lock:
             self._leases.acquire(job.params.request_id, (), [CONSUMER], now=time.monotonic())
             self._held[job.params.request_id] = _Held(job)
+            log.info("kvxfer holding request=%s (transfer %s) for %.0f s", job.req_id,
+                     job.params.request_id, self._leases.ttl_s)
             early = self._early.pop(job.params.request_id, None)
             for agent, rank in early[1] if early else ():
                 self._confirm_locked(job.params.request_id, agent, rank)

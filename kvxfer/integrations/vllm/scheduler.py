@@ -85,6 +85,8 @@ class SchedulerSide:
         needed = num_blocks_for(num_external_tokens, self.block_size)
         local_ids = blocks.get_unhashed_block_ids()[:needed]
         skip = len(request.prompt_token_ids or ()) - num_external_tokens
+        log.info("kvxfer request=%s: loading %d tokens (%d cached) from %s", request.request_id,
+                 num_external_tokens, skip, params.engine_id)
         self._jobs.loads.append(LoadJob(request.request_id, params, tuple(local_ids), skip,
                                         num_external_tokens))
 

@@ -193,6 +193,8 @@ class WorkerSide:
 
     def _load(self, job: LoadJob) -> None:
         assert self.consumer is not None
+        log.info("kvxfer loading request=%s: %d tokens after %d cached, from %s", job.req_id,
+                 job.num_tokens, job.skip_tokens, job.params.engine_id)
         try:
             summary = self.consumer.load(job)
         except Exception as err:  # noqa: BLE001 (a load's failure is reported, never raised)

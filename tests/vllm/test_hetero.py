@@ -1,0 +1,30 @@
+"""Heterogeneous TP and WRITE: a TP 2 producer (one KV head per rank) pushes into a TP 1 consumer
+in WRITE mode; a request whose prompt prefix the consumer already holds loads only the rest,
+falling back to READ from both producer ranks. Tokens must equal the plain instance's. Then the
+producer is killed after a prefill: this consumer's kv_load_failure_policy is `recompute`, so the
+request still answers, with the plain tokens, computed locally."""
+
+from __future__ import annotations
+
+from conftest import consumer_spec, producer_spec, server
+from vllm_cases import MAX_TOKENS, ORPHAN_PROMPT, PREFIX_PROMPT, PROMPTS
+
+from kvxfer.integrations.vllm.testing import prefill_then_decode, token_ids
+
+
+def test_tp2_producer_writes_into_tp1_consumer(models, logs, curve, plain_tokens):
+    spec = consumer_spec(models["a"], "consumer-write", curve, mode="write", policy="recompute")
+    with server(spec, logs) as cons:
+        with server(producer_spec(models["a"], "producer-tp2", curve, tp=2), logs) as prod:
+            for prompt in [*PROMPTS, PREFIX_PROMPT]:
+                first, second = prefill_then_decode(prod, cons, prompt, max_tokens=MAX_TOKENS)
+                assert first["kv_transfer_params"]["tp_size"] == 2
+                assert token_ids(second) == plain_tokens[prompt], prompt[:40]
+            first = prod.complete(ORPHAN_PROMPT, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+            prod.kill()
+        recomputed = cons.complete(ORPHAN_PROMPT, max_tokens=MAX_TOKENS,
+                                   kv_transfer_params=first["kv_transfer_params"])
+        assert token_ids(recomputed) == plain_tokens[ORPHAN_PROMPT]
+    log = (logs / "consumer-write.log").read_text()
+    assert log.count("(write)") == len(PROMPTS) and log.count("(read)") == 1, "expected 3 writes, 1 read"
+    assert log.count("kvxfer load failed") == 1 and "Recovered from KV load failure" in log
