@@ -1,0 +1,94 @@
+"""Calibrate the cost model on the actual fabric: a few probe transfers between this rank's and a
+peer's registered staging buffers, and a local copy, give the numbers `planning.cost` needs.
+
+Probes (each repeated, median kept): one descriptor of `probe_bytes` (bulk bandwidth, READ and
+WRITE), `num_small` descriptors of `small_bytes` (per-descriptor cost), one empty-ish transfer
+(fixed cost), and a device copy of `probe_bytes` (gather/scatter bandwidth). Takes tens of
+milliseconds; run it once per peer at handshake or at start-up, and log the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvxfer.agents.nixl_agent import MemKind, NixlAgent, Op
+from kvxfer.errors import ConfigError
+from kvxfer.planning.cost import FabricCosts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where probes may write and read: `local` and `remote` are registered buffers of at least
+    `probe_bytes` that hold nothing of value (staging slots)."""
+
+    local_addr: int
+    remote_addr: int
+    local_device: int
+    remote_device: int
+    local_mem: MemKind
+    remote_mem: MemKind
+    peer: str
+
+
+def _time(agent: NixlAgent, op: Op, probe: Probe, lengths: np.ndarray, *, repeats: int,
+          timeout_s: float) -> float:
+    # Gaps between spans, so that nothing can merge them: every descriptor pays its own cost.
+    offsets = (np.arange(lengths.size, dtype=np.uint64) * 2 * lengths).astype(np.uint64)
+    local = np.stack([probe.local_addr + offsets, lengths, np.full(lengths.size, probe.local_device)], axis=1)
+    remote = np.stack([probe.remote_addr + offsets, lengths, np.full(lengths.size, probe.remote_device)], axis=1)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        xfer = agent.post_spans(op, local.astype(np.uint64), remote.astype(np.uint64), peer=probe.peer,
+                                local_mem=probe.local_mem, remote_mem=probe.remote_mem)
+        agent.wait([xfer], timeout_s=timeout_s)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def copy_bytes_per_s(device: torch.device, num_bytes: int, *, repeats: int = 5) -> float:
+    """A device-to-device (or host memcpy) copy of `num_bytes`, the cost of a gather or scatter."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return num_bytes / statistics.median(samples)
+
+
+def calibrate(agent: NixlAgent, probe: Probe, device: torch.device, *, probe_bytes: int = 64 << 20,
+              small_bytes: int = 16 << 10, num_small: int = 1024, repeats: int = 3,
+              timeout_s: float = 30.0) -> FabricCosts:
+    if 2 * num_small * small_bytes > probe_bytes:
+        raise ConfigError(f"calibrate: {num_small} x {small_bytes} bytes, spaced, exceed probe_bytes={probe_bytes}")
+    one = np.array([probe_bytes], dtype=np.uint64)
+    fixed = _time(agent, Op.WRITE, probe, np.array([256], dtype=np.uint64), repeats=repeats, timeout_s=timeout_s)
+    bulk = {op: _time(agent, op, probe, one, repeats=repeats, timeout_s=timeout_s) for op in (Op.READ, Op.WRITE)}
+    small = _time(agent, Op.WRITE, probe, np.full(num_small, small_bytes, dtype=np.uint64),
+                  repeats=repeats, timeout_s=timeout_s)
+    write_bw = probe_bytes / max(bulk[Op.WRITE] - fixed, 1e-9)
+    per_descriptor = max((small - fixed - num_small * small_bytes / write_bw) / num_small, 1e-9)
+    costs = FabricCosts(
+        per_transfer_s=fixed, per_descriptor_s=per_descriptor,
+        read_bytes_per_s=probe_bytes / max(bulk[Op.READ] - fixed, 1e-9), write_bytes_per_s=write_bw,
+        copy_bytes_per_s=copy_bytes_per_s(device, probe_bytes))
+    log.info("calibrated against %s: %.1f us per transfer, %.2f us per descriptor, read %.1f GB/s, "
+             "write %.1f GB/s, copy %.1f GB/s", probe.peer, costs.per_transfer_s * 1e6,
+             costs.per_descriptor_s * 1e6, costs.read_bytes_per_s / 1e9, costs.write_bytes_per_s / 1e9,
+             costs.copy_bytes_per_s / 1e9)
+    return costs
