@@ -77,11 +77,14 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class OpFigures(msgspec.Struct, kw_only=True):
-    """One direction's measured figures (median over iterations)."""
+    """One strategy's measured figures (medians over the timed runs)."""
 
     transfer_ms: float
     gbps: float
     transfer_ms_all: list[float]
+    memcpy_gbps: float = 0.0  # copy baseline right after each run, median
+    ratio: float = 0.0  # median of per-run gbps / copy gbps
+    ratio_all: list[float] = []
 
 
 class BenchResult(msgspec.Struct, kw_only=True):
@@ -103,10 +106,11 @@ class BenchResult(msgspec.Struct, kw_only=True):
     post_us: float  # NIXL telemetry: slowest post, median
     transfer_ms: float  # first post to last completion, median over iterations
     gbps: float
-    memcpy_gbps: float  # single-thread copy of the same bytes, same run
-    ratio: float
+    memcpy_gbps: float  # single-thread copy of the same bytes right after each run, median
+    ratio: float  # median over runs of (gbps / memcpy_gbps) of that run
     verified: bool | None  # None when --verify was not given
     notif_rtt_us: float  # NIXL notification round trip decode0 <-> prefill0, median
     iters: int
     transfer_ms_all: list[float]
+    ratio_all: list[float]
     auto: dict[str, float] | None = None  # gbps per op measured by --mode auto

@@ -50,6 +50,7 @@ from kvxfer.errors import (
 _ERRORS = {cls.kind: cls for cls in (ConfigError, LayoutError, PlanError, HandshakeError,
                                      TransferError, TransferTimeout, PeerGoneError, LeaseError)}
 NUM_PINGS = 200
+AUTO_ITERS = 2  # timed runs per strategy when --mode auto chooses (the median decides)
 STARTUP_S = 300.0  # spawning, allocating and filling caches
 
 
@@ -186,49 +187,58 @@ def _expect(reply: object, cls: type) -> object:
     return reply
 
 
-def measure(session: BenchSession, strategy: Strategy, iters: int, *, verify_last: bool,
-            snapshot: bool) -> tuple[OpFigures, RunFigures]:
-    """One warm-up run, then `iters` timed runs; the last one on a scrambled decode cache."""
-    session.run(strategy)
-    runs = [session.run(strategy, scramble=verify_last and i == iters - 1,
-                        snapshot=snapshot and i == iters - 1) for i in range(iters)]
+class CopyBaseline:
+    """The copy a transfer is compared with: `num_bytes` between two buffers allocated like the
+    caches (one host thread on CPU, device to device on CUDA), measured right after each timed
+    transfer so both see the same machine load."""
+
+    def __init__(self, num_bytes: int, *, device: str, huge_pages: bool) -> None:
+        self.num_bytes = num_bytes
+        self.device = device
+        if device == "cuda":
+            import torch
+
+            self._src = torch.ones(num_bytes, dtype=torch.uint8, device="cuda")
+            self._dst = torch.zeros_like(self._src)
+        else:
+            self._src = host_buffer(num_bytes, huge_pages=huge_pages).numpy()
+            self._dst = host_buffer(num_bytes, huge_pages=huge_pages).numpy()
+            self._src.fill(1)
+        self.measure()  # touch the destination
+
+    def measure(self) -> float:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self._dst.copy_(self._src)
+            torch.cuda.synchronize()
+        else:
+            t0 = time.perf_counter()
+            np.copyto(self._dst, self._src)
+        return self.num_bytes / (time.perf_counter() - t0) / 1e9
+
+
+def measure(session: BenchSession, strategy: Strategy, iters: int, *, verify_last: bool = False,
+            snapshot: bool = False, baseline: bool = False) -> tuple[OpFigures, RunFigures]:
+    """One warm-up run, then `iters` timed runs (each followed by the copy baseline when asked);
+    the last one on a scrambled decode cache when it is to be verified."""
+    warm = session.run(strategy)
+    copy = CopyBaseline(warm.num_bytes, device=session.cfg.device,
+                        huge_pages=session.cfg.huge_pages) if baseline else None
+    runs, copies = [], []
+    for i in range(iters):
+        last = i == iters - 1
+        runs.append(session.run(strategy, scramble=verify_last and last, snapshot=snapshot and last))
+        copies.append(copy.measure() if copy else 0.0)
     times = [r.transfer_ms for r in runs]
-    median = statistics.median(times)
-    gbps = runs[0].num_bytes / (median / 1e3) / 1e9
-    return OpFigures(transfer_ms=median, gbps=gbps, transfer_ms_all=times), runs[-1]
-
-
-def memcpy_gbps(num_bytes: int, *, device: str, huge_pages: bool, repeats: int = 3) -> float:
-    """Copy bandwidth of `num_bytes` between two buffers allocated like the caches, best of
-    `repeats`: one host thread on CPU, a device-to-device copy on CUDA."""
-    if device == "cuda":
-        return _device_copy_gbps(num_bytes, repeats)
-    src = host_buffer(num_bytes, huge_pages=huge_pages).numpy()
-    dst = host_buffer(num_bytes, huge_pages=huge_pages).numpy()
-    src.fill(1)
-    dst.fill(0)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return num_bytes / best / 1e9
-
-
-def _device_copy_gbps(num_bytes: int, repeats: int) -> float:
-    import torch
-
-    src = torch.ones(num_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.zeros_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return num_bytes / best / 1e9
+    gbps = [r.num_bytes / (t / 1e3) / 1e9 for r, t in zip(runs, times, strict=True)]
+    ratios = [g / c if c else 0.0 for g, c in zip(gbps, copies, strict=True)]
+    figures = OpFigures(transfer_ms=statistics.median(times), gbps=statistics.median(gbps),
+                        transfer_ms_all=times, memcpy_gbps=statistics.median(copies),
+                        ratio=statistics.median(ratios), ratio_all=ratios)
+    return figures, runs[-1]
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
@@ -236,13 +246,12 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         rtt_us = statistics.median(session.ping_pong(NUM_PINGS))
         auto = None
         if cfg.mode is Mode.AUTO:
-            auto = {s.value: measure(session, s, 1, verify_last=False, snapshot=False)[0].gbps
-                    for s in Strategy}
+            auto = {s.value: measure(session, s, AUTO_ITERS)[0].gbps for s in Strategy}
             strategy = Strategy(max(auto, key=auto.__getitem__))
         else:
             strategy = Strategy(cfg.mode.value)
         figures, last = measure(session, strategy, cfg.iters, verify_last=cfg.verify,
-                                   snapshot=cfg.dump is not None)
+                                snapshot=cfg.dump is not None, baseline=cfg.memcpy)
         verified = None
         if cfg.verify:
             verified, detail = session.verify()
@@ -250,8 +259,6 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                 raise TransferError(f"bench: verification failed: {detail}")
         if cfg.dump is not None:
             session.dump(cfg.dump)
-    memcpy = memcpy_gbps(last.num_bytes, device=cfg.device,
-                                 huge_pages=cfg.huge_pages) if cfg.memcpy else 0.0
     return BenchResult(
         mode=strategy.value, plan=cfg.plan.value, prefill_tp=cfg.prefill_tp,
         decode_tp=cfg.decode_tp, device=cfg.device, threading=cfg.threading,
@@ -259,5 +266,6 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         num_workers=cfg.num_workers, num_threads=cfg.num_threads, bytes=last.num_bytes, descriptors=last.num_descriptors,
         nixl_descriptors=last.nixl_descriptors, num_transfers=last.num_transfers,
         plan_us=last.plan_us, post_us=last.post_us, transfer_ms=figures.transfer_ms,
-        gbps=figures.gbps, memcpy_gbps=memcpy, ratio=figures.gbps / memcpy if memcpy else 0.0,
-        verified=verified, notif_rtt_us=rtt_us, iters=cfg.iters, transfer_ms_all=figures.transfer_ms_all, auto=auto)
+        gbps=figures.gbps, memcpy_gbps=figures.memcpy_gbps, ratio=figures.ratio,
+        verified=verified, notif_rtt_us=rtt_us, iters=cfg.iters, transfer_ms_all=figures.transfer_ms_all,
+        ratio_all=figures.ratio_all, auto=auto)

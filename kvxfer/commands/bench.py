@@ -83,7 +83,9 @@ def _table(r) -> str:
         ("descriptors (after NIXL merge)", r.nixl_descriptors), ("transfers", r.num_transfers),
         ("plan_us", r.plan_us), ("post_us", r.post_us), ("transfer_ms (median)", r.transfer_ms),
         ("transfer_ms (all)", ", ".join(f"{t:.2f}" for t in r.transfer_ms_all)),
-        ("gbps", r.gbps), ("memcpy_gbps", r.memcpy_gbps), ("ratio", r.ratio),
+        ("gbps (median)", r.gbps), ("memcpy_gbps (median)", r.memcpy_gbps),
+        ("ratio (median of per-run ratios)", r.ratio),
+        ("ratio (all)", ", ".join(f"{x:.2f}" for x in r.ratio_all)),
         ("verified", "not checked" if r.verified is None else r.verified),
         ("notification round trip (us)", r.notif_rtt_us),
     ]
