@@ -221,6 +221,20 @@ def test_decode_refuses_forged_transfer_params(harness, m):
         harness._spare = None  # ...unless the forgery used its request id (decode then aborts it)
 
 
+@pytest.mark.parametrize("tp_size", [1, 4])
+def test_forged_tp_size_is_refused_by_the_producer(harness, tp_size):
+    """The TP size decides which prefill ranks and heads decode reads: the producer's Claim check
+    refuses parameters that name another one, before any handshake or read."""
+    params = harness.lease()
+    started = time.monotonic()
+    reply = harness.client.post(f"{harness.decode}/v1/completions", json={
+        "prompt": PROMPT, "max_tokens": MAX_TOKENS, "kv_transfer_params": {**params, "tp_size": tp_size}})
+    assert typed_error(reply) == "kv_load_failed"
+    assert f"parameters name prefill TP size {tp_size}" in reply.json()["error"]["message"]
+    assert time.monotonic() - started < 4.0
+    harness.tally.refuse("kv_load_failed")
+
+
 # ---- prefill request bodies --------------------------------------------------------------------
 
 PROMPTS = (st.text(max_size=300) | st.lists(st.integers(0, 300) | HUGE, max_size=300)

@@ -149,3 +149,12 @@ def test_transfer_params_round_trip_as_json_with_binding() -> None:
     assert m.decode_params(m.encode_params(params)) == params
     with pytest.raises(msgspec.ValidationError, match=r"block_ids\[0\]"):
         m.decode_params(m.encode_params(params).replace(b"[1,2,3]", b"[-1,2,3]"))
+
+
+def test_claim_from_a_peer_that_does_not_state_tp_size_decodes_with_none():
+    """Claim.tp_size was appended with a default: an older consumer's Claim still decodes."""
+    old = msgspec.msgpack.encode({"t": "claim", "protocol_version": m.PROTOCOL_VERSION,
+                                   "request_id": "r" * 32, "block_ids": [1, 2], "num_tokens": 20})
+    claim = m.decode(old)
+    assert isinstance(claim, m.Claim) and claim.tp_size is None
+    assert m.decode(m.encode(m.Claim(request_id="r", block_ids=[1], num_tokens=1, tp_size=2))).tp_size == 2

@@ -151,12 +151,14 @@ class Abort(_Base, frozen=True, kw_only=True, tag="abort"):
 
 class Claim(_Base, frozen=True, kw_only=True, tag="claim"):
     """Before it reads, a consumer asks the producer to confirm that these transfer parameters
-    are genuine: the lease is held, bound to the asking peer, over exactly these blocks and tokens.
+    are genuine: the lease is held, bound to the asking peer, over exactly these blocks and tokens,
+    at the producer's TP size (which decides the ranks and heads the consumer reads).
     Parameters travel through clients and proxies; a forged block list must never be read."""
 
     request_id: RequestId
     block_ids: BlockIds
     num_tokens: Count
+    tp_size: TpSize | None = None  # the producer TP size the parameters name (None: not stated)
 
 
 class WriteRequest(_Base, frozen=True, kw_only=True, tag="write"):

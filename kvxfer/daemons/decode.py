@@ -68,7 +68,8 @@ class DecodeService(Service):
         try:
             self.check_alive(client, params)
             client.request(m.Claim(request_id=params.request_id, block_ids=params.block_ids,
-                                   num_tokens=params.num_tokens), timeout_s=NOTIFY_TIMEOUT_S)
+                                   num_tokens=params.num_tokens, tp_size=params.tp_size),
+                           timeout_s=NOTIFY_TIMEOUT_S)
             self.call(Connect(params))
             mode = self.mode_for(params)
             if mode is Mode.READ:

@@ -117,6 +117,10 @@ class PrefillService(Service):
             raise PlanError(f"request {msg.request_id}: parameters name blocks {list(msg.block_ids)[:8]} "
                             f"and {msg.num_tokens} tokens, but its lease holds {list(blocks)[:8]} and "
                             f"{num_tokens} tokens; refusing")
+        if msg.tp_size is not None and msg.tp_size != self.config.tp:
+            self.metrics.transfer.observe_failure("plan")
+            raise PlanError(f"request {msg.request_id}: parameters name prefill TP size {msg.tp_size}, "
+                            f"but this service runs at TP {self.config.tp}; refusing")
 
     def _renew(self, peer: PeerInfo, msg: m.LeaseRenew) -> m.Message:
         renewed, unknown = [], []
