@@ -23,5 +23,5 @@ fuzz-sidechannel: $(STAMP)
 		tests/test_sidechannel_fuzz.py
 
 fuzz-api: $(STAMP)
-	KVXFER_API_FUZZ_INPUTS=$(FUZZ_API_INPUTS) $(PY) -m pytest -q -p no:cacheprovider --timeout 0 \
+	KVXFER_API_FUZZ_INPUTS=$(FUZZ_API_INPUTS) $(PY) -m pytest -q -s -p no:cacheprovider --timeout 0 \
 		tests/test_api_fuzz.py
