@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,37 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 _INBOX_TTL_S = 300.0
+MAX_SIDE_CHANNEL_CLIENTS = 64  # distinct producer addresses a rank keeps a client for
+
+
+class ClientCache:
+    """Side-channel clients by address, at most `capacity`: the least recently used one is closed
+    when a new address comes. Addresses come from transfer parameters, which HTTP clients send;
+    without a bound every forged address would keep a client object forever."""
+
+    def __init__(self, config: ClientConfig, capacity: int = MAX_SIDE_CHANNEL_CLIENTS) -> None:
+        self.config = config
+        self.capacity = capacity
+        self._clients: OrderedDict[str, SideChannelClient] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, address: str) -> SideChannelClient:
+        with self._lock:
+            client = self._clients.pop(address, None) or SideChannelClient(address, self.config)
+            self._clients[address] = client
+            evicted = [self._clients.popitem(last=False)[1] for _ in range(len(self._clients) - self.capacity)]
+        for old in evicted:
+            old.close()
+        return client
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), OrderedDict()
+        for client in clients:
+            client.close()
 
 
 # ---- commands (rank 0 -> every rank) and replies ----------------------------------------------
@@ -213,7 +245,7 @@ class RankRuntime:
                                  metrics=self.metrics)
         self.lock = threading.RLock()  # the NIXL agent and peer table: command thread vs server thread
         self.info = self.endpoint.info()
-        self._clients: dict[str, SideChannelClient] = {}
+        self._clients = ClientCache(ClientConfig(keys=self.keys, insecure=config.insecure_plaintext))
         self._inbox: dict[str, tuple[float, set[int]]] = {}  # request id -> (first seen, sender ranks)
         self.server: SideChannelServer | None = None
         # Rank 0's service answers lease and push messages; set before the server starts.
@@ -234,8 +266,7 @@ class RankRuntime:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
-        for client in self._clients.values():
-            client.close()
+        self._clients.close()
         with self.lock:
             self.endpoint.close()
         self.engine.group.close()
@@ -334,11 +365,7 @@ class RankRuntime:
         return self.endpoint.deadline.seconds(per_token * num_tokens)
 
     def client_for(self, address: str) -> SideChannelClient:
-        client = self._clients.get(address)
-        if client is None:
-            client = SideChannelClient(address, ClientConfig(keys=self.keys, insecure=self.config.insecure_plaintext))
-            self._clients[address] = client
-        return client
+        return self._clients.get(address)
 
     def pull(self, params: m.TransferParams, block_ids: list[int]) -> TransferSummary:
         legs = [Leg(self._peer(params, s.prefill_rank), s.heads, self.engine.shape_block_ids(params.block_ids))
