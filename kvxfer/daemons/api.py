@@ -8,6 +8,7 @@ cost, so a client (the demo, the soak) can show it per request.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Annotated
 
@@ -87,6 +88,12 @@ def decode_request(body: bytes) -> CompletionRequest:
 
 def decode_response(body: bytes) -> CompletionResponse:
     return _response_decoder.decode(body)
+
+
+def completion_id(request_id: str) -> str:
+    """The OpenAI-style id of a completion: the same on prefill and decode (so they correlate),
+    but a hash, never a piece of the request id (an unguessable capability on the side channel)."""
+    return "cmpl-" + hashlib.sha256(request_id.encode()).hexdigest()[:24]
 
 
 def error_json(kind: str, message: str, code: int) -> bytes:

@@ -93,7 +93,7 @@ def create_app(service: Service) -> FastAPI:
 async def _decode(service: DecodeService, body: api.CompletionRequest, started: float) -> Response:
     tokens = service.generate(body)
     first, stats = await anext(tokens)  # the load: errors surface here, before any byte is sent
-    rid = f"cmpl-{body.kv_transfer_params.request_id[:16]}"
+    rid = api.completion_id(body.kv_transfer_params.request_id)
     if body.stream:
         return StreamingResponse(_stream(service, body, tokens, first, stats, rid, started),
                                  media_type="text/event-stream")

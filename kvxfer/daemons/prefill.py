@@ -63,7 +63,7 @@ class PrefillService(Service):
             binding=binding, num_tokens=len(token_ids), first_token_id=reply.token,
             lease_expires_s=self.config.lease_s)
         return api.CompletionResponse(
-            id=f"cmpl-{request_id[:16]}", model=request.model,
+            id=api.completion_id(request_id), model=request.model,
             choices=[api.Choice(text=self.tokenizer.decode([reply.token]), token_ids=[reply.token],
                                 finish_reason="length")],
             usage=api.Usage(prompt_tokens=len(token_ids), completion_tokens=1,
