@@ -39,6 +39,9 @@ class Bus:
         self._conns: list[mpc.Connection] = []
         self._procs: list[mp.process.BaseProcess] = []
         self._lock = threading.Lock()
+        # Set when a worker missed a command's deadline: its late reply (and, for collective
+        # commands, its collectives) would be taken for the next command's, so the bus is done.
+        self.out_of_step: str | None = None
 
     def spawn(self, target: Callable[..., None], args_for_rank: Callable[[int], tuple], ranks: range) -> None:
         ctx = mp.get_context("spawn")
@@ -56,7 +59,7 @@ class Bus:
         return len(self._conns)
 
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self._procs)
+        return self.out_of_step is None and all(p.is_alive() for p in self._procs)
 
     def alive_each(self) -> list[bool]:
         return [p.is_alive() for p in self._procs]
@@ -87,6 +90,7 @@ class Bus:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                self.out_of_step = f"rank {rank} (pid {proc.pid}) did not answer a command in time"
                 raise TransferTimeout(f"rank {rank} did not answer in time")
             try:
                 if conn.poll(min(left, 0.5)):

@@ -128,7 +128,7 @@ class Service:
         if not self.started.is_set():
             return "starting: loading the model, registering caches, warming kernels"
         if not self.bus.alive():
-            return "a rank process died"
+            return self.bus.out_of_step or "a rank process died"
         return ""
 
     def _idle_loop(self) -> None:
@@ -142,8 +142,8 @@ class Service:
                 checked = time.monotonic()
                 if not self.bus.alive():
                     dead = [pid for pid, alive in zip(self.bus.pids(), self.bus.alive_each(), strict=True) if not alive]
-                    log.error("rank process(es) %s died: the service cannot serve; exiting so that its "
-                              "supervisor restarts it", dead)
+                    log.error("%s: the service cannot serve; exiting so that its supervisor restarts it",
+                              f"rank process(es) {dead} died" if dead else self.bus.out_of_step)
                     self.metrics.ready.set(0)
                     if self.on_fatal is not None:
                         self.on_fatal()
