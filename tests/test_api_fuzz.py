@@ -297,6 +297,8 @@ def test_after_fuzzing_ready_no_stray_transfers_no_leaks(harness):
         assert client.get(f"{url}/ready").status_code == 200
     transfers = metric(client, decode, 'kvxfer_transfers_total{op="read"}')
     assert transfers == LEGS * harness.tally.answered, (transfers, harness.tally)
+    assert metric(client, decode, 'kvxfer_requests_total{outcome="ok"}') == harness.tally.answered
+    assert metric(client, decode, 'kvxfer_requests_total{outcome="error"}') == 0
     plan_decode = metric(client, decode, 'kvxfer_failures_total{kind="plan"}')
     plan_prefill = metric(client, prefill, 'kvxfer_failures_total{kind="plan"}')
     print(f"\nAPI fuzz: {FUZZ_INPUTS} inputs; decode answered {harness.tally.answered}, refused "

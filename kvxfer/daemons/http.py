@@ -71,7 +71,9 @@ def create_app(service: Service) -> FastAPI:
                 response = await service.complete(body)
                 outcome = "ok"
                 return Response(msgspec.json.encode(response), media_type=JSON)
-            return await _decode(service, body, started)
+            response = await _decode(service, body, started)
+            outcome = "ok"  # a stream counts its own outcome when it ends (`_stream`)
+            return response
         except ConfigError as err:
             outcome = "invalid_request"
             return error("invalid_request", str(err), 400)
