@@ -27,4 +27,4 @@ def test_tp2_producer_writes_into_tp1_consumer(models, logs, curve, plain_tokens
         assert token_ids(recomputed) == plain_tokens[ORPHAN_PROMPT]
     log = (logs / "consumer-write.log").read_text()
     assert log.count("(write)") == len(PROMPTS) and log.count("(read)") == 1, "expected 3 writes, 1 read"
-    assert log.count("kvxfer load failed") == 1 and "Recovered from KV load failure" in log
+    assert log.count("kvxfer load failed") == 1  # so the plain tokens above were recomputed

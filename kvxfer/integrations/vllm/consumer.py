@@ -31,6 +31,8 @@ from kvxfer.planning import TPMapping, map_tp
 
 log = logging.getLogger(__name__)
 
+NOTIFY_TIMEOUT_S = 1.0  # best-effort messages (abort, failure) to a producer that may be dead
+
 
 @dataclass(frozen=True)
 class ConsumerSettings:
@@ -121,13 +123,14 @@ class Consumer:
             client = self._clients[address] = SideChannelClient(address, self.settings.client)
         return client
 
-    def _call(self, params: m.TransferParams, rank: int, msg: m.Message) -> m.Message:
+    def _call(self, params: m.TransferParams, rank: int, msg: m.Message, *,
+              timeout_s: float | None = None) -> m.Message:
         address = self._address(params, rank)
-        return self._client(address).request(msg, timeout_s=self.settings.handshake_timeout_s)
+        return self._client(address).request(msg, timeout_s=timeout_s or self.settings.handshake_timeout_s)
 
     def _tell(self, params: m.TransferParams, rank: int, msg: m.Message) -> None:
         try:
-            self._call(params, rank, msg)
+            self._call(params, rank, msg, timeout_s=min(NOTIFY_TIMEOUT_S, self.settings.handshake_timeout_s))
         except KvxferError as err:
             log.warning("could not tell producer %s rank %d (%s): %s", params.engine_id, rank,
                         type(msg).__name__, err)

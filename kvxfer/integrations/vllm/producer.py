@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CONSUMER = "consumer"  # the one logical consumer of a lease: its ranks are tallied below
 _EARLY_TTL_S = 60.0  # confirmations that beat their lease here are kept this long
+_EARLY_MAX = 4096  # and at most this many requests' worth
 
 
 @dataclass
@@ -89,11 +90,6 @@ class Producer:
         with self._lock:
             done, self._finished = self._finished, set()
         return done
-
-    @property
-    def num_held(self) -> int:
-        with self._lock:
-            return len(self._held)
 
     # -- side-channel thread ---------------------------------------------------------------------
 
@@ -184,8 +180,8 @@ class Producer:
         held = self._held.get(transfer_id)
         consumer = self._consumers.get(agent)
         if held is None or consumer is None:
-            seen, pending = self._early.setdefault(transfer_id, (time.monotonic(), []))
-            pending.append((agent, rank))
+            if transfer_id in self._early or len(self._early) < _EARLY_MAX:
+                self._early.setdefault(transfer_id, (time.monotonic(), []))[1].append((agent, rank))
             return
         try:
             check_binding(PeerInfo(b"", consumer.public_key, ""), held.job.params.binding,

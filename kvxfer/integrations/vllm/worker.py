@@ -202,12 +202,12 @@ class WorkerSide:
             log.error("kvxfer load failed request=%s producer=%s kind=%s: %s", job.req_id,
                       job.params.engine_id, error.kind, error)
             self.metrics.observe_failure(error.kind)
-            self.consumer.fail(job.params, error)
-            with self._lock:
+            with self._lock:  # reported first: telling the producer may wait on a dead peer
                 self._stats.record_failure(error.kind)
                 self._results.recving.add(job.req_id)
                 self._results.failed.add(job.req_id)
                 self._results.failed_blocks.update(job.local_ids)
+            self.consumer.fail(job.params, error)
             return
         log.info("kvxfer loaded request=%s from %s: %d tokens, %d bytes, %d descriptors, %.1f ms (%s)",
                  job.req_id, ",".join(summary.peers), job.num_tokens, summary.num_bytes,
