@@ -289,7 +289,7 @@ class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
     them, and the producer's side channel refuses anyone else (`sidechannel.check_binding`).
     """
 
-    protocol_version: int = PROTOCOL_VERSION
+    protocol_version: Count = PROTOCOL_VERSION  # bounded: parameters arrive as JSON from HTTP clients
     engine_id: ShortStr
     boot_epoch: U64
     request_id: RequestId

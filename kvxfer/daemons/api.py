@@ -24,7 +24,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=Fals
     prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 22)] | TokenIds
     max_tokens: MaxTokens = 16
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 0.0
-    seed: int | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None  # the engine multiplies it by ~2**20
     stream: bool = False
     model: str = ""
     kv_transfer_params: TransferParams | None = None
