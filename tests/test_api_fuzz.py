@@ -100,6 +100,7 @@ def typed_error(reply: httpx.Response) -> str:
     assert 400 <= reply.status_code < 600, reply.status_code
     body = msgspec.json.decode(reply.content, type=api.ErrorResponse)
     assert body.error.type and body.error.message, reply.text
+    assert body.error.type != "internal", f"a bug answered as an internal error: {reply.text}"
     return body.error.type
 
 

@@ -84,6 +84,11 @@ def create_app(service: Service) -> FastAPI:
             outcome = err.kind
             log.warning("request failed (%s): %s", err.kind, err)
             return error(err.kind, str(err), 503 if err.kind in ("allocation",) else 500)
+        except Exception as err:  # a bug of ours: a typed answer, one log line, one metric
+            outcome = "internal"
+            log.exception("request failed with an unexpected %s", type(err).__name__)
+            service.metrics.transfer.observe_failure("internal")
+            return error("internal", f"internal error: {type(err).__name__}", 500)
         finally:
             if isinstance(service, PrefillService) or not body.stream:
                 service.metrics.requests.labels(locals().get("outcome", "error")).inc()
