@@ -1,10 +1,11 @@
 """Hostile HTTP input against real services: forged transfer parameters sent to a decode service,
 odd request bodies sent to prefill, malformed JSON to both.
 
-KVXFER_API_FUZZ_INPUTS (default 300) sets how many inputs in all: two fifths forged transfer
+KVXFER_API_FUZZ_INPUTS (default 300) sets how many inputs in all: a fifth forged transfer
 parameters (another request's blocks, out-of-range, empty or shifted block lists, wrong token
 counts, engine ids, boot epochs, TP sizes, request ids, side-channel addresses, first tokens,
-protocol versions), one fifth prefill request bodies, two fifths raw bodies. The long run
+protocol versions), a fifth prefill request bodies, three fifths raw bodies (to both services; a
+forged-parameter input costs a prefill and a decode request, a raw one a few milliseconds). The long run
 (`make fuzz-api`): KVXFER_API_FUZZ_INPUTS=10000.
 
 Every reply must be a correct answer or a typed error body (4xx/5xx); a 200 only for parameters
@@ -35,7 +36,7 @@ from kvxfer.engine.tokenizer import byte_level_tokenizer
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(int(os.environ.get("KVXFER_API_FUZZ_TIMEOUT_S", "1800")))]
 
 FUZZ_INPUTS = int(os.environ.get("KVXFER_API_FUZZ_INPUTS", "300"))
-NUM_DECODE = FUZZ_INPUTS * 2 // 5
+NUM_DECODE = FUZZ_INPUTS // 5
 NUM_PREFILL = FUZZ_INPUTS // 5
 NUM_RAW = FUZZ_INPUTS - NUM_DECODE - NUM_PREFILL
 PROMPT = "forged parameters must never read a byte"
