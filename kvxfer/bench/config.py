@@ -31,6 +31,8 @@ class PlanKind(Enum):
     PREPPED = "prepped"  # descriptor tables prepared once per peer, int32 indices per request
     SPANS = "spans"  # coalesced explicit spans per request (initialize_xfer)
     PER_BLOCK = "per-block"  # naive: one descriptor per block unit, no coalescing (initialize_xfer)
+    STAGED = "staged"  # gather into a registered staging buffer, one WRITE per peer, scatter
+    AUTO = "auto"  # calibrate the cost model on this fabric, then prepped or staged as it says
 
 
 class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,3 +116,4 @@ class BenchResult(msgspec.Struct, kw_only=True):
     transfer_ms_all: list[float]
     ratio_all: list[float]
     auto: dict[str, float] | None = None  # gbps per op measured by --mode auto
+    cost_model: dict | None = None  # --plan auto: calibrated costs, estimates, choice, both measured

@@ -26,6 +26,7 @@ class Hello(_Msg):
     device_id: int
     mem: str  # "DRAM" or "VRAM"
     block_ids: list[int]  # flattened; [2, n] for separate K/V pages
+    staging_addr: int = 0  # registered staging buffer (PlanKind.STAGED), 0 when none
 
 
 class Peers(_Msg):
@@ -92,6 +93,7 @@ class RunReport(_Msg):
     num_transfers: int = 0
     post_us: int = 0
     plan_us: float = 0.0
+    receive_end_ns: int = 0  # staged: when this receiver finished scattering
 
 
 class Verified(_Msg):
@@ -100,13 +102,27 @@ class Verified(_Msg):
     num_bytes: int
 
 
+class Calibrate(_Msg):
+    """prefill0 probes decode0's staging buffer to calibrate the cost model."""
+
+    probe_bytes: int
+
+
+class Calibrated(_Msg):
+    per_transfer_s: float
+    per_descriptor_s: float
+    read_bytes_per_s: float
+    write_bytes_per_s: float
+    copy_bytes_per_s: float
+
+
 class Failed(_Msg):
     kind: str
     message: str
 
 
-ToRank = Peers | Prepare | Scramble | Run | Deliver | PingPong | Verify | Dump | Stop
-FromRank = Hello | Ack | RunReport | Latency | Verified | Failed
+ToRank = Peers | Prepare | Scramble | Run | Deliver | PingPong | Verify | Dump | Calibrate | Stop
+FromRank = Hello | Ack | RunReport | Latency | Verified | Calibrated | Failed
 
 TO_RANK = msgspec.msgpack.Decoder(ToRank)
 FROM_RANK = msgspec.msgpack.Decoder(FromRank)

@@ -11,10 +11,13 @@ import time
 from multiprocessing.connection import Connection
 
 import msgspec
+import torch
 
+from kvxfer.agents.calibrate import Probe, calibrate
 from kvxfer.agents.nixl_agent import (
     AgentConfig,
     ErrorHandling,
+    MemKind,
     NixlAgent,
     Op,
     Threading,
@@ -22,12 +25,14 @@ from kvxfer.agents.nixl_agent import (
     transfer_deadline,
 )
 from kvxfer.bench import cache as cache_mod
-from kvxfer.bench import initiator
+from kvxfer.bench import initiator, staged
 from kvxfer.bench.config import BenchConfig, PlanKind, Strategy
 from kvxfer.bench.messages import (
     ENCODER,
     TO_RANK,
     Ack,
+    Calibrate,
+    Calibrated,
     Deliver,
     Dump,
     Failed,
@@ -43,7 +48,7 @@ from kvxfer.bench.messages import (
     Verified,
     Verify,
 )
-from kvxfer.errors import KvxferError
+from kvxfer.errors import ConfigError, KvxferError
 from kvxfer.planning import map_tp
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,13 @@ class RankState:
             error_handling=ErrorHandling(cfg.error_handling), num_workers=cfg.num_workers,
             num_threads=cfg.num_threads))
         self.mem = self.agent.register(self.cache.tensors)
+        self.staging = None
+        if cfg.plan in (PlanKind.STAGED, PlanKind.AUTO):
+            # staging: [bytes this rank sends or receives per request] uint8, registered once
+            self.staging = torch.empty(staged.staging_bytes(cfg, role, rank), dtype=torch.uint8,
+                                       device=self.cache.tensors[0].device)
+            self.agent.register([self.staging])
+        self.staged_received = False
         self.hellos: list[Hello] = []
         self.plans: dict[tuple[Op, PlanKind], list[initiator.PeerPlan]] = {}
         self.before = None
@@ -72,13 +84,16 @@ class RankState:
         return Hello(role=c.role, rank=c.rank, agent=self.agent.name, metadata=self.agent.metadata(),
                      desc=c.desc, layer_addrs=[int(a) for a in c.region.layer_addrs],
                      device_id=c.region.device_id, mem=self.mem.value,
-                     block_ids=[int(b) for b in c.block_ids.reshape(-1)])
+                     block_ids=[int(b) for b in c.block_ids.reshape(-1)],
+                     staging_addr=0 if self.staging is None else int(self.staging.data_ptr()))
 
     def handle(self, msg: object) -> object:
         match msg:
             case Peers(hellos=hellos):
                 return self._peers(hellos)
             case Prepare(ops=ops, plan=kind):
+                if kind is PlanKind.STAGED:
+                    return Ack()  # staged parts are planned per request (timed in Run)
                 for op in ops:
                     self.plans[op, kind] = initiator.build(self.cfg, self.agent, op, kind, self.cache,
                                                            self.hellos)
@@ -99,6 +114,8 @@ class RankState:
                     return Verified(ok=True, detail="", num_bytes=0)
                 ok, detail, num_bytes = cache_mod.verify(self.cfg, self.cache)
                 return Verified(ok=ok, detail=detail, num_bytes=num_bytes)
+            case Calibrate(probe_bytes=probe_bytes):
+                return self._calibrate(probe_bytes)
             case Dump(directory=directory):
                 cache_mod.dump(directory, self.cache, self.before)
                 return Ack()
@@ -115,6 +132,8 @@ class RankState:
         return Ack()
 
     def _run(self, strategy: Strategy, kind: PlanKind) -> RunReport:
+        if kind is PlanKind.STAGED:
+            return self._run_staged(strategy)
         op, half = _my_part(strategy, self.cache.role)
         plans = self.plans.get((op, kind), [])
         if not plans:
@@ -134,8 +153,49 @@ class RankState:
             num_transfers=len(posted.transfers), post_us=max(s.post_us for s in stats),
             plan_us=posted.plan_us)
 
+    def _run_staged(self, strategy: Strategy) -> RunReport:
+        """Prefill: gather, one WRITE per decode rank. Decode: wait, scatter (timed end)."""
+        if strategy is not Strategy.WRITE or self.staging is None:
+            raise ConfigError("bench: --plan staged pushes (--mode write) from a registered staging buffer")
+        device = self.staging.device
+        start = time.monotonic_ns()
+        parts = staged.build_parts(self.cfg, self.cache, self.hellos, device)
+        plan_us = (time.monotonic_ns() - start) / 1e3
+        if self.cache.role == "decode":
+            end = staged.receive(self.agent, self.cache, parts, self.staging,
+                                 timeout_s=self.cfg.deadline_slack_s)
+            self.staged_received = True
+            return RunReport(receive_end_ns=end)
+        if not parts:  # a prefill replica whose heads another replica sends
+            return RunReport()
+        transfers = staged.send(self.agent, self.cache, parts, self.staging, notif=ENCODER.encode(strategy))
+        num_bytes = sum(x.num_bytes for x in transfers)
+        timeout = transfer_deadline(num_bytes, slack_s=self.cfg.deadline_slack_s,
+                                    expected_gbps=self.cfg.expected_gbps)
+        stats = self.agent.wait(transfers, timeout_s=timeout)
+        return RunReport(start_ns=start, end_ns=time.monotonic_ns(), num_bytes=num_bytes,
+                         num_descriptors=len(transfers), nixl_descriptors=sum(s.num_descriptors for s in stats),
+                         num_transfers=len(transfers), post_us=max(s.post_us for s in stats), plan_us=plan_us)
+
+    def _calibrate(self, probe_bytes: int) -> Ack | Calibrated:
+        """prefill0 probes decode0's staging buffer; every other rank idles (and progresses)."""
+        if (self.cache.role, self.cache.rank) != ("prefill", 0) or self.staging is None:
+            return Ack()
+        peer = next(h for h in self.hellos if (h.role, h.rank) == ("decode", 0))
+        probe = Probe(self.staging.data_ptr(), peer.staging_addr, self.cache.region.device_id, peer.device_id,
+                      self.mem, MemKind(peer.mem), peer.agent)
+        small = 4096
+        costs = calibrate(self.agent, probe, self.staging.device, probe_bytes=probe_bytes, small_bytes=small,
+                          num_small=max(1, min(1024, probe_bytes // (2 * small))))
+        return Calibrated(per_transfer_s=costs.per_transfer_s, per_descriptor_s=costs.per_descriptor_s,
+                          read_bytes_per_s=costs.read_bytes_per_s, write_bytes_per_s=costs.write_bytes_per_s,
+                          copy_bytes_per_s=costs.copy_bytes_per_s)
+
     def _deliver(self, strategy: Strategy) -> Ack:
         """After a WRITE (or SPLIT) the decode rank waits for each producer's notification."""
+        if self.staged_received:  # a staged run consumed its notifications already
+            self.staged_received = False
+            return Ack()
         if strategy is not Strategy.READ and self.cache.role == "decode":
             mapping = map_tp(self.cfg.kv_heads, self.cfg.prefill_tp, self.cfg.decode_tp)
             expected = len(mapping.sources_of(self.cache.rank))

@@ -4,6 +4,7 @@ of processes; `run_bench` is what `kvxfer bench` calls."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import statistics
 import time
@@ -15,11 +16,14 @@ import numpy as np
 
 from kvxfer.agents.nixl_agent import Op
 from kvxfer.bench import rank as rank_mod
+from kvxfer.bench import staged
 from kvxfer.bench.cache import host_buffer
 from kvxfer.bench.config import BenchConfig, BenchResult, Mode, OpFigures, PlanKind, Strategy
 from kvxfer.bench.messages import (
     ENCODER,
     FROM_RANK,
+    Calibrate,
+    Calibrated,
     Deliver,
     Dump,
     Failed,
@@ -46,7 +50,11 @@ from kvxfer.errors import (
     TransferError,
     TransferTimeout,
 )
+from kvxfer.layouts import CacheRegion
+from kvxfer.planning import Fallback, map_tp, pair, request_indices
+from kvxfer.planning.cost import FabricCosts, Path, choose
 
+log = logging.getLogger(__name__)
 _ERRORS = {cls.kind: cls for cls in (ConfigError, LayoutError, PlanError, HandshakeError,
                                      TransferError, TransferTimeout, PeerGoneError, LeaseError)}
 NUM_PINGS = 200
@@ -80,6 +88,7 @@ class BenchSession:
         self.cfg = cfg
         self.procs: list[_Proc] = []
         self.prepared: set[tuple[Op, PlanKind]] = set()
+        self.hellos: list[Hello] = []
 
     def __enter__(self) -> BenchSession:
         ctx = mp.get_context("spawn")
@@ -94,8 +103,8 @@ class BenchSession:
                 proc.start()
                 child.close()
                 self.procs.append(_Proc(f"{role}{r}", proc, parent))
-            hellos = [self._recv(p, STARTUP_S) for p in self.procs]
-            self._all(Peers(hellos=[_expect(h, Hello) for h in hellos]), STARTUP_S)
+            self.hellos = [_expect(self._recv(p, STARTUP_S), Hello) for p in self.procs]
+            self._all(Peers(hellos=self.hellos), STARTUP_S)
         except BaseException:
             self.close()
             raise
@@ -132,8 +141,9 @@ class BenchSession:
         reports = [_expect(r, RunReport) for r in self._all(Run(strategy=strategy, plan=kind), timeout)]
         self._all(Deliver(strategy=strategy), timeout)
         active = [r for r in reports if r.num_transfers]
+        end_ns = max([r.end_ns for r in active] + [r.receive_end_ns for r in reports])
         return RunFigures(
-            transfer_ms=(max(r.end_ns for r in active) - min(r.start_ns for r in active)) / 1e6,
+            transfer_ms=(end_ns - min(r.start_ns for r in active)) / 1e6,
             num_bytes=sum(r.num_bytes for r in active),
             num_descriptors=sum(r.num_descriptors for r in active),
             nixl_descriptors=sum(r.nixl_descriptors for r in active),
@@ -154,6 +164,12 @@ class BenchSession:
         replies = [_expect(r, Verified) for r in self._all(Verify(), STARTUP_S)]
         bad = [r.detail for r in replies if not r.ok]
         return not bad, "; ".join(bad)
+
+    def calibrate(self, probe_bytes: int) -> FabricCosts:
+        reply = next(r for r in self._all(Calibrate(probe_bytes=probe_bytes), STARTUP_S) if isinstance(r, Calibrated))
+        return FabricCosts(per_transfer_s=reply.per_transfer_s, per_descriptor_s=reply.per_descriptor_s,
+                           read_bytes_per_s=reply.read_bytes_per_s, write_bytes_per_s=reply.write_bytes_per_s,
+                           copy_bytes_per_s=reply.copy_bytes_per_s)
 
     def dump(self, directory: str) -> None:
         self._all(Dump(directory=directory), STARTUP_S)
@@ -221,16 +237,17 @@ class CopyBaseline:
 
 
 def measure(session: BenchSession, strategy: Strategy, iters: int, *, verify_last: bool = False,
-            snapshot: bool = False, baseline: bool = False) -> tuple[OpFigures, RunFigures]:
+            snapshot: bool = False, baseline: bool = False,
+            kind: PlanKind | None = None) -> tuple[OpFigures, RunFigures]:
     """One warm-up run, then `iters` timed runs (each followed by the copy baseline when asked);
     the last one on a scrambled decode cache when it is to be verified."""
-    warm = session.run(strategy)
+    warm = session.run(strategy, kind)
     copy = CopyBaseline(warm.num_bytes, device=session.cfg.device,
                         huge_pages=session.cfg.huge_pages) if baseline else None
     runs, copies = [], []
     for i in range(iters):
         last = i == iters - 1
-        runs.append(session.run(strategy, scramble=verify_last and last, snapshot=snapshot and last))
+        runs.append(session.run(strategy, kind, scramble=verify_last and last, snapshot=snapshot and last))
         copies.append(copy.measure() if copy else 0.0)
     times = [r.transfer_ms for r in runs]
     gbps = [r.num_bytes / (t / 1e3) / 1e9 for r, t in zip(runs, times, strict=True)]
@@ -241,17 +258,62 @@ def measure(session: BenchSession, strategy: Strategy, iters: int, *, verify_las
     return figures, runs[-1]
 
 
+def choose_plan(session: BenchSession, cfg: BenchConfig) -> tuple[PlanKind, Strategy, dict]:
+    """--plan auto: calibrate on this fabric, estimate direct (prepped) and staged, pick."""
+    probe = min(64 << 20, min(staged.staging_bytes(cfg, "decode", 0), staged.staging_bytes(cfg, "prefill", 0)))
+    costs = session.calibrate(probe)
+    mapping = map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp)
+    num_bytes = sum(staged.part_bytes(cfg, a) for a in mapping.assignments)
+    descriptors = direct_descriptors(cfg, session.hellos)
+    writes = (False, True) if cfg.mode is Mode.AUTO else (cfg.mode is Mode.WRITE,)
+    choice = choose(costs, num_bytes=num_bytes, descriptors=descriptors, writes=writes)
+    staged_ok = [c for c in choice.candidates if c.path is Path.DIRECT or c.write]
+    best = min(staged_ok, key=lambda c: c.seconds)
+    kind = PlanKind.STAGED if best.path is Path.STAGED else PlanKind.PREPPED
+    log.info("cost model: %s", choice.describe())
+    report = {"costs": {k: getattr(costs, k) for k in ("per_transfer_s", "per_descriptor_s", "read_bytes_per_s",
+                                                        "write_bytes_per_s", "copy_bytes_per_s")},
+              "direct_descriptors": descriptors, "bytes": num_bytes,
+              "estimates_ms": {f"{c.path.value}/{'write' if c.write else 'read'}": c.seconds * 1e3
+                               for c in staged_ok},
+              "choice": f"{best.path.value}/{'write' if best.write else 'read'}"}
+    return kind, Strategy.WRITE if best.write else Strategy.READ, report
+
+
+def direct_descriptors(cfg: BenchConfig, hellos: list[Hello]) -> int:
+    """Descriptors the prepped (direct) plan posts for the request, over every decode rank."""
+    by_key = {(h.role, h.rank): h for h in hellos}
+    total = 0
+    for a in map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp).assignments:
+        d, p = by_key["decode", a.decode_rank], by_key["prefill", a.prefill_rank]
+        regions = [CacheRegion(h.desc, np.array(h.layer_addrs, dtype=np.uint64), h.device_id) for h in (d, p)]
+        ids = [np.array(h.block_ids, dtype=np.int64).reshape((2, -1) if h.desc.separate_kv_pages else (-1,))
+               for h in (d, p)]
+        plan = pair(regions[0], regions[1], a.heads, fallback=Fallback(cfg.fallback))
+        total += int(request_indices(plan, ids[0], ids[1], cfg.tokens)[0].size)
+    return total
+
+
 def run_bench(cfg: BenchConfig) -> BenchResult:
     with BenchSession(cfg) as session:
         rtt_us = statistics.median(session.ping_pong(NUM_PINGS))
-        auto = None
-        if cfg.mode is Mode.AUTO:
+        auto = cost_model = None
+        kind = cfg.plan
+        if cfg.plan is PlanKind.AUTO:
+            kind, strategy, cost_model = choose_plan(session, cfg)
+            other = PlanKind.PREPPED if kind is PlanKind.STAGED else PlanKind.STAGED
+            other_strategy = Strategy.WRITE if other is PlanKind.STAGED else strategy
+            measured = {kind.value: measure(session, strategy, AUTO_ITERS, kind=kind)[0].gbps,
+                        other.value: measure(session, other_strategy, AUTO_ITERS, kind=other)[0].gbps}
+            cost_model["measured_gbps"] = measured
+            cost_model["picked_faster"] = measured[kind.value] >= measured[other.value]
+        elif cfg.mode is Mode.AUTO:
             auto = {s.value: measure(session, s, AUTO_ITERS)[0].gbps for s in Strategy}
             strategy = Strategy(max(auto, key=auto.__getitem__))
         else:
             strategy = Strategy(cfg.mode.value)
         figures, last = measure(session, strategy, cfg.iters, verify_last=cfg.verify,
-                                snapshot=cfg.dump is not None, baseline=cfg.memcpy)
+                                snapshot=cfg.dump is not None, baseline=cfg.memcpy, kind=kind)
         verified = None
         if cfg.verify:
             verified, detail = session.verify()
@@ -260,7 +322,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         if cfg.dump is not None:
             session.dump(cfg.dump)
     return BenchResult(
-        mode=strategy.value, plan=cfg.plan.value, prefill_tp=cfg.prefill_tp,
+        mode=strategy.value, plan=kind.value, prefill_tp=cfg.prefill_tp,
         decode_tp=cfg.decode_tp, device=cfg.device, threading=cfg.threading,
         error_handling=cfg.error_handling, huge_pages=cfg.huge_pages,
         num_workers=cfg.num_workers, num_threads=cfg.num_threads, bytes=last.num_bytes, descriptors=last.num_descriptors,
@@ -268,4 +330,4 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         plan_us=last.plan_us, post_us=last.post_us, transfer_ms=figures.transfer_ms,
         gbps=figures.gbps, memcpy_gbps=figures.memcpy_gbps, ratio=figures.ratio,
         verified=verified, notif_rtt_us=rtt_us, iters=cfg.iters, transfer_ms_all=figures.transfer_ms_all,
-        ratio_all=figures.ratio_all, auto=auto)
+        ratio_all=figures.ratio_all, auto=auto, cost_model=cost_model)

@@ -26,9 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--mode", choices=["read", "write", "split", "auto"], default="auto",
                    help="read: decode pulls; write: prefill pushes; split: both at once on halves "
                         "of the descriptors; auto: measure each, keep the fastest (default: auto)")
-    x.add_argument("--plan", choices=["prepped", "spans", "per-block"], default="prepped",
+    x.add_argument("--plan", choices=["prepped", "spans", "per-block", "staged", "auto"], default="prepped",
                    help="prepped: tables once per peer + int32 indices (default); spans: coalesced "
-                        "explicit spans; per-block: naive one descriptor per block unit")
+                        "explicit spans; per-block: naive one descriptor per block unit; staged: "
+                        "gather into a staging buffer, one WRITE per peer, scatter (with --mode write); auto: "
+                        "calibrate the cost model on this fabric, pick prepped or staged, and measure both")
     x.add_argument("--fallback", choices=["none", "fine"], default="none",
                    help="accept per-token spans where heads are not contiguous (default: none)")
     x.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cache memory (default: cpu)")
@@ -91,4 +93,10 @@ def _table(r) -> str:
     ]
     if r.auto:
         rows.append(("auto (gbps)", ", ".join(f"{k} {v:.2f}" for k, v in r.auto.items())))
+    if r.cost_model:
+        cm = r.cost_model
+        rows.append(("cost model estimates (ms)", ", ".join(f"{k} {v:.3f}" for k, v in cm["estimates_ms"].items())))
+        rows.append(("cost model choice", f"{cm['choice']} ({cm['direct_descriptors']:,} direct descriptors)"))
+        rows.append(("measured (gbps)", ", ".join(f"{k} {v:.2f}" for k, v in cm["measured_gbps"].items())
+                     + ("; picked the faster" if cm["picked_faster"] else "; picked the SLOWER")))
     return format_table(["", "value"], rows)
