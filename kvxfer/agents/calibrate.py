@@ -54,6 +54,18 @@ def _time(agent: NixlAgent, op: Op, probe: Probe, lengths: np.ndarray, *, repeat
     return statistics.median(samples)
 
 
+def _bandwidth(agent: NixlAgent, op: Op, probe: Probe, probe_bytes: int, *, repeats: int,
+               timeout_s: float) -> float:
+    """Bytes per second from the slope between a quarter and a whole probe (fixed costs cancel);
+    the whole probe's plain rate when noise makes the slope meaningless."""
+    quarter = max(probe_bytes // 4, 1)
+    times = [_time(agent, op, probe, np.array([n], dtype=np.uint64), repeats=repeats, timeout_s=timeout_s)
+             for n in (quarter, probe_bytes)]
+    slope = (times[1] - times[0]) / (probe_bytes - quarter) if probe_bytes > quarter else 0.0
+    plain = probe_bytes / times[1]
+    return 1.0 / slope if slope > 1.0 / (100 * plain) else plain
+
+
 def copy_bytes_per_s(device: torch.device, num_bytes: int, *, repeats: int = 5) -> float:
     """A device-to-device (or host memcpy) copy of `num_bytes`, the cost of a gather or scatter."""
     src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
@@ -76,17 +88,15 @@ def calibrate(agent: NixlAgent, probe: Probe, device: torch.device, *, probe_byt
               timeout_s: float = 30.0) -> FabricCosts:
     if 2 * num_small * small_bytes > probe_bytes:
         raise ConfigError(f"calibrate: {num_small} x {small_bytes} bytes, spaced, exceed probe_bytes={probe_bytes}")
-    one = np.array([probe_bytes], dtype=np.uint64)
     fixed = _time(agent, Op.WRITE, probe, np.array([256], dtype=np.uint64), repeats=repeats, timeout_s=timeout_s)
-    bulk = {op: _time(agent, op, probe, one, repeats=repeats, timeout_s=timeout_s) for op in (Op.READ, Op.WRITE)}
+    bandwidth = {op: _bandwidth(agent, op, probe, probe_bytes, repeats=repeats, timeout_s=timeout_s)
+                 for op in (Op.READ, Op.WRITE)}
     small = _time(agent, Op.WRITE, probe, np.full(num_small, small_bytes, dtype=np.uint64),
                   repeats=repeats, timeout_s=timeout_s)
-    write_bw = probe_bytes / max(bulk[Op.WRITE] - fixed, 1e-9)
-    per_descriptor = max((small - fixed - num_small * small_bytes / write_bw) / num_small, 1e-9)
+    per_descriptor = max((small - fixed - num_small * small_bytes / bandwidth[Op.WRITE]) / num_small, 1e-9)
     costs = FabricCosts(
-        per_transfer_s=fixed, per_descriptor_s=per_descriptor,
-        read_bytes_per_s=probe_bytes / max(bulk[Op.READ] - fixed, 1e-9), write_bytes_per_s=write_bw,
-        copy_bytes_per_s=copy_bytes_per_s(device, probe_bytes))
+        per_transfer_s=fixed, per_descriptor_s=per_descriptor, read_bytes_per_s=bandwidth[Op.READ],
+        write_bytes_per_s=bandwidth[Op.WRITE], copy_bytes_per_s=copy_bytes_per_s(device, probe_bytes))
     log.info("calibrated against %s: %.1f us per transfer, %.2f us per descriptor, read %.1f GB/s, "
              "write %.1f GB/s, copy %.1f GB/s", probe.peer, costs.per_transfer_s * 1e6,
              costs.per_descriptor_s * 1e6, costs.read_bytes_per_s / 1e9, costs.write_bytes_per_s / 1e9,

@@ -64,11 +64,12 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     deadline_slack_s: float = 10.0
     expected_gbps: float = 0.2
     memcpy: bool = True
+    staged_groups: int = 4  # --plan staged: layer groups pipelined (gather / wire / scatter)
     huge_pages: bool = True  # host caches (and the memcpy baseline) on transparent huge pages
 
     def check(self) -> None:
         for name in ("prefill_tp", "decode_tp", "kv_heads", "head_dim", "layers", "tokens",
-                     "prefill_block_size", "decode_block_size", "iters", "num_workers"):
+                     "prefill_block_size", "decode_block_size", "iters", "num_workers", "staged_groups"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"bench: {name}={getattr(self, name)} must be positive")
         if self.device not in ("cpu", "cuda"):

@@ -162,13 +162,14 @@ class RankState:
         parts = staged.build_parts(self.cfg, self.cache, self.hellos, device)
         plan_us = (time.monotonic_ns() - start) / 1e3
         if self.cache.role == "decode":
-            end = staged.receive(self.agent, self.cache, parts, self.staging,
+            end = staged.receive(self.agent, self.cache, parts, self.staging, num_groups=self.cfg.staged_groups,
                                  timeout_s=self.cfg.deadline_slack_s)
             self.staged_received = True
             return RunReport(receive_end_ns=end)
         if not parts:  # a prefill replica whose heads another replica sends
             return RunReport()
-        transfers = staged.send(self.agent, self.cache, parts, self.staging, notif=ENCODER.encode(strategy))
+        transfers = staged.send(self.agent, self.cache, parts, self.staging, num_groups=self.cfg.staged_groups,
+                                rank=self.cache.rank)
         num_bytes = sum(x.num_bytes for x in transfers)
         timeout = transfer_deadline(num_bytes, slack_s=self.cfg.deadline_slack_s,
                                     expected_gbps=self.cfg.expected_gbps)

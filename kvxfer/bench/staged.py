@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import torch
 
@@ -21,7 +22,7 @@ from kvxfer.agents.staging import Gather
 from kvxfer.bench.cache import RankCache
 from kvxfer.bench.config import BenchConfig
 from kvxfer.bench.messages import Hello
-from kvxfer.errors import ConfigError
+from kvxfer.errors import ConfigError, TransferTimeout
 from kvxfer.layouts import DTYPE_BYTES, CacheRegion, get_layout
 from kvxfer.planning import Assignment, Fallback, map_tp, pair, request_layer_offsets
 
@@ -91,29 +92,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def groups(num_layers: int, num_groups: int) -> list[range]:
+    """Layer ranges moved as separate WRITEs, so the receiver scatters one while the next is on
+    the wire and the sender gathers the one after (a three-stage pipeline)."""
+    n = max(1, min(num_groups, num_layers))
+    bounds = [round(i * num_layers / n) for i in range(n + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(n)]
+
+
 def send(agent: NixlAgent, cache: RankCache, parts: list[Part], staging: torch.Tensor, *,
-         notif: bytes) -> list[Transfer]:
-    """Gather every part, then one WRITE per part (one descriptor each)."""
-    for p in parts:
-        p.gather.gather(cache.tensors, staging[p.local_offset : p.local_offset + p.num_bytes])
-    _sync(staging.device)
-    mem = MemKind.of(staging)
-    base = staging.data_ptr()
+         num_groups: int, rank: int) -> list[Transfer]:
+    """Per layer group: gather every part's layers, then one WRITE per part (one descriptor)."""
+    mem, base = MemKind.of(staging), staging.data_ptr()
     transfers = []
-    for p in parts:
-        local = np.array([[base + p.local_offset, p.num_bytes, cache.region.device_id]], dtype=np.uint64)
-        remote = np.array([[p.peer.staging_addr + p.remote_offset, p.num_bytes, p.peer.device_id]],
-                          dtype=np.uint64)
-        transfers.append(agent.post_spans(Op.WRITE, local, remote, peer=p.peer.agent, local_mem=mem,
-                                          remote_mem=MemKind(p.peer.mem), notif=notif))
+    for g, layers in enumerate(groups(len(cache.tensors), num_groups)):
+        for p in parts:
+            lo, hi = _group_span(p, layers)
+            p.gather.gather(cache.tensors[layers.start : layers.stop], staging[p.local_offset + lo : p.local_offset + hi])
+        _sync(staging.device)
+        for p in parts:
+            lo, hi = _group_span(p, layers)
+            local = np.array([[base + p.local_offset + lo, hi - lo, cache.region.device_id]], dtype=np.uint64)
+            remote = np.array([[p.peer.staging_addr + p.remote_offset + lo, hi - lo, p.peer.device_id]],
+                              dtype=np.uint64)
+            transfers.append(agent.post_spans(Op.WRITE, local, remote, peer=p.peer.agent, local_mem=mem,
+                                              remote_mem=MemKind(p.peer.mem), notif=_NOTIF.encode((rank, g))))
     return transfers
 
 
 def receive(agent: NixlAgent, cache: RankCache, parts: list[Part], staging: torch.Tensor, *,
-            timeout_s: float) -> int:
-    """Wait for every part's notification, scatter them all; returns the end time (ns)."""
-    agent.wait_notifs(len(parts), timeout_s=timeout_s)
-    for p in parts:
-        p.gather.scatter(staging[p.local_offset : p.local_offset + p.num_bytes], cache.tensors)
+            num_groups: int, timeout_s: float) -> int:
+    """Scatter each (part, layer group) as its notification arrives; returns the end time (ns)."""
+    by_rank = {p.peer.rank: p for p in parts}
+    layer_groups = groups(len(cache.tensors), num_groups)
+    pending = {(r, g) for r in by_rank for g in range(len(layer_groups))}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        arrived = [_NOTIF_DECODER.decode(payload) for _, payload in agent.collect_notifs()]
+        for rank, g in arrived:
+            p, layers = by_rank[rank], layer_groups[g]
+            lo, hi = _group_span(p, layers)
+            p.gather.scatter(staging[p.local_offset + lo : p.local_offset + hi], cache.tensors[layers.start : layers.stop])
+            pending.discard((rank, g))
+        if pending and time.monotonic() > deadline:
+            raise TransferTimeout(f"bench staged: parts {sorted(pending)} not delivered in {timeout_s:.1f} s")
     _sync(staging.device)
     return time.monotonic_ns()
+
+
+def _group_span(p: Part, layers: range) -> tuple[int, int]:
+    per_layer = p.gather.bytes_per_layer
+    return layers.start * per_layer, layers.stop * per_layer
+
+
+_NOTIF = msgspec.msgpack.Encoder()
+_NOTIF_DECODER = msgspec.msgpack.Decoder(tuple[int, int])  # (prefill rank, layer group)

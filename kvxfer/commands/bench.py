@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--num-workers", type=int, default=1, help="UCX workers per agent (default: 1)")
     x.add_argument("--num-threads", type=int, default=0,
                    help="UCX backend threads splitting each transfer (default: 0, none)")
+    x.add_argument("--staged-groups", type=int, default=4,
+                   help="--plan staged: layer groups moved as separate WRITEs, pipelined with the "
+                        "gather and the scatter (default: 4)")
     x.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
                    help="host caches and the memcpy baseline on transparent huge pages (default: on)")
     x.add_argument("--verify", action="store_true",
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         mode=Mode(args.mode), plan=PlanKind(args.plan), fallback=args.fallback, device=args.device,
         random_blocks=args.random_blocks, seed=args.seed, iters=args.iters, verify=args.verify,
         dump=args.dump, threading=args.threading, error_handling=args.ucx_error_handling,
-        num_workers=args.num_workers, num_threads=args.num_threads, huge_pages=args.huge_pages)
+        num_workers=args.num_workers, num_threads=args.num_threads, huge_pages=args.huge_pages,
+        staged_groups=args.staged_groups)
     result = run_bench(cfg)
     print(_table(result))
     if args.json:
