@@ -124,9 +124,9 @@ def kv_planes(layout: str, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         return cache[0], cache[1]
     if layout == "flash-attn-nhd":  # [2, N, bs, H, D]
         return cache[0].transpose(1, 2), cache[1].transpose(1, 2)
-    if layout == "packed":  # [N, H, bs, 2D]
-        pair = cache.view(n, h, bs, 2, d)
-        return pair[..., 0, :], pair[..., 1, :]
+    if layout == "packed":  # [N, H, bs, 2D]: per (block, head) bs K rows, then bs V rows
+        pair = cache.view(n, h, 2, bs, d)
+        return pair[:, :, 0], pair[:, :, 1]
     if layout == "trtllm-hnd":  # [P, H, bs, D]
         return cache, cache
     if layout == "trtllm-nhd":  # [P, bs, H, D]

@@ -25,9 +25,9 @@ def block_view(layout: str, cache: torch.Tensor) -> torch.Tensor:
         return cache.permute(1, 0, 2, 3, 4)
     if layout == "flash-attn-nhd":  # [2, N, bs, H, D]
         return cache.permute(1, 0, 3, 2, 4)
-    if layout == "packed":  # [N, H, bs, 2D]
+    if layout == "packed":  # [N, H, bs, 2D]: per (block, head) bs K rows, then bs V rows
         n, h, bs, d2 = cache.shape
-        return cache.view(n, h, bs, 2, d2 // 2).permute(0, 3, 1, 2, 4)
+        return cache.view(n, h, 2, bs, d2 // 2).permute(0, 2, 1, 3, 4)
     if layout == "trtllm-hnd":  # [P, H, bs, D]
         return cache.unsqueeze(1)
     if layout == "trtllm-nhd":  # [P, bs, H, D]

@@ -1,7 +1,10 @@
-"""Packed K/V: `[num_blocks, H, block_size, 2*D]`, each token's K row followed by its V row.
+"""Packed K/V: `[num_blocks, H, block_size, 2*D]`, where each (block, head) holds its
+`block_size` K rows and then its `block_size` V rows (the last two dimensions are a reshaped
+`[2, block_size, D]`).
 
-vLLM's CPU attention backend hands exactly this tensor to a KV connector. One head of one block is
-a single contiguous run holding both K and V, so whole-head slices stay one span per block.
+vLLM's CPU attention backend (CPU_ATTN) hands exactly this tensor to a KV connector. One head of
+one block is a single contiguous run holding both K and V, so whole-head slices stay one span per
+block, and a K or V half alone is `block_size * D` contiguous elements.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ def _parse(shape: tuple[int, ...]) -> Geometry:
 
 
 def _strides(g: Geometry, row: int) -> RowStrides:
-    # kv: [num_blocks, H, block_size, 2*D]
-    return RowStrides(block=g.num_heads * g.block_size * 2 * row, kv=row,
-                      head=g.block_size * 2 * row, token=2 * row)
+    # kv: [num_blocks, H, block_size, 2*D], memory order [num_blocks, H, 2, block_size, D]
+    return RowStrides(block=g.num_heads * 2 * g.block_size * row, kv=g.block_size * row,
+                      head=2 * g.block_size * row, token=row)
 
 
 PACKED = LayoutSpec(
