@@ -24,7 +24,14 @@ from kvxfer.agents.endpoint import Endpoint, Leg, TransferSummary
 from kvxfer.agents.nixl_agent import Backoff, PollPolicy
 from kvxfer.agents.peers import Peer
 from kvxfer.agents.sidechannel import ClientConfig, SideChannelClient
-from kvxfer.errors import ConfigError, KvxferError, PlanError, TransferTimeout
+from kvxfer.errors import (
+    ConfigError,
+    IncompatiblePeerError,
+    KvxferError,
+    PlanError,
+    TransferTimeout,
+)
+from kvxfer.integrations.vllm.layout import NAME as VLLM_CPU_LAYOUT
 from kvxfer.integrations.vllm.params import LoadJob
 from kvxfer.layouts import num_blocks_for
 from kvxfer.planning import TPMapping, map_tp
@@ -147,6 +154,7 @@ class Consumer:
             raise ConfigError(f"producer {params.engine_id} rank {rank} answered the handshake with "
                               f"{type(reply).__name__}")
         check_compatible(ours, reply, peer=f"{params.engine_id}/{rank}")
+        self._check_whole_blocks(reply.engine, f"{params.engine_id}/{rank}")
         if reply.engine.boot_epoch != params.boot_epoch:
             raise KvxferError(f"producer {params.engine_id} rank {rank} restarted (boot epoch "
                               f"{reply.engine.boot_epoch}, request made at {params.boot_epoch}); "
@@ -155,6 +163,14 @@ class Consumer:
         log.info("kvxfer handshake with producer %s rank %d (epoch %x): %.1f ms", params.engine_id, rank,
                  params.boot_epoch, (time.perf_counter() - started) * 1e3)
         return peer
+
+    def _check_whole_blocks(self, producer: m.EngineInfo, name: str) -> None:
+        """vLLM's CPU attention orders tokens inside a block its own (ISA-specific) way: whole
+        (block, head) regions move correctly, parts of blocks do not. Measured: producer
+        block_size 64 -> consumer 128 gave wrong tokens; 64 -> 64 and 128 -> 128 gave exact ones."""
+        ours, theirs = self.endpoint.region.desc, producer.regions[0].desc
+        if ours.layout == theirs.layout == VLLM_CPU_LAYOUT and ours.block_size != theirs.block_size:
+            raise IncompatiblePeerError(name, [("caches[0].block_size", ours.block_size, theirs.block_size)])
 
     # -- WRITE mode --------------------------------------------------------------------------------
 
