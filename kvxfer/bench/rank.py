@@ -75,6 +75,7 @@ class RankState:
                                        device=self.cache.tensors[0].device)
             self.agent.register([self.staging])
         self.staged_received = False
+        self.staged_pairs: list[staged.PeerPair] = []
         self.hellos: list[Hello] = []
         self.plans: dict[tuple[Op, PlanKind], list[initiator.PeerPlan]] = {}
         self.before = None
@@ -93,7 +94,9 @@ class RankState:
                 return self._peers(hellos)
             case Prepare(ops=ops, plan=kind):
                 if kind is PlanKind.STAGED:
-                    return Ack()  # staged parts are planned per request (timed in Run)
+                    # pairings once per peer; gather/scatter indices per request (timed in Run)
+                    self.staged_pairs = staged.pair_peers(self.cfg, self.cache, self.hellos)
+                    return Ack()
                 for op in ops:
                     self.plans[op, kind] = initiator.build(self.cfg, self.agent, op, kind, self.cache,
                                                            self.hellos)
@@ -159,7 +162,7 @@ class RankState:
             raise ConfigError("bench: --plan staged pushes (--mode write) from a registered staging buffer")
         device = self.staging.device
         start = time.monotonic_ns()
-        parts = staged.build_parts(self.cfg, self.cache, self.hellos, device)
+        parts = staged.build_parts(self.cfg, self.cache, self.staged_pairs, device)
         plan_us = (time.monotonic_ns() - start) / 1e3
         if self.cache.role == "decode":
             end = staged.receive(self.agent, self.cache, parts, self.staging, num_groups=self.cfg.staged_groups,

@@ -24,7 +24,7 @@ from kvxfer.bench.config import BenchConfig
 from kvxfer.bench.messages import Hello
 from kvxfer.errors import ConfigError, TransferTimeout
 from kvxfer.layouts import DTYPE_BYTES, CacheRegion, get_layout
-from kvxfer.planning import Assignment, Fallback, map_tp, pair, request_layer_offsets
+from kvxfer.planning import Assignment, Fallback, PairPlan, map_tp, pair, request_layer_offsets
 
 
 def part_bytes(cfg: BenchConfig, assignment: Assignment) -> int:
@@ -66,24 +66,45 @@ class Part:
     num_bytes: int
 
 
-def build_parts(cfg: BenchConfig, cache: RankCache, hellos: list[Hello], device: torch.device) -> list[Part]:
-    """This rank's parts for one request: gather (prefill) or scatter (decode) indices."""
+@dataclass(frozen=True)
+class PeerPair:
+    """One (assignment, peer) pairing, planned once per peer like the direct path's tables."""
+
+    assignment: Assignment
+    offset: int
+    peer: Hello
+    plan: PairPlan
+    remote_ids: np.ndarray
+
+
+def pair_peers(cfg: BenchConfig, cache: RankCache, hellos: list[Hello]) -> list[PeerPair]:
     by_key = {(h.role, h.rank): h for h in hellos}
     sender = cache.role == "prefill"
-    parts = []
+    out = []
     for a, offset in my_parts(cfg, cache.role, cache.rank):
         peer = by_key[("decode", a.decode_rank) if sender else ("prefill", a.prefill_rank)]
         remote = CacheRegion(peer.desc, np.array(peer.layer_addrs, dtype=np.uint64), peer.device_id)
-        plan = pair(cache.region, remote, a.heads, fallback=Fallback(cfg.fallback))
         remote_ids = np.array(peer.block_ids, dtype=np.int64)
         if remote.desc.separate_kv_pages:
             remote_ids = remote_ids.reshape(2, -1)
-        local_off, _ = request_layer_offsets(plan, cache.block_ids, remote_ids, cfg.tokens)
-        gather = Gather.build(local_off, plan.unit_bytes, cache.desc.layer_bytes, device)
+        plan = pair(cache.region, remote, a.heads, fallback=Fallback(cfg.fallback))
+        out.append(PeerPair(a, offset, peer, plan, remote_ids))
+    return out
+
+
+def build_parts(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], device: torch.device) -> list[Part]:
+    """Per request: this rank's gather (prefill) or scatter (decode) indices for every peer."""
+    sender = cache.role == "prefill"
+    parts = []
+    for pp in pairs:
+        local_off, _ = request_layer_offsets(pp.plan, cache.block_ids, pp.remote_ids, cfg.tokens)
+        gather = Gather.build(local_off, pp.plan.unit_bytes, cache.desc.layer_bytes, device)
         num_bytes = gather.bytes_per_layer * cfg.layers
-        if num_bytes != part_bytes(cfg, a):
-            raise ConfigError(f"bench staged: part {a} has {num_bytes} bytes, expected {part_bytes(cfg, a)}")
-        parts.append(Part(peer, gather, offset, offset_at_receiver(cfg, a) if sender else offset, num_bytes))
+        if num_bytes != part_bytes(cfg, pp.assignment):
+            raise ConfigError(f"bench staged: part {pp.assignment} has {num_bytes} bytes, "
+                              f"expected {part_bytes(cfg, pp.assignment)}")
+        remote_offset = offset_at_receiver(cfg, pp.assignment) if sender else pp.offset
+        parts.append(Part(pp.peer, gather, pp.offset, remote_offset, num_bytes))
     return parts
 
 
