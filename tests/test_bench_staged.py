@@ -36,5 +36,5 @@ def test_auto_plan_calibrates_and_reports_both_paths():
     model = result["cost_model"]
     assert result["verified"] is True
     assert model["choice"].split("/")[0] == ("staged" if result["plan"] == "staged" else "direct")
-    assert set(model["measured_gbps"]) == {"prepped", "staged"}
+    assert set(model["measured_gbps"]) == {"prepped", "staged", "per-block"}
     assert model["costs"]["per_descriptor_s"] > 0 and model["direct_descriptors"] > 0

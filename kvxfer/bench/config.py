@@ -64,7 +64,7 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     deadline_slack_s: float = 10.0
     expected_gbps: float = 0.2
     memcpy: bool = True
-    staged_groups: int = 4  # --plan staged: layer groups pipelined (gather / wire / scatter)
+    staged_groups: int = 1  # --plan staged: layer groups pipelined (gather / wire / scatter)
     huge_pages: bool = True  # host caches (and the memcpy baseline) on transparent huge pages
 
     def check(self) -> None:

@@ -45,9 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--num-workers", type=int, default=1, help="UCX workers per agent (default: 1)")
     x.add_argument("--num-threads", type=int, default=0,
                    help="UCX backend threads splitting each transfer (default: 0, none)")
-    x.add_argument("--staged-groups", type=int, default=4,
+    x.add_argument("--staged-groups", type=int, default=1,
                    help="--plan staged: layer groups moved as separate WRITEs, pipelined with the "
-                        "gather and the scatter (default: 4)")
+                        "gather and the scatter (default: 1)")
     x.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
                    help="host caches and the memcpy baseline on transparent huge pages (default: on)")
     x.add_argument("--verify", action="store_true",
