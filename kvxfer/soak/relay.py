@@ -70,6 +70,8 @@ class SideChannelRelay:
         self._conns.update((writer, up_writer))
         try:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except asyncio.CancelledError:
+            pass  # stop(): end quietly (asyncio's stream callback reports a cancelled task as an error)
         finally:
             for w in (writer, up_writer):
                 self._conns.discard(w)
@@ -89,6 +91,10 @@ class SideChannelRelay:
         for server in self._servers:
             server.close()
         await self._drop()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:  # the relays of dropped connections: end them before the loop stops
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
