@@ -114,19 +114,18 @@ def test_unsupported_setups_are_refused(vllm_config, cache_config, match):
     check_supported(_vllm_config(), _cache_config("FullAttentionSpec"))
 
 
-def test_vllm_cpu_layout_matches_the_backends_own_view():
-    """Every (block, K/V, head, token) row the layout's strides address holds what vLLM's CPU
-    attention reads there: `kv_cache.view(N, H, 2 * bs, D).chunk(2, dim=2)`."""
+def test_packed_layout_matches_the_cpu_backends_own_view():
+    """Every (block, K/V, head, token) row that `packed` strides address holds what vLLM's CPU
+    attention takes as that K or V row: `kv_cache.view(N, H, 2 * bs, D).chunk(2, dim=2)`."""
     import numpy as np
     import torch
 
-    from kvxfer.integrations.vllm.layout import register
     from kvxfer.layouts import describe_shape
 
     n, h, bs, d = 3, 2, 32, 8
     cache = torch.arange(n * h * bs * 2 * d, dtype=torch.float32).view(n, h, bs, 2 * d)
     key, value = cache.view(n, h, 2 * bs, d).chunk(2, dim=2)
-    desc = describe_shape(register(), tuple(cache.shape), num_layers=1, dtype="float32")
+    desc = describe_shape("packed", tuple(cache.shape), num_layers=1, dtype="float32")
     flat = cache.numpy().reshape(-1).view(np.uint8)
     for kv, want in enumerate((key, value)):
         for b, head, tok in [(0, 0, 0), (1, 1, 5), (2, 0, 31), (2, 1, 17)]:

@@ -21,7 +21,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvxfer.errors import ConfigError
-from kvxfer.integrations.vllm import layout as vllm_cpu_layout
 from kvxfer.integrations.vllm.config import ConnectorConfig, model_fingerprint, parse_config
 from kvxfer.integrations.vllm.params import LoadJob, ReleaseJob, SendJob
 from kvxfer.integrations.vllm.scheduler import SchedulerSide, boot_epoch_of
@@ -108,7 +107,7 @@ def layout_of_platform() -> str:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        return vllm_cpu_layout.register()  # CPU_ATTN: K rows, then V rows, per (block, head)
+        return "packed"  # CPU_ATTN: [num_blocks, H, block_size, 2*D]; per block and head K, then V
     raise ConfigError(f"KvxferConnector: the {current_platform.device_type} attention backends' cache "
                       f"layouts are not wired yet (kvxfer.layouts has flashinfer-*/flash-attn-*); only "
                       f"vLLM's CPU backend is supported and tested")

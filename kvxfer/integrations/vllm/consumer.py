@@ -31,7 +31,6 @@ from kvxfer.errors import (
     PlanError,
     TransferTimeout,
 )
-from kvxfer.integrations.vllm.layout import NAME as VLLM_CPU_LAYOUT
 from kvxfer.integrations.vllm.params import LoadJob
 from kvxfer.layouts import num_blocks_for
 from kvxfer.planning import TPMapping, map_tp
@@ -165,11 +164,12 @@ class Consumer:
         return peer
 
     def _check_whole_blocks(self, producer: m.EngineInfo, name: str) -> None:
-        """vLLM's CPU attention orders tokens inside a block its own (ISA-specific) way: whole
-        (block, head) regions move correctly, parts of blocks do not. Measured: producer
-        block_size 64 -> consumer 128 gave wrong tokens; 64 -> 64 and 128 -> 128 gave exact ones."""
+        """vLLM's CPU attention kernel orders tokens inside a K or V half of a block its own way:
+        whole (block, head) regions move correctly, parts of blocks do not. Measured through the
+        `packed` strides: producer block_size 64 -> consumer 128 gave wrong tokens; 64 -> 64 and
+        128 -> 128 gave exact ones. So vLLM CPU caches pair only at equal block sizes."""
         ours, theirs = self.endpoint.region.desc, producer.regions[0].desc
-        if ours.layout == theirs.layout == VLLM_CPU_LAYOUT and ours.block_size != theirs.block_size:
+        if ours.layout == theirs.layout == "packed" and ours.block_size != theirs.block_size:
             raise IncompatiblePeerError(name, [("caches[0].block_size", ours.block_size, theirs.block_size)])
 
     # -- WRITE mode --------------------------------------------------------------------------------
