@@ -25,7 +25,8 @@ class Report:
     leaked: dict[str, int]  # blocks still in use after leases expired, by service ("service/metric")
     seconds: float = 0.0
     faults_skipped: int = 0
-    service_failures: dict[str, dict[str, float]] = field(default_factory=dict)  # kvxfer_failures_total
+    # kvxfer_failures_total of each service at the end: since its last restart only
+    service_failures: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def count(self, outcome: str) -> int:
         return sum(1 for o in self.outcomes if o.outcome == outcome)

@@ -108,7 +108,7 @@ def scrape(url: str, *names: str) -> dict[str, float]:
             continue
         key, _, value = line.rpartition(" ")
         if key.split("{")[0] in names:
-            out[key if "{" in key else key] = float(value)
+            out[key] = float(value)
     return out
 
 
