@@ -40,23 +40,17 @@ from kvxfer.bench.messages import (
     Verify,
 )
 from kvxfer.errors import (
-    ConfigError,
-    HandshakeError,
     KvxferError,
-    LayoutError,
-    LeaseError,
     PeerGoneError,
-    PlanError,
     TransferError,
     TransferTimeout,
+    error_class,
 )
 from kvxfer.layouts import CacheRegion
 from kvxfer.planning import Fallback, map_tp, pair, request_indices
 from kvxfer.planning.cost import FabricCosts, Path, choose
 
 log = logging.getLogger(__name__)
-_ERRORS = {cls.kind: cls for cls in (ConfigError, LayoutError, PlanError, HandshakeError,
-                                     TransferError, TransferTimeout, PeerGoneError, LeaseError)}
 NUM_PINGS = 200
 AUTO_ITERS = 2  # timed runs per strategy when --mode auto chooses (the median decides)
 STARTUP_S = 300.0  # spawning, allocating and filling caches
@@ -193,7 +187,7 @@ class BenchSession:
         except EOFError:
             raise PeerGoneError(f"bench rank {p.name} closed its pipe") from None
         if isinstance(reply, Failed):
-            raise _ERRORS.get(reply.kind, KvxferError)(f"bench rank {p.name}: {reply.message}")
+            raise error_class(reply.kind)(f"bench rank {p.name}: {reply.message}")
         return reply
 
 
