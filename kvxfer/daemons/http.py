@@ -66,6 +66,7 @@ def create_app(service: Service) -> FastAPI:
             service.metrics.requests.labels("invalid_request").inc()
             return error("invalid_request", str(err), 400)
         started = time.monotonic()
+        outcome = "error"
         try:
             if isinstance(service, PrefillService):
                 response = await service.complete(body)
@@ -91,7 +92,7 @@ def create_app(service: Service) -> FastAPI:
             return error("internal", f"internal error: {type(err).__name__}", 500)
         finally:
             if isinstance(service, PrefillService) or not body.stream:
-                service.metrics.requests.labels(locals().get("outcome", "error")).inc()
+                service.metrics.requests.labels(outcome).inc()
                 service.metrics.request_seconds.observe(time.monotonic() - started)
 
     return app
