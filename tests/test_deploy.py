@@ -27,6 +27,7 @@ from kvxfer.daemons.config import (
     serve_config_from_args,
 )
 
+VENV_KVXFER = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "kvxfer"
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 OVERLAYS = ("cpu-demo", "gpu", "rdma")
 KUSTOMIZATIONS = ("base", *(f"overlays/{name}" for name in OVERLAYS))
@@ -272,6 +273,7 @@ def test_the_cli_commands_take_every_config_flag(command):
     assert set(parser_for(command)._option_string_actions) <= offered
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not on PATH")
 def test_dockerfile_warmup_covers_the_gpu_overlay():
     cli = pytest.importorskip("kvxfer.cli")
     text = (DEPLOY / "docker" / "Dockerfile.cuda").read_text()
@@ -279,21 +281,19 @@ def test_dockerfile_warmup_covers_the_gpu_overlay():
     warmup = re.search(r"kvxfer warmup .*?--cache-dir \S+", text.replace("\\\n", " ")).group(0)
     argv = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], warmup).split()[1:]
     parsed = cli.build_parser().parse_args(argv)  # the warmup command's own flags
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl not on PATH")
     for _, _, config in workloads("overlays/gpu"):
         if isinstance(config, ServeConfig):
             assert config.tp in parsed.tp and config.layout in parsed.layout
             assert (config.block_size, config.dtype, config.model_dir) == (parsed.block_size, parsed.dtype, Path(parsed.model))
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None or not VENV_KVXFER.exists(),
+                    reason="needs kubectl and .venv/bin/kvxfer")
 def test_secret_script_creates_the_keys_the_manifests_use(tmp_path):
     """Runs deploy/scripts/create-curve-secret.sh with the real `kvxfer keys generate` and the
     real `kubectl create --dry-run=client`; only `kubectl apply` is replaced, by a capture."""
     pytest.importorskip("kvxfer.commands.keys")
-    kubectl, kvxfer = shutil.which("kubectl"), Path(__file__).resolve().parents[1] / ".venv" / "bin" / "kvxfer"
-    if kubectl is None or not kvxfer.exists():
-        pytest.skip("needs kubectl and .venv/bin/kvxfer")
+    kubectl, kvxfer = shutil.which("kubectl"), VENV_KVXFER
     stub = tmp_path / "bin" / "kubectl"
     stub.parent.mkdir()
     stub.write_text(f'#!/bin/sh\nif [ "$1" = apply ]; then cat > {tmp_path}/applied.yaml; else exec {kubectl} "$@"; fi\n')

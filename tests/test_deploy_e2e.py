@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from test_deploy import (  # noqa: E402
     resolve_env,
 )
 
+from kvxfer.daemons.cluster import free_ports  # noqa: E402
 from kvxfer.daemons.config import ServeConfig  # noqa: E402
 
 pytestmark = [pytest.mark.slow, needs_kubectl, pytest.mark.timeout(900)]
@@ -52,26 +52,6 @@ ORDER = ("kvxfer-prefill", "kvxfer-decode", "kvxfer-proxy")
 def kvxfer_command() -> list[str]:
     script = Path(sys.executable).parent / "kvxfer"
     return [str(script)] if script.exists() else [sys.executable, "-m", "kvxfer.cli"]
-
-
-def free_ports(count: int) -> int:
-    """A base port with `count` consecutive free ports on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count < 65535 and all(_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def generate_keys(directory: Path) -> dict[str, str]:

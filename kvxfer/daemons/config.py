@@ -442,12 +442,13 @@ def _check_serve(config: ServeConfig, s: _Settings) -> None:
     if config.lease_s <= config.transfer_deadline_s:
         why = f"must exceed --transfer-deadline-s={config.transfer_deadline_s}, or blocks are freed while a transfer may still read them"
         raise s.bad("--lease-s", config.lease_s, why)
-    if config.insecure_plaintext and not _is_loopback(config.side_channel_host):
+    if config.insecure_plaintext and not is_loopback(config.side_channel_host):
         why = f"{s.source('--insecure-plaintext')} is for loopback only; use CURVE keys"
         raise s.bad("--side-channel-host", config.side_channel_host, why)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:

@@ -25,7 +25,6 @@ Keys of `kv_connector_extra_config` (all optional unless said):
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -39,6 +38,7 @@ from kvxfer.agents.keys import (
     load_public_key,
     parse_key,
 )
+from kvxfer.daemons.config import is_loopback
 from kvxfer.errors import ConfigError
 
 _KNOWN_KEYS = frozenset({
@@ -101,7 +101,7 @@ def parse_config(extra: dict[str, Any], *, role: str | None, engine_id: str,
     if connector_role is ConnectorRole.PRODUCER and port == 0:
         raise ConfigError("side_channel_port: required for a kv_producer (TP rank r listens on "
                           "side_channel_port + r)")
-    if insecure and not _is_loopback(host):
+    if insecure and not is_loopback(host):
         raise ConfigError(f"insecure_plaintext: only on loopback, but side_channel_host={host!r}; "
                           f"use CURVE keys")
     config = ConnectorConfig(
@@ -195,15 +195,6 @@ def _server_key(extra: dict[str, Any]) -> bytes | None:
     if extra.get("curve_server_key"):
         return parse_key(str(extra["curve_server_key"]), what="curve_server_key")
     return None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def model_fingerprint(architecture: str, fields: dict[str, object]) -> str:
