@@ -6,10 +6,13 @@ from kvxfer.planning.pairing import (
     SpanPairs,
     coalesce_pairs,
     descriptor_table,
+    layer_offsets,
     pair,
+    request_block_ids,
     request_indices,
     request_layer_offsets,
     request_spans,
+    unit_terms,
 )
 from kvxfer.planning.tp import Assignment, Direction, HeadRange, TPMapping, heads_of_rank, map_tp
 
@@ -24,6 +27,9 @@ __all__ = [
     "coalesce_pairs",
     "descriptor_table",
     "request_indices",
+    "layer_offsets",
+    "request_block_ids",
+    "unit_terms",
     "request_layer_offsets",
     "heads_of_rank",
     "map_tp",

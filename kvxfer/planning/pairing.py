@@ -152,13 +152,16 @@ def request_layer_offsets(
     """Byte offsets of each `plan.unit_bytes` unit of one request inside one layer, on each side,
     paired by position and ordered (chunk, K/V, finer): the same in every layer. What a staged
     transfer gathers and scatters."""
+    return layer_offsets(plan, 0, local_ids, num_tokens), layer_offsets(plan, 1, remote_ids, num_tokens)
+
+
+def layer_offsets(plan: PairPlan, side: int, block_ids: np.ndarray, num_tokens: int) -> np.ndarray:
+    """One side's half of `request_layer_offsets` (side 0: local, 1: remote): all a staged
+    sender or receiver needs of its own cache."""
     if num_tokens <= 0:
         raise PlanError(f"num_tokens={num_tokens} must be positive")
     num_chunks = -(-num_tokens // plan.chunk_tokens)
-    return (
-        _layer_offsets(plan, 0, local_ids, num_tokens, num_chunks, "local"),
-        _layer_offsets(plan, 1, remote_ids, num_tokens, num_chunks, "remote"),
-    )
+    return _layer_offsets(plan, side, block_ids, num_tokens, num_chunks, ("local", "remote")[side])
 
 
 def _per_layer(region: CacheRegion, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -176,17 +179,38 @@ def _layer_offsets(
 ) -> np.ndarray:
     """Offset of every unit of the request inside one layer, ordered (chunk, kv, *outer)."""
     desc = (plan.local, plan.remote)[side].desc
-    ids = _request_ids(desc, block_ids, num_tokens, who)
-    token = np.arange(num_chunks) * plan.chunk_tokens
-    slot, offset = np.divmod(token, desc.block_size)
+    ids = request_block_ids(desc, block_ids, num_tokens, who=who)
+    which, within = unit_terms(plan, side, num_chunks * plan.chunk_tokens, id_row_stride=ids.shape[1])
+    return ids.reshape(-1)[which] * desc.block_stride + within
+
+
+def unit_terms(plan: PairPlan, side: int, num_tokens: int, *, id_row_stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """`layer_offsets` split into what does not depend on the block ids: for every unit, which
+    block id it lies in (an index into the side's `request_block_ids` flattened, rows
+    `id_row_stride` apart) and its byte offset from that block's start. Ordered (chunk, kv,
+    *outer), so a shorter request's units are a prefix: a GPU copier builds these once for its
+    largest request and looks the ids up itself."""
+    desc = (plan.local, plan.remote)[side].desc
+    num_chunks = -(-num_tokens // plan.chunk_tokens)
+    slot, offset = np.divmod(np.arange(num_chunks, dtype=np.int64) * plan.chunk_tokens, desc.block_size)
     num_kv = 1 if plan.fuse_kv else desc.num_kv
+    kv = np.arange(num_kv, dtype=np.int64)
     head_offset = (plan.heads.start - desc.first_head) * desc.head_stride
-    # offsets: [chunks, kv, *outer]
-    offsets = ids[:num_kv, slot].T * desc.block_stride + (offset * desc.token_stride + head_offset)[:, None]
-    offsets = offsets + np.arange(num_kv) * desc.kv_stride
+    # [chunks, kv, *outer]; shared K/V pages keep one row of ids, separate pages one per K/V
+    which = slot[:, None] + (kv * id_row_stride if desc.separate_kv_pages else 0 * kv)
+    within = (offset * desc.token_stride + head_offset)[:, None] + kv * desc.kv_stride
     for dim in plan.outer:
-        offsets = offsets[..., None] + np.arange(dim.extent, dtype=np.int64) * dim.strides[side]
-    return offsets.reshape(-1)
+        which = np.broadcast_to(which[..., None], (*which.shape, dim.extent))
+        within = within[..., None] + np.arange(dim.extent, dtype=np.int64) * dim.strides[side]
+    return which.reshape(-1), within.reshape(-1)
+
+
+def request_block_ids(desc: CacheDesc, block_ids: np.ndarray, num_tokens: int, *, who: str) -> np.ndarray:
+    """One request's block ids on one side as [rows, blocks] int64 (rows: 2 for separate K/V
+    pages, else 1), refusing anything that is not exactly the request's own distinct, in-range
+    blocks. What `unit_terms` indexes."""
+    ids = _request_ids(desc, block_ids, num_tokens, who)
+    return ids if desc.separate_kv_pages else ids[:1]
 
 
 def _request_ids(desc: CacheDesc, block_ids: np.ndarray, num_tokens: int, who: str) -> np.ndarray:
