@@ -13,8 +13,18 @@ from hypothesis import given
 from test_plan_properties import make_rank, scenarios
 
 from kvxfer.agents.staging import Gather, StagingPool
+from kvxfer.agents.unit_copy import UnitCopier
 from kvxfer.errors import ConfigError, TransferTimeout
-from kvxfer.planning import Fallback, heads_of_rank, map_tp, pair, request_layer_offsets
+from kvxfer.planning import (
+    Fallback,
+    heads_of_rank,
+    layer_offsets,
+    map_tp,
+    pair,
+    request_block_ids,
+    request_layer_offsets,
+    unit_terms,
+)
 
 
 @given(scenarios())
@@ -47,6 +57,42 @@ def test_gather_then_scatter_equals_direct_copy(sc):
     send.gather(src.tensors, slot)
     recv.scatter(slot, dst.tensors)
     assert np.array_equal(dst.arena, expected)
+
+
+@given(scenarios())
+def test_unit_terms_of_the_largest_request_serve_every_shorter_one(sc):
+    """What the GPU unit copier computes on the device: tables built once for its largest
+    request (ids laid out rows x capacity), looked up with a shorter request's ids, give exactly
+    that request's `layer_offsets`, as a prefix."""
+    rng = np.random.default_rng(sc["seed"])
+    total, n = sc["total"], sc["num_tokens"]
+    a = map_tp(total, sc["prefill_tp"], sc["decode_tp"]).assignments[0]
+    bp, bd = sc["block_sizes"]
+    common = dict(num_layers=1, total=total, head_dim=sc["head_dim"], dtype=sc["dtype"],
+                  contiguous_layers=True, rng=rng, num_tokens=n)
+    capacity = n + int(rng.integers(0, 3 * bp + 1))
+    src = make_rank(sc["layouts"][0], base=0, num_blocks=2 * -(-capacity // bp) + 2, block_size=bp,
+                    heads=heads_of_rank(total, sc["prefill_tp"], a.prefill_rank), **common)
+    dst = make_rank(sc["layouts"][1], base=1 << 40, num_blocks=2 * -(-n // bd) + 2, block_size=bd,
+                    heads=heads_of_rank(total, sc["decode_tp"], a.decode_rank), **common)
+    plan = pair(src.region, dst.region, a.heads, fallback=Fallback.FINE)
+    max_blocks = -(-capacity // bp)
+    which, within = unit_terms(plan, 0, capacity, id_row_stride=max_blocks)
+    ids = request_block_ids(src.region.desc, src.block_ids, n, who="local")
+    table = np.full((ids.shape[0], max_blocks), -1, dtype=np.int64)  # unused slots stay invalid
+    table[:, : ids.shape[1]] = ids
+    expected = layer_offsets(plan, 0, src.block_ids, n)
+    got = table.reshape(-1)[which[: expected.size]] * src.region.desc.block_stride + within[: expected.size]
+    assert np.array_equal(got, expected)
+
+
+def test_unit_copier_refuses_a_device_without_cuda():
+    plan_rank = dict(num_layers=1, total=1, head_dim=8, dtype="float32", contiguous_layers=True,
+                     rng=np.random.default_rng(0), num_tokens=4)
+    src = make_rank("flashinfer-hnd", base=0, num_blocks=4, block_size=4, heads=heads_of_rank(1, 1, 0), **plan_rank)
+    plan = pair(src.region, src.region, heads_of_rank(1, 1, 0))
+    with pytest.raises(ConfigError, match="needs CUDA and Triton"):
+        UnitCopier(plan, 0, src.tensors, torch.empty(64, dtype=torch.uint8), max_tokens=4, to_slot=True)
 
 
 def test_pool_back_pressure_and_errors():

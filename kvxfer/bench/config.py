@@ -64,14 +64,16 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     deadline_slack_s: float = 10.0
     expected_gbps: float = 0.2
     memcpy: bool = True
-    staged_groups: int = 1  # --plan staged: layer groups pipelined (gather / wire / scatter)
+    staged_groups: int = 0  # --plan staged: layer groups pipelined (gather / wire / scatter); 0: auto
     huge_pages: bool = True  # host caches (and the memcpy baseline) on transparent huge pages
 
     def check(self) -> None:
         for name in ("prefill_tp", "decode_tp", "kv_heads", "head_dim", "layers", "tokens",
-                     "prefill_block_size", "decode_block_size", "iters", "num_workers", "staged_groups"):
+                     "prefill_block_size", "decode_block_size", "iters", "num_workers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"bench: {name}={getattr(self, name)} must be positive")
+        if self.staged_groups < 0:
+            raise ConfigError(f"bench: staged_groups={self.staged_groups} must be 0 (auto) or positive")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"bench: device={self.device!r} is not 'cpu' or 'cuda'")
         if self.spare_blocks < 0:
@@ -88,6 +90,7 @@ class OpFigures(msgspec.Struct, kw_only=True):
     memcpy_gbps: float = 0.0  # copy baseline right after each run, median
     ratio: float = 0.0  # median of per-run gbps / copy gbps
     ratio_all: list[float] = []
+    phases_ms: dict[str, float] = {}  # staged: when each step ended, ms from start, median
 
 
 class BenchResult(msgspec.Struct, kw_only=True):
@@ -118,3 +121,4 @@ class BenchResult(msgspec.Struct, kw_only=True):
     ratio_all: list[float]
     auto: dict[str, float] | None = None  # gbps per op measured by --mode auto
     cost_model: dict | None = None  # --plan auto: calibrated costs, estimates, choice, both measured
+    phases_ms: dict[str, float] = {}  # staged: when each step ended, ms from start (staged.PHASES)

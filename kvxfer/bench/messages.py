@@ -94,6 +94,8 @@ class RunReport(_Msg):
     post_us: int = 0
     plan_us: float = 0.0
     receive_end_ns: int = 0  # staged: when this receiver finished scattering
+    # staged: when each step ended (monotonic ns, shared by the processes), see staged.PHASES
+    phases_ns: dict[str, int] = {}
 
 
 class Verified(_Msg):

@@ -95,7 +95,7 @@ class RankState:
             case Prepare(ops=ops, plan=kind):
                 if kind is PlanKind.STAGED:
                     # pairings once per peer; gather/scatter indices per request (timed in Run)
-                    self.staged_pairs = staged.pair_peers(self.cfg, self.cache, self.hellos)
+                    self.staged_pairs = staged.pair_peers(self.cfg, self.cache, self.hellos, self.staging)
                     return Ack()
                 for op in ops:
                     self.plans[op, kind] = initiator.build(self.cfg, self.agent, op, kind, self.cache,
@@ -160,24 +160,28 @@ class RankState:
         """Prefill: gather, one WRITE per decode rank. Decode: wait, scatter (timed end)."""
         if strategy is not Strategy.WRITE or self.staging is None:
             raise ConfigError("bench: --plan staged pushes (--mode write) from a registered staging buffer")
-        device = self.staging.device
         start = time.monotonic_ns()
-        parts = staged.build_parts(self.cfg, self.cache, self.staged_pairs, device)
-        plan_us = (time.monotonic_ns() - start) / 1e3
+        sender = self.cache.role == "prefill"
+        num_groups = staged.num_groups(self.cfg, self.hellos)
+        first = staged.groups(self.cfg.layers, num_groups)[0] if sender else None
+        parts = staged.build_parts(self.cfg, self.cache, self.staged_pairs, self.staging, launch=first)
+        phases = {"indexed": time.monotonic_ns()}
+        plan_us = (phases["indexed"] - start) / 1e3
         if self.cache.role == "decode":
-            end = staged.receive(self.agent, self.cache, parts, self.staging, num_groups=self.cfg.staged_groups,
-                                 timeout_s=self.cfg.deadline_slack_s)
+            end = staged.receive(self.agent, self.cache, parts, self.staging, num_groups=num_groups,
+                                 timeout_s=self.cfg.deadline_slack_s, phases=phases)
             self.staged_received = True
-            return RunReport(receive_end_ns=end)
+            return RunReport(receive_end_ns=end, phases_ns=phases | {"scattered": end})
         if not parts:  # a prefill replica whose heads another replica sends
             return RunReport()
-        transfers = staged.send(self.agent, self.cache, parts, self.staging, num_groups=self.cfg.staged_groups,
-                                rank=self.cache.rank)
+        transfers = staged.send(self.agent, self.cache, parts, self.staging, num_groups=num_groups,
+                                rank=self.cache.rank, phases=phases)
         num_bytes = sum(x.num_bytes for x in transfers)
         timeout = transfer_deadline(num_bytes, slack_s=self.cfg.deadline_slack_s,
                                     expected_gbps=self.cfg.expected_gbps)
         stats = self.agent.wait(transfers, timeout_s=timeout)
-        return RunReport(start_ns=start, end_ns=time.monotonic_ns(), num_bytes=num_bytes,
+        phases["written"] = time.monotonic_ns()
+        return RunReport(start_ns=start, end_ns=phases["written"], num_bytes=num_bytes, phases_ns=phases,
                          num_descriptors=len(transfers), nixl_descriptors=sum(s.num_descriptors for s in stats),
                          num_transfers=len(transfers), post_us=max(s.post_us for s in stats), plan_us=plan_us)
 

@@ -8,7 +8,7 @@ import logging
 import multiprocessing as mp
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 import msgspec
@@ -72,6 +72,7 @@ class RunFigures:
     num_transfers: int
     plan_us: float
     post_us: float
+    phases_ms: dict[str, float] = field(default_factory=dict)  # staged: ms from start
 
 
 class BenchSession:
@@ -136,14 +137,20 @@ class BenchSession:
         self._all(Deliver(strategy=strategy), timeout)
         active = [r for r in reports if r.num_transfers]
         end_ns = max([r.end_ns for r in active] + [r.receive_end_ns for r in reports])
+        start_ns = min(r.start_ns for r in active)
+        phases: dict[str, int] = {}
+        for r in reports:  # the slowest rank's time for each step
+            for name, t in r.phases_ns.items():
+                phases[name] = max(phases.get(name, 0), t)
         return RunFigures(
-            transfer_ms=(end_ns - min(r.start_ns for r in active)) / 1e6,
+            transfer_ms=(end_ns - start_ns) / 1e6,
             num_bytes=sum(r.num_bytes for r in active),
             num_descriptors=sum(r.num_descriptors for r in active),
             nixl_descriptors=sum(r.nixl_descriptors for r in active),
             num_transfers=sum(r.num_transfers for r in active),
             plan_us=max(r.plan_us for r in active),
-            post_us=max(r.post_us for r in active))
+            post_us=max(r.post_us for r in active),
+            phases_ms={k: (phases[k] - start_ns) / 1e6 for k in staged.PHASES if k in phases})
 
     def ping_pong(self, count: int) -> list[float]:
         """Round-trip times (us) of NIXL notifications between decode0 and prefill0."""
@@ -248,7 +255,9 @@ def measure(session: BenchSession, strategy: Strategy, iters: int, *, verify_las
     ratios = [g / c if c else 0.0 for g, c in zip(gbps, copies, strict=True)]
     figures = OpFigures(transfer_ms=statistics.median(times), gbps=statistics.median(gbps),
                         transfer_ms_all=times, memcpy_gbps=statistics.median(copies),
-                        ratio=statistics.median(ratios), ratio_all=ratios)
+                        ratio=statistics.median(ratios), ratio_all=ratios,
+                        phases_ms={k: statistics.median(r.phases_ms[k] for r in runs)
+                                   for k in runs[-1].phases_ms if all(k in r.phases_ms for r in runs)})
     return figures, runs[-1]
 
 
@@ -325,4 +334,4 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         plan_us=last.plan_us, post_us=last.post_us, transfer_ms=figures.transfer_ms,
         gbps=figures.gbps, memcpy_gbps=figures.memcpy_gbps, ratio=figures.ratio,
         verified=verified, notif_rtt_us=rtt_us, iters=cfg.iters, transfer_ms_all=figures.transfer_ms_all,
-        ratio_all=figures.ratio_all, auto=auto, cost_model=cost_model)
+        ratio_all=figures.ratio_all, auto=auto, cost_model=cost_model, phases_ms=figures.phases_ms)

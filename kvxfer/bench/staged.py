@@ -9,22 +9,26 @@ targets in `targets_of` order; a decode rank's buffer holds its sources in `sour
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 import numpy as np
 import torch
 
+from kvxfer.agents import unit_copy
 from kvxfer.agents.nixl_agent import MemKind, NixlAgent, Op, Transfer
 from kvxfer.agents.staging import Gather
+from kvxfer.agents.unit_copy import UnitCopier
 from kvxfer.bench.cache import RankCache
 from kvxfer.bench.config import BenchConfig
 from kvxfer.bench.messages import Hello
 from kvxfer.errors import ConfigError, TransferTimeout
 from kvxfer.layouts import DTYPE_BYTES, CacheRegion, get_layout
-from kvxfer.planning import Assignment, Fallback, PairPlan, map_tp, pair, request_layer_offsets
+from kvxfer.planning import Assignment, Fallback, PairPlan, layer_offsets, map_tp, pair
 
 
 def part_bytes(cfg: BenchConfig, assignment: Assignment) -> int:
@@ -59,25 +63,32 @@ def offset_at_receiver(cfg: BenchConfig, assignment: Assignment) -> int:
 
 @dataclass(frozen=True)
 class Part:
+    """One request's share for one peer: `copy(layers)` gathers (prefill) or scatters (decode)
+    those layers between the cache and this part of the staging buffer."""
+
     peer: Hello
-    gather: Gather
+    copy: Callable[[range], None]
+    bytes_per_layer: int
     local_offset: int
     remote_offset: int
     num_bytes: int
+    launched: torch.cuda.Event | None = None  # sender: recorded after the first group's gather
 
 
 @dataclass(frozen=True)
 class PeerPair:
-    """One (assignment, peer) pairing, planned once per peer like the direct path's tables."""
+    """One (assignment, peer) pairing, planned once per peer like the direct path's tables;
+    on CUDA with its unit copier (tables and graphs on the device)."""
 
     assignment: Assignment
     offset: int
     peer: Hello
     plan: PairPlan
     remote_ids: np.ndarray
+    copier: UnitCopier | None
 
 
-def pair_peers(cfg: BenchConfig, cache: RankCache, hellos: list[Hello]) -> list[PeerPair]:
+def pair_peers(cfg: BenchConfig, cache: RankCache, hellos: list[Hello], staging: torch.Tensor) -> list[PeerPair]:
     by_key = {(h.role, h.rank): h for h in hellos}
     sender = cache.role == "prefill"
     out = []
@@ -88,29 +99,86 @@ def pair_peers(cfg: BenchConfig, cache: RankCache, hellos: list[Hello]) -> list[
         if remote.desc.separate_kv_pages:
             remote_ids = remote_ids.reshape(2, -1)
         plan = pair(cache.region, remote, a.heads, fallback=Fallback(cfg.fallback))
-        out.append(PeerPair(a, offset, peer, plan, remote_ids))
-    return out
+        copier = None
+        if unit_copy.available(staging.device):
+            part = staging[offset : offset + part_bytes(cfg, a)]
+            copier = UnitCopier(plan, 0, cache.tensors, part, max_tokens=cfg.tokens, to_slot=sender)
+        out.append(PeerPair(a, offset, peer, plan, remote_ids, copier))
+    # Peers on another device first: their copy crosses a link and takes longest, so it starts
+    # first and the local ones run beside it (slots keep their offsets whatever the order).
+    return sorted(out, key=lambda pp: pp.peer.device_id == cache.region.device_id)
 
 
-def build_parts(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], device: torch.device) -> list[Part]:
-    """Per request: this rank's gather (prefill) or scatter (decode) indices for every peer."""
+def build_parts(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], staging: torch.Tensor, *,
+                launch: range | None = None) -> list[Part]:
+    """Per request: this rank's gather (prefill) or scatter (decode) for every peer, from the
+    request's block ids (uploaded for the unit copier, or indices for torch). `launch`: copy
+    these layers of each part as soon as it is built, so that building the next part overlaps
+    the kernel."""
     sender = cache.role == "prefill"
     parts = []
     for pp in pairs:
-        local_off, _ = request_layer_offsets(pp.plan, cache.block_ids, pp.remote_ids, cfg.tokens)
-        gather = Gather.build(local_off, pp.plan.unit_bytes, cache.desc.layer_bytes, device)
-        num_bytes = gather.bytes_per_layer * cfg.layers
+        part = staging[pp.offset : pp.offset + part_bytes(cfg, pp.assignment)]
+        if pp.copier is not None:
+            per_layer, copy = pp.copier.load(cache.block_ids, cfg.tokens), pp.copier.run
+        else:
+            local_off = layer_offsets(pp.plan, 0, cache.block_ids, cfg.tokens)
+            gather = Gather.build(local_off, pp.plan.unit_bytes, cache.desc.layer_bytes, staging.device)
+            per_layer = gather.bytes_per_layer
+            copy = functools.partial(_torch_copy, gather, cache.tensors, part, sender)
+        num_bytes = per_layer * cfg.layers
         if num_bytes != part_bytes(cfg, pp.assignment):
             raise ConfigError(f"bench staged: part {pp.assignment} has {num_bytes} bytes, "
                               f"expected {part_bytes(cfg, pp.assignment)}")
         remote_offset = offset_at_receiver(cfg, pp.assignment) if sender else pp.offset
-        parts.append(Part(pp.peer, gather, pp.offset, remote_offset, num_bytes))
+        launched = None
+        if launch is not None:
+            copy(launch)
+            launched = _mark(staging.device)
+        parts.append(Part(pp.peer, copy, per_layer, pp.offset, remote_offset, num_bytes, launched))
     return parts
+
+
+def _torch_copy(gather: Gather, tensors: list[torch.Tensor], part: torch.Tensor, sender: bool, layers: range) -> None:
+    slot = part[layers.start * gather.bytes_per_layer : layers.stop * gather.bytes_per_layer]
+    if sender:
+        gather.gather(tensors[layers.start : layers.stop], slot)
+    else:
+        gather.scatter(slot, tensors[layers.start : layers.stop])
+
+
+# What a staged run reports, in order: indices built and (sender) gathers launched, WRITE
+# handles made while the gathers run, sender's gathers finished (synchronised), WRITEs posted, WRITEs complete at the sender, last notification seen at a
+# receiver, receiver's scatter finished (synchronised).
+PHASES = ("indexed", "made", "gathered", "posted", "written", "notified", "scattered")
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _mark(device: torch.device) -> torch.cuda.Event | None:
+    """An event after the work queued so far on `device` (None on CPU, where copies are done
+    when they return)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def num_groups(cfg: BenchConfig, hellos: list[Hello]) -> int:
+    """`--staged-groups`, or for 0: 1 when every (prefill, decode) pair shares a device (on one
+    GPU every pass shares its memory, so pipelining only adds steps) and 2 when some copy crosses
+    devices (the link then overlaps the gather and the scatter). Every rank derives the same
+    number from the same hellos."""
+    if cfg.staged_groups:
+        return cfg.staged_groups
+    device = {(h.role, h.rank): h.device_id for h in hellos}
+    crosses = any(device["prefill", a.prefill_rank] != device["decode", a.decode_rank]
+                  for a in map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp).assignments)
+    return 2 if crosses else 1
 
 
 def groups(num_layers: int, num_groups: int) -> list[range]:
@@ -122,38 +190,51 @@ def groups(num_layers: int, num_groups: int) -> list[range]:
 
 
 def send(agent: NixlAgent, cache: RankCache, parts: list[Part], staging: torch.Tensor, *,
-         num_groups: int, rank: int) -> list[Transfer]:
-    """Per layer group: gather every part's layers, then one WRITE per part (one descriptor)."""
+         num_groups: int, rank: int, phases: dict[str, int]) -> list[Transfer]:
+    """Per layer group: gather every part (the first group's gathers were launched by
+    `build_parts`), make each WRITE's handle (one descriptor) while the kernels run, then post
+    each WRITE as soon as its own gather is done. Records when that finished in `phases`."""
     mem, base = MemKind.of(staging), staging.data_ptr()
     transfers = []
     for g, layers in enumerate(groups(len(cache.tensors), num_groups)):
-        for p in parts:
-            lo, hi = _group_span(p, layers)
-            p.gather.gather(cache.tensors[layers.start : layers.stop], staging[p.local_offset + lo : p.local_offset + hi])
-        _sync(staging.device)
+        ready = [p.launched for p in parts]
+        if g:
+            ready = []
+            for p in parts:
+                p.copy(layers)
+                ready.append(_mark(staging.device))
+        made = []
         for p in parts:
             lo, hi = _group_span(p, layers)
             local = np.array([[base + p.local_offset + lo, hi - lo, cache.region.device_id]], dtype=np.uint64)
             remote = np.array([[p.peer.staging_addr + p.remote_offset + lo, hi - lo, p.peer.device_id]],
                               dtype=np.uint64)
-            transfers.append(agent.post_spans(Op.WRITE, local, remote, peer=p.peer.agent, local_mem=mem,
-                                              remote_mem=MemKind(p.peer.mem), notif=_NOTIF.encode((rank, g))))
+            made.append(agent.make_spans(Op.WRITE, local, remote, peer=p.peer.agent, local_mem=mem,
+                                         remote_mem=MemKind(p.peer.mem), notif=_NOTIF.encode((rank, g))))
+        phases["made"] = time.monotonic_ns()
+        for i in range(len(parts)):
+            if ready[i] is not None:
+                ready[i].synchronize()  # this part's gather is done; the next may still run
+            phases["gathered"] = time.monotonic_ns()
+            transfers.append(agent.start(made[i]))
+            phases["posted"] = time.monotonic_ns()
     return transfers
 
 
 def receive(agent: NixlAgent, cache: RankCache, parts: list[Part], staging: torch.Tensor, *,
-            num_groups: int, timeout_s: float) -> int:
-    """Scatter each (part, layer group) as its notification arrives; returns the end time (ns)."""
+            num_groups: int, timeout_s: float, phases: dict[str, int]) -> int:
+    """Scatter each (part, layer group) as its notification arrives; returns the end time (ns).
+    Records when the last notification arrived in `phases`."""
     by_rank = {p.peer.rank: p for p in parts}
     layer_groups = groups(len(cache.tensors), num_groups)
     pending = {(r, g) for r in by_rank for g in range(len(layer_groups))}
     deadline = time.monotonic() + timeout_s
     while pending:
         arrived = [_NOTIF_DECODER.decode(payload) for _, payload in agent.collect_notifs()]
+        if arrived:
+            phases["notified"] = time.monotonic_ns()
         for rank, g in arrived:
-            p, layers = by_rank[rank], layer_groups[g]
-            lo, hi = _group_span(p, layers)
-            p.gather.scatter(staging[p.local_offset + lo : p.local_offset + hi], cache.tensors[layers.start : layers.stop])
+            by_rank[rank].copy(layer_groups[g])
             pending.discard((rank, g))
         if pending and time.monotonic() > deadline:
             raise TransferTimeout(f"bench staged: parts {sorted(pending)} not delivered in {timeout_s:.1f} s")
@@ -162,8 +243,7 @@ def receive(agent: NixlAgent, cache: RankCache, parts: list[Part], staging: torc
 
 
 def _group_span(p: Part, layers: range) -> tuple[int, int]:
-    per_layer = p.gather.bytes_per_layer
-    return layers.start * per_layer, layers.stop * per_layer
+    return layers.start * p.bytes_per_layer, layers.stop * p.bytes_per_layer
 
 
 _NOTIF = msgspec.msgpack.Encoder()

@@ -45,9 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--num-workers", type=int, default=1, help="UCX workers per agent (default: 1)")
     x.add_argument("--num-threads", type=int, default=0,
                    help="UCX backend threads splitting each transfer (default: 0, none)")
-    x.add_argument("--staged-groups", type=int, default=1,
+    x.add_argument("--staged-groups", type=int, default=0,
                    help="--plan staged: layer groups moved as separate WRITEs, pipelined with the "
-                        "gather and the scatter (default: 1)")
+                        "gather and the scatter; 0 (default) picks 1 when every decode rank shares its "
+                        "prefill rank's device and 2 when a copy crosses devices (measured best on H200s)")
     x.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
                    help="host caches and the memcpy baseline on transparent huge pages (default: on)")
     x.add_argument("--verify", action="store_true",
@@ -95,6 +96,8 @@ def _table(r) -> str:
         ("verified", "not checked" if r.verified is None else r.verified),
         ("notification round trip (us)", r.notif_rtt_us),
     ]
+    if r.phases_ms:
+        rows.append(("staged steps (ms from start)", ", ".join(f"{k} {v:.3f}" for k, v in r.phases_ms.items())))
     if r.auto:
         rows.append(("auto (gbps)", ", ".join(f"{k} {v:.2f}" for k, v in r.auto.items())))
     if r.cost_model:
