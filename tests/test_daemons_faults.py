@@ -9,9 +9,9 @@ import time
 
 import httpx
 import pytest
+from test_daemons_e2e import MAX_TOKENS, PROMPT, reference
 
 from kvxfer.daemons.cluster import LocalCluster, ServiceSpec
-from test_daemons_e2e import MAX_TOKENS, PROMPT, complete, reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 LEASE_S = 3.0

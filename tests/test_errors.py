@@ -1,7 +1,13 @@
 import pytest
 
-from kvxfer.errors import (AuthError, HandshakeError, KvxferError, LeaseError, TransferTimeout,
-                           error_class)
+from kvxfer.errors import (
+    AuthError,
+    HandshakeError,
+    KvxferError,
+    LeaseError,
+    TransferTimeout,
+    error_class,
+)
 
 
 @pytest.mark.parametrize("kind,cls", [("timeout", TransferTimeout), ("auth", AuthError),

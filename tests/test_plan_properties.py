@@ -55,9 +55,9 @@ def make_rank(layout, *, base, num_layers, num_blocks, block_size, heads, total,
     stride = desc.layer_bytes + (0 if contiguous_layers else GAP)
     arena = rng.integers(0, 256, size=num_layers * stride + GAP, dtype=np.uint8)
     tensors = [
-        torch.frombuffer(memoryview(arena[l * stride : l * stride + desc.layer_bytes]),
+        torch.frombuffer(memoryview(arena[layer * stride : layer * stride + desc.layer_bytes]),
                          dtype=TORCH_DTYPES[dtype]).view(desc.shape)
-        for l in range(num_layers)
+        for layer in range(num_layers)
     ]
     needed = -(-num_tokens // block_size)
     pages = 2 * needed if desc.separate_kv_pages else needed
@@ -70,7 +70,7 @@ def make_rank(layout, *, base, num_layers, num_blocks, block_size, heads, total,
 
 def copy_spans(src_spans, dst_spans, arenas):
     """memcpy each span pair; addresses carry the rank in their high bits."""
-    for (sa, sl, _), (da, dl, _) in zip(src_spans.tolist(), dst_spans.tolist()):
+    for (sa, sl, _), (da, dl, _) in zip(src_spans.tolist(), dst_spans.tolist(), strict=True):
         assert sl == dl
         s_rank, s_off = divmod(sa, 1 << 40)
         d_rank, d_off = divmod(da, 1 << 40)

@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
         })
         if args.bench:
             timings.setdefault("indices_us", []).append(
-                _median_us(args.bench, lambda: request_indices(plan, d_ids, p_ids, geo.tokens)))
+                _median_us(args.bench, lambda plan=plan, d=d_ids, p=p_ids: request_indices(plan, d, p, geo.tokens)))
             timings.setdefault("spans_us", []).append(
-                _median_us(args.bench, lambda: request_spans(plan, d_ids, p_ids, geo.tokens)))
+                _median_us(args.bench, lambda plan=plan, d=d_ids, p=p_ids: request_spans(plan, d, p, geo.tokens)))
     summary = {
         "direction": mapping.direction.value,
         "ratio": mapping.ratio,
