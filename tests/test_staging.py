@@ -108,3 +108,23 @@ def test_pool_back_pressure_and_errors():
     pool.release(again)
     with pytest.raises(ConfigError, match="released twice"):
         pool.release(again)
+
+
+def test_staged_write_refuses_an_offset_outside_the_peers_slots():
+    """The producer checks a consumer-given offset against the consumer's registered slots area
+    before anything moves (nothing else is touched, so no agent is needed to see the refusal)."""
+    from kvxfer.agents.messages import StagingInfo
+    from kvxfer.agents.staged_transfer import send_part
+    from kvxfer.errors import PlanError
+
+    rank = dict(num_layers=2, total=1, head_dim=8, dtype="float32", contiguous_layers=True,
+                rng=np.random.default_rng(0), num_tokens=8)
+    src = make_rank("flashinfer-hnd", base=0, num_blocks=4, block_size=4, heads=heads_of_rank(1, 1, 0), **rank)
+    plan = pair(src.region, src.region, heads_of_rank(1, 1, 0))
+    gather = Gather.build(layer_offsets(plan, 0, src.block_ids, 8), plan.unit_bytes,
+                          src.region.desc.layer_bytes, torch.device("cpu"))
+    num_bytes = gather.bytes_per_layer * 2
+    remote = StagingInfo(probe_addr=0, probe_bytes=0, slots_addr=1 << 30, slots_bytes=num_bytes + 8)
+    with pytest.raises(PlanError, match="reaches past the peer's staging slots"):
+        send_part(None, None, src.tensors, gather, peer_agent="p", remote=remote, remote_offset=16,
+                  notif=b"", timeout_s=1.0)

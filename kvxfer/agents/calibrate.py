@@ -48,7 +48,7 @@ def _time(agent: NixlAgent, op: Op, probe: Probe, lengths: np.ndarray, *, repeat
     for _ in range(repeats):
         start = time.perf_counter()
         xfer = agent.post_spans(op, local.astype(np.uint64), remote.astype(np.uint64), peer=probe.peer,
-                                local_mem=probe.local_mem, remote_mem=probe.remote_mem)
+                                local_mem=probe.local_mem, remote_mem=probe.remote_mem, probe=True)
         agent.wait([xfer], timeout_s=timeout_s)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)

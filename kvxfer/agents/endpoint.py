@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kvxfer.agents import messages as m
+from kvxfer.agents.calibrate import Probe, calibrate
 from kvxfer.agents.messages import (
     EngineInfo,
     Mode,
@@ -27,6 +28,7 @@ from kvxfer.agents.messages import (
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import (
     AgentConfig,
+    MemKind,
     NixlAgent,
     Op,
     Transfer,
@@ -34,9 +36,19 @@ from kvxfer.agents.nixl_agent import (
     transfer_deadline,
 )
 from kvxfer.agents.peers import Peer, PeerTable
-from kvxfer.errors import KvxferError, TransferError
+from kvxfer.agents.staged_transfer import (
+    PROBE_BYTES,
+    Reservation,
+    StagingArea,
+    StagingConfig,
+    build_gather,
+    reserve,
+    send_part,
+)
+from kvxfer.errors import ConfigError, KvxferError, TransferError
 from kvxfer.layouts import CacheDesc, CacheRegion
 from kvxfer.planning import Fallback, HeadRange, request_indices, request_spans
+from kvxfer.planning.cost import FabricCosts
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +103,19 @@ class Endpoint:
     def __init__(self, identity: Identity, tensors: list[torch.Tensor], desc: CacheDesc, *,
                  agent_config: AgentConfig, fallback: Fallback = Fallback.NONE,
                  deadline: DeadlinePolicy = DeadlinePolicy(),
-                 metrics: TransferMetrics | None = None) -> None:
+                 metrics: TransferMetrics | None = None, staging: StagingConfig | None = None) -> None:
         # tensors: one per layer, each shaped desc.shape
         self.identity = identity
         self.deadline = deadline
         self.metrics = metrics
+        self.tensors = tensors
         self.agent = NixlAgent(agent_config, metrics=metrics)
         try:
             self.mem = self.agent.register(tensors)
             self.region = CacheRegion(desc, np.array([t.data_ptr() for t in tensors], dtype=np.uint64),
                                       device_id(tensors[0]))
             self.peers = PeerTable(self.agent, self.region, self.mem, fallback=fallback)
+            self.staging = StagingArea(self.agent, staging, tensors[0].device) if staging is not None else None
         except BaseException:
             self.agent.close()
             raise
@@ -114,7 +128,8 @@ class Endpoint:
         return EngineInfo(engine_id=i.engine_id, boot_epoch=i.boot_epoch, role=i.role, tp_size=i.tp_size,
                           tp_rank=i.tp_rank, model_fingerprint=i.model_fingerprint,
                           agent_name=self.agent.name, agent_metadata=self.agent.metadata(),
-                          regions=[region], modes=modes)
+                          regions=[region], modes=modes,
+                          staging=self.staging.info() if self.staging is not None else None)
 
     def read(self, request_id: str, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> TransferSummary:
         """Pull every leg into our blocks `local_ids`; the producer of each leg is notified."""
@@ -155,6 +170,49 @@ class Endpoint:
         spans = request_spans(prepared.plan, local_ids, leg.remote_ids, num_tokens)
         return self.agent.post_spans(op, spans.local, spans.remote, peer=leg.peer.agent_name,
                                      local_mem=self.mem, remote_mem=leg.peer.mem, notif=notif)
+
+    # ---- staged (gather, one descriptor, scatter) ------------------------------------------------
+
+    def write_staged(self, request_id: str, leg: Leg, local_ids: np.ndarray, num_tokens: int,
+                     remote_offset: int) -> TransferSummary:
+        """Push our part of `leg` into the peer's staging slots at `remote_offset`; the peer
+        scatters it when notified."""
+        remote = leg.peer.info.staging
+        if self.staging is None or remote is None:
+            raise ConfigError(f"staged write to {leg.peer.engine_id}/{leg.peer.rank}: staging is off on "
+                              f"{'this rank' if self.staging is None else 'the peer'}")
+        started = time.perf_counter()
+        plan = self.peers.plan(leg.peer, leg.heads)
+        gather = build_gather(plan, local_ids, num_tokens, self.tensors)
+        notif = encode_notif(XferNotif(request_id=request_id, rank=self.identity.tp_rank))
+        num_bytes, stats = send_part(
+            self.agent, self.staging, self.tensors, gather, peer_agent=leg.peer.agent_name, remote=remote,
+            remote_offset=remote_offset, notif=notif, timeout_s=self.deadline.seconds(gather.bytes_per_layer))
+        return TransferSummary(Mode.WRITE, num_bytes, 1, time.perf_counter() - started,
+                               peers=[f"{leg.peer.engine_id}/{leg.peer.rank}"])
+
+    def reserve(self, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> Reservation | None:
+        """A staging slot for every leg's part of a request (None: stage nothing, move directly)."""
+        if self.staging is None or any(leg.peer.info.staging is None for leg in legs):
+            return None
+        gathers = [build_gather(self.peers.plan(leg.peer, leg.heads), local_ids, num_tokens, self.tensors)
+                   for leg in legs]
+        per_layer = sum(g.bytes_per_layer for g in gathers)
+        return reserve(self.staging, gathers, len(self.tensors),
+                       timeout_s=self.deadline.seconds(per_layer * len(self.tensors)))
+
+    def calibrate(self, peer: Peer) -> FabricCosts | None:
+        """Probe transfers between our staging probe area and the peer's (None if either has
+        none): the numbers the cost model needs, on this fabric, for this peer."""
+        remote = peer.info.staging
+        if self.staging is None or remote is None:
+            return None
+        size = min(PROBE_BYTES, remote.probe_bytes)
+        probe = Probe(self.staging.probe.data_ptr(), remote.probe_addr, device_id(self.staging.probe),
+                      remote.device_id, self.staging.mem, MemKind(remote.memory.value), peer.agent_name)
+        small = 4096
+        return calibrate(self.agent, probe, self.staging.device, probe_bytes=size, small_bytes=small,
+                         num_small=max(1, min(512, size // (2 * small))))
 
     def collect_notifs(self) -> list[XferNotif]:
         """Notifications from peers that finished a transfer with us (also drives NIXL progress

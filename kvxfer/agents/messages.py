@@ -83,6 +83,18 @@ class RegionInfo(msgspec.Struct, frozen=True, kw_only=True):
     memory: MemoryKind = MemoryKind.DRAM
 
 
+class StagingInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A rank's registered staging buffer. Calibration probes may read and write the probe area
+    (it never holds data); staged WRITEs fill the slots area, at offsets its owner hands out."""
+
+    probe_addr: U64
+    probe_bytes: U64
+    slots_addr: U64
+    slots_bytes: U64  # every slot, back to back
+    device_id: Count = 0
+    memory: MemoryKind = MemoryKind.DRAM
+
+
 class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     """What one rank tells a peer about itself at handshake."""
 
@@ -98,6 +110,7 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     modes: Annotated[tuple[Mode, ...], msgspec.Meta(max_length=8)] = (Mode.READ,)
     read_gbps: float | None = None  # measured or expected bandwidth per mode, if known
     write_gbps: float | None = None
+    staging: StagingInfo | None = None  # None: no staged transfers with this rank
 
 
 class Binding(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,6 +182,9 @@ class WriteRequest(_Base, frozen=True, kw_only=True, tag="write"):
     block_ids: BlockIds
     decode_engine_id: ShortStr = ""  # whose handshake (agent, cache) the producer pushes to
     decode_tp: TpSize = 1  # so every producer rank knows whether it pairs with decode_rank
+    # Staged: where in decode_rank's staging slots each of its sources (in `sources_of` order)
+    # writes its part, gathered, with one descriptor; None: direct, into block_ids.
+    staging_offsets: Annotated[list[U64], msgspec.Meta(max_length=65536)] | None = None
 
 
 class WriteDone(_Base, frozen=True, kw_only=True, tag="write_done"):

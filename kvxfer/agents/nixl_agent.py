@@ -186,6 +186,7 @@ class Transfer:
         self.num_bytes = num_bytes
         self.num_descriptors = num_descriptors
         self.done = False
+        self.probe = False  # a calibration probe: counted as op="probe_read"/"probe_write"
 
     def poll(self) -> bool:
         """True once complete; raises TransferError if NIXL reports a failure."""
@@ -346,11 +347,14 @@ class NixlAgent:
         return self._start(handle, op, remote.peer, num_bytes, int(local_idx.size))
 
     def post_spans(self, op: Op, local: np.ndarray, remote: np.ndarray, *, peer: str,
-                   local_mem: MemKind, remote_mem: MemKind, notif: bytes = b"") -> Transfer:
+                   local_mem: MemKind, remote_mem: MemKind, notif: bytes = b"", probe: bool = False) -> Transfer:
         """Post explicit paired `(N, 3)` spans without preparation (plans too big for tables).
-        NIXL does not merge adjacent rows on this path: coalesce them first."""
-        return self.start(self.make_spans(op, local, remote, peer=peer, local_mem=local_mem,
-                                          remote_mem=remote_mem, notif=notif))
+        NIXL does not merge adjacent rows on this path: coalesce them first. `probe`: a
+        calibration transfer, kept apart from requests' transfers in the metrics."""
+        xfer = self.make_spans(op, local, remote, peer=peer, local_mem=local_mem, remote_mem=remote_mem,
+                               notif=notif)
+        xfer.probe = probe
+        return self.start(xfer)
 
     def make_spans(self, op: Op, local: np.ndarray, remote: np.ndarray, *, peer: str,
                    local_mem: MemKind, remote_mem: MemKind, notif: bytes = b"") -> Transfer:
@@ -413,7 +417,7 @@ class NixlAgent:
         else:
             stats = XferStats(0, 0, xfer.num_bytes, xfer.num_descriptors)
         if self.metrics is not None:
-            self.metrics.observe_transfer(xfer.op.value.lower(), stats)
+            self.metrics.observe_transfer(("probe_" if xfer.probe else "") + xfer.op.value.lower(), stats)
         return stats
 
     def _failed(self, err: TransferError) -> None:

@@ -44,6 +44,7 @@ class Peer:
     region: CacheRegion
     mem: MemKind
     pairs: dict[HeadRange, PreparedPair] = field(default_factory=dict)
+    plans: dict[HeadRange, PairPlan] = field(default_factory=dict)  # staged: no lists needed
 
     @property
     def key(self) -> tuple[str, int]:
@@ -102,6 +103,15 @@ class PeerTable:
     def forget_engine(self, engine_id: str) -> None:
         for key in [k for k in self._peers if k[0] == engine_id]:
             self.forget(*key)
+
+    def plan(self, peer: Peer, heads: HeadRange) -> PairPlan:
+        """The pairing of our cache with `peer`'s for `heads` (what a staged transfer needs)."""
+        found = peer.pairs.get(heads)
+        if found is not None:
+            return found.plan
+        if heads not in peer.plans:
+            peer.plans[heads] = pair(self.local, peer.region, heads, fallback=self.fallback)
+        return peer.plans[heads]
 
     def prepared(self, peer: Peer, heads: HeadRange) -> PreparedPair:
         """The pairing of our cache with `peer`'s for `heads`, prepared on first use."""
