@@ -82,6 +82,55 @@ def write_cluster(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def staged_cluster(tmp_path_factory):
+    """Staged WRITEs forced (on CPU the cost model would pick direct): gather on prefill, one
+    descriptor per part into decode's staging slot, scatter into the packed layout."""
+    staging = ("--staging-mib", "8", "--staging-slots", "2")
+    prefill = [ServiceSpec("prefill", tp, "flashinfer-hnd", 16, 64, extra=staging) for tp in (1, 2)]
+    decode = [ServiceSpec("decode", tp, "packed", 32, 64, extra=(*staging, "--transfer-path", "staged"))
+              for tp in (1, 2)] + [ServiceSpec("decode", 1, "flashinfer-hnd", 16, 64, extra=staging)]
+    cluster = LocalCluster(tmp_path_factory.mktemp("staged"), prefill, decode, preset="tiny", mode="write",
+                           log_level="WARNING")
+    try:
+        cluster.start(timeout_s=400)
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_staged_write_equals_one_process(staged_cluster, want, prefill_tp, decode_tp):
+    with httpx.Client(timeout=120) as client:
+        body = complete(client, url_of(staged_cluster, "prefill", prefill_tp),
+                        url_of(staged_cluster, "decode", decode_tp))
+        metrics = client.get(f"{url_of(staged_cluster, 'decode', decode_tp)}/metrics").text
+    assert body["choices"][0]["token_ids"] == want
+    stats = body["kvxfer"]
+    assert (stats["mode"], stats["path"]) == ("write", "staged")
+    # one descriptor per (prefill rank, decode rank) part: tiny has 2 KV heads
+    assert stats["descriptors"] == max(prefill_tp, decode_tp)
+    assert 'kvxfer_transfer_path_total{op="write",path="staged"}' in metrics
+
+
+def test_auto_calibrates_and_reports_its_choice(staged_cluster, want):
+    """Without --transfer-path the decode service calibrates against the producer at handshake
+    and the cost model picks; the choice, its estimates and the costs are in /metrics."""
+    auto = next(s.url for s in staged_cluster.services
+                if s.spec.role == "decode" and "--transfer-path" not in s.spec.extra)
+    with httpx.Client(timeout=120) as client:
+        body = complete(client, url_of(staged_cluster, "prefill", 1), auto)
+        metrics = client.get(f"{auto}/metrics").text
+    assert body["choices"][0]["token_ids"] == want
+    assert body["kvxfer"]["mode"] == "write" and body["kvxfer"]["path"] in ("direct", "staged")
+    for quantity in ("per_descriptor_s", "write_bytes_per_s", "copy_bytes_per_s"):
+        line = next(x for x in metrics.splitlines() if x.startswith(f'kvxfer_fabric_cost{{quantity="{quantity}"}}'))
+        assert float(line.split()[-1]) > 0
+    assert 'kvxfer_cost_estimate_seconds{op="write",path="staged"}' in metrics
+
+
 @pytest.mark.parametrize("prefill_tp,decode_tp", PAIRS)
 def test_read_mode_block_16_to_32_equals_one_process(read_cluster, want, prefill_tp, decode_tp):
     with httpx.Client(timeout=120) as client:

@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.done()
         cluster.stop()
-    print(format_table(["#", "prompt", "tokens", "match", "KiB moved", "descriptors", "transfer ms", "GB/s"],
-                       [[i + 1, r["prompt"][:28], r["tokens"], "yes" if r["match"] else "NO",
+    print(format_table(["#", "prompt", "tokens", "match", "path", "KiB moved", "descriptors", "transfer ms", "GB/s"],
+                       [[i + 1, r["prompt"][:28], r["tokens"], "yes" if r["match"] else "NO", r["path"],
                          r["bytes"] / 1024, r["descriptors"], r["transfer_ms"], r["gbps"]]
                         for i, r in enumerate(rows)]))
     matched = sum(r["match"] for r in rows)
@@ -120,11 +120,12 @@ def ask(client: httpx.Client, url: str, prompt: str, want: list[int], max_tokens
     body = reply.json()
     if reply.status_code != 200:
         log.error("request failed: HTTP %d %s", reply.status_code, body)
-        return {"prompt": prompt, "tokens": 0, "match": False, "bytes": 0, "descriptors": 0,
+        return {"prompt": prompt, "tokens": 0, "match": False, "path": "-", "bytes": 0, "descriptors": 0,
                 "transfer_ms": 0.0, "gbps": 0.0, "error": body}
     got = body["choices"][0]["token_ids"]
     stats = body.get("kvxfer") or {}
-    return {"prompt": prompt, "tokens": len(got), "match": got == want, "bytes": stats.get("bytes", 0),
+    path = f"{stats.get('path', 'direct')} {stats.get('mode', '')}".strip()
+    return {"prompt": prompt, "tokens": len(got), "match": got == want, "path": path, "bytes": stats.get("bytes", 0),
             "descriptors": stats.get("descriptors", 0), "transfer_ms": stats.get("transfer_ms", 0.0),
             "gbps": stats.get("gbps", 0.0)}
 

@@ -41,6 +41,7 @@ class TransferStats(msgspec.Struct, kw_only=True):
     transfer_ms: float = 0.0
     gbps: float = 0.0
     peers: int = 0
+    path: str = "direct"  # or "staged": gathered, one descriptor per part, scattered
 
 
 class Choice(msgspec.Struct, kw_only=True):

@@ -70,6 +70,12 @@ class Mode(str, Enum):
     AUTO = "auto"  # the faster of the two, measured at handshake
 
 
+class TransferPath(str, Enum):
+    AUTO = "auto"  # the cost model's pick (calibrated against each producer at handshake)
+    DIRECT = "direct"  # one NIXL descriptor per span, zero-copy
+    STAGED = "staged"  # gather, one descriptor, scatter (a WRITE; needs staging slots on both sides)
+
+
 class RetryPolicy(str, Enum):
     RETRY_ONCE = "retry-once"
     FAIL = "fail"
@@ -117,6 +123,9 @@ class ServeConfig:
     engine_id: str
     nixl_threads: bool
     warmup: bool
+    staging_mib: int = 0  # staging slots in all (0: no staged transfers; calibration still runs)
+    staging_slots: int = 2
+    transfer_path: TransferPath = TransferPath.AUTO
 
     @property
     def side_channel_ports(self) -> tuple[int, ...]:
@@ -187,6 +196,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--engine-id", "this service's id in transfer parameters and handshakes (default: random)", metavar="ID")
     _add(g, "--nixl-threads", "on: NIXL progress threads (each busy-polls a core); off: the service polls (default: off)", metavar="on|off")
     _add(g, "--warmup", "compile and run attention kernels before /ready turns 200 (default: on)", action=argparse.BooleanOptionalAction)
+    _add(g, "--staging-mib", "MiB of registered staging slots for staged transfers (gather, one descriptor, scatter); a request larger than one slot moves directly; 0: none (default: 1024 on cuda, 0 on cpu, where staging loses)", metavar="MIB")
+    _add(g, "--staging-slots", "how many requests may stage at once; each slot is staging-mib / slots (default: 2)", metavar="N")
+    _add(g, "--transfer-path", "decode: auto (the cost model, calibrated against each prefill at handshake, picks), direct, or staged (WRITE; falls back to direct, logged, when a request does not fit a slot) (default: auto)", metavar="PATH")
 
 
 def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -338,6 +350,9 @@ def serve_config_from_args(args: argparse.Namespace, *, environ: Mapping[str, st
         engine_id=_engine_id(s),
         nixl_threads=s.switch("--nixl-threads", False),
         warmup=s.switch("--warmup", True),
+        staging_mib=s.integer("--staging-mib", 1024 if device.value == "cuda" else 0, lo=0, hi=1 << 20),
+        staging_slots=s.integer("--staging-slots", 2, hi=1024),
+        transfer_path=TransferPath(s.choice("--transfer-path", tuple(p.value for p in TransferPath), "auto")),
     )
     _check_serve(config, s)
     return config
@@ -442,6 +457,9 @@ def _check_serve(config: ServeConfig, s: _Settings) -> None:
     if config.lease_s <= config.transfer_deadline_s:
         why = f"must exceed --transfer-deadline-s={config.transfer_deadline_s}, or blocks are freed while a transfer may still read them"
         raise s.bad("--lease-s", config.lease_s, why)
+    if config.transfer_path is TransferPath.STAGED and (config.mode is Mode.READ or config.staging_mib == 0):
+        why = "staged transfers are WRITEs into staging slots: use --mode write or auto and --staging-mib > 0"
+        raise s.bad("--transfer-path", config.transfer_path.value, why)
     if config.insecure_plaintext and not is_loopback(config.side_channel_host):
         why = f"{s.source('--insecure-plaintext')} is for loopback only; use CURVE keys"
         raise s.bad("--side-channel-host", config.side_channel_host, why)

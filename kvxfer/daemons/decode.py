@@ -11,16 +11,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from kvxfer.agents import messages as m
 from kvxfer.agents.nixl_agent import MemKind
 from kvxfer.daemons import api
-from kvxfer.daemons.config import Mode
+from kvxfer.daemons.config import Mode, TransferPath
 from kvxfer.daemons.prefill import tokenize
-from kvxfer.daemons.runtime import AwaitPush, Connect, Decode, Moved, Pull, Token
+from kvxfer.daemons.runtime import (
+    AwaitPush,
+    Connect,
+    Decode,
+    Moved,
+    Pull,
+    Reserve,
+    Reserved,
+    Token,
+    Unreserve,
+)
 from kvxfer.daemons.service import Service
 from kvxfer.errors import ConfigError, KvxferError, PeerGoneError
 from kvxfer.planning import map_tp
+from kvxfer.planning.cost import Path, choose
 
 log = logging.getLogger(__name__)
 NOTIFY_TIMEOUT_S = 5.0
@@ -36,7 +48,18 @@ class LoadFailed(KvxferError):
         self.cause = cause
 
 
+@dataclass(frozen=True)
+class TransferPlan:
+    mode: Mode  # READ or WRITE
+    path: Path  # direct (one descriptor per span) or staged (gather, one descriptor, scatter)
+    why: str  # for the log: the cost model's candidates, the rule, or the flag
+
+
 class DecodeService(Service):
+    def __init__(self, config, **kwargs) -> None:
+        super().__init__(config, **kwargs)
+        self._announced: dict[tuple[str, int], tuple[Mode, Path]] = {}
+
     def identity(self) -> dict:
         keys = self.runtime.keys
         return {"engine_id": self.config.engine_id, "boot_epoch": self.boot_epoch, "role": "decode",
@@ -71,16 +94,14 @@ class DecodeService(Service):
                                    num_tokens=params.num_tokens, tp_size=params.tp_size),
                            timeout_s=NOTIFY_TIMEOUT_S)
             self.call(Connect(params))
-            mode = self.mode_for(params)
-            if mode is Mode.READ:
+            plan = self.plan_transfer(params)
+            if plan.mode is Mode.READ:
                 moved = self.call(Pull(params, ids))
             else:
-                for rank in range(self.config.tp):
-                    client.request(m.WriteRequest(request_id=params.request_id, decode_rank=rank,
-                                                  block_ids=ids, decode_engine_id=self.config.engine_id,
-                                                  decode_tp=self.config.tp),
-                                   timeout_s=NOTIFY_TIMEOUT_S)
-                moved = self.call(AwaitPush(params, self.runtime.push_timeout(params.num_tokens)))
+                offsets = self._reserve(params, ids) if plan.path is Path.STAGED else None
+                if plan.path is Path.STAGED and offsets is None:
+                    plan = TransferPlan(Mode.WRITE, Path.DIRECT, "no free staging slot on every rank")
+                moved = self._pushed(client, params, ids, offsets)
             client.request(m.TransferDone(request_id=params.request_id, consumer_rank=0),
                            timeout_s=NOTIFY_TIMEOUT_S)
         except KvxferError as err:
@@ -94,7 +115,8 @@ class DecodeService(Service):
         self.metrics.request_bytes.inc(num_bytes)
         self.metrics.request_descriptors.inc(descriptors)
         self.metrics.transfer_seconds.observe(seconds)
-        return api.TransferStats(mode=mode.value, bytes=num_bytes, descriptors=descriptors,
+        self.metrics.transfer_path.labels(path=plan.path.value, op=plan.mode.value).inc()
+        return api.TransferStats(mode=plan.mode.value, path=plan.path.value, bytes=num_bytes, descriptors=descriptors,
                                  transfer_ms=seconds * 1e3, gbps=num_bytes / seconds / 1e9 if seconds else 0.0,
                                  peers=len(map_tp(self.runtime.engine.model_config.num_kv_heads, params.tp_size,
                                                    self.config.tp).assignments))
@@ -111,12 +133,77 @@ class DecodeService(Service):
                 f"{params.side_channel} is now {pong.engine_id} at epoch {pong.boot_epoch} (restarted; the "
                 f"request's KV was lost with it)")
 
-    def mode_for(self, params: m.TransferParams) -> Mode:
-        """READ or WRITE; `auto` pushes into GPU memory (pull over CUDA IPC falls back to a slow
-        path) and pulls from host memory."""
-        if self.config.mode is not Mode.AUTO:
-            return self.config.mode
-        return Mode.WRITE if self.runtime.endpoint.mem is MemKind.VRAM else Mode.READ
+    def plan_transfer(self, params: m.TransferParams) -> TransferPlan:
+        """How this request's KV moves. With costs calibrated against the producer (at its first
+        handshake), the cost model picks the cheapest of what `--mode` and staging allow; without
+        them a rule: `auto` pushes into GPU memory (pull over CUDA IPC falls back to a slow path)
+        and pulls from host memory, staged where both sides have slots and the memory is VRAM."""
+        runtime = self.runtime
+        if self.config.mode is Mode.READ:
+            return TransferPlan(Mode.READ, Path.DIRECT, "--mode read")
+        stage = self.config.transfer_path is not TransferPath.DIRECT and runtime.can_stage(params)
+        if self.config.transfer_path is TransferPath.STAGED:
+            path = Path.STAGED if stage else Path.DIRECT
+            return self._announce(params, TransferPlan(Mode.WRITE, path, "--transfer-path staged"
+                                                       + ("" if stage else " (does not fit a slot: direct)")))
+        costs = runtime.costs.get((params.engine_id, params.boot_epoch))
+        if costs is None:
+            vram = runtime.endpoint.mem is MemKind.VRAM
+            mode = Mode.WRITE if self.config.mode is Mode.WRITE or vram else Mode.READ
+            path = Path.STAGED if mode is Mode.WRITE and stage and vram else Path.DIRECT
+            return self._announce(params, TransferPlan(mode, path, "rule (no calibration)"))
+        for name in ("per_transfer_s", "per_descriptor_s", "read_bytes_per_s", "write_bytes_per_s", "copy_bytes_per_s"):
+            self.metrics.fabric.labels(quantity=name).set(getattr(costs, name))
+        allowed = [(Path.DIRECT, True)] + ([(Path.STAGED, True)] if stage else [])
+        if self.config.mode is Mode.AUTO:
+            allowed.append((Path.DIRECT, False))
+        choice = choose(costs, num_bytes=runtime.expected_bytes(params) * self.config.tp,
+                        descriptors=runtime.direct_descriptors(params), allowed=tuple(allowed))
+        for c in choice.candidates:
+            self.metrics.estimate_seconds.labels(path=c.path.value, op="write" if c.write else "read").set(c.seconds)
+        best = choice.best
+        return self._announce(params, TransferPlan(Mode.WRITE if best.write else Mode.READ, best.path,
+                                                   f"cost model: {choice.describe()}"))
+
+    def _announce(self, params: m.TransferParams, plan: TransferPlan) -> TransferPlan:
+        """Log the first choice for each producer epoch and each change of choice (INFO), every
+        request's at DEBUG: a reader of the log sees why transfers take the path they take."""
+        key = (params.engine_id, params.boot_epoch)
+        if self._announced.get(key) != (plan.mode, plan.path):
+            self._announced[key] = (plan.mode, plan.path)
+            log.info("transfers from %s (epoch %d): %s %s, by %s", params.engine_id, params.boot_epoch,
+                     plan.path.value, plan.mode.value, plan.why)
+        else:
+            log.debug("request %s: %s %s, by %s", params.request_id[:8], plan.path.value, plan.mode.value, plan.why)
+        return plan
+
+    def _reserve(self, params: m.TransferParams, ids: list[int]) -> list[list[int]] | None:
+        """Every decode rank's staging offsets (per source), or None (and nothing held) when a
+        rank cannot stage the request now."""
+        replies = self.call(Reserve(params, ids))
+        offsets = [r.offsets for r in replies if isinstance(r, Reserved)]
+        if len(offsets) == len(replies) and all(offsets):
+            return offsets
+        self.call(Unreserve(params.request_id, 0.0))
+        return None
+
+    def _pushed(self, client, params: m.TransferParams, ids: list[int], offsets: list[list[int]] | None) -> list:
+        """WRITE: ask the producer to push into every decode rank (its blocks, or its staging
+        slot), then wait for all of it. A staged request that fails keeps its slots away from
+        other requests until no late write can land in them."""
+        timeout_s = self.runtime.push_timeout(params.num_tokens)
+        try:
+            for rank in range(self.config.tp):
+                client.request(m.WriteRequest(request_id=params.request_id, decode_rank=rank,
+                                              block_ids=ids, decode_engine_id=self.config.engine_id,
+                                              decode_tp=self.config.tp,
+                                              staging_offsets=offsets[rank] if offsets else None),
+                               timeout_s=NOTIFY_TIMEOUT_S)
+            return self.call(AwaitPush(params, timeout_s, staged=offsets is not None))
+        except KvxferError:
+            if offsets is not None:
+                self.call(Unreserve(params.request_id, timeout_s))
+            raise
 
     def _tell_failed(self, client, params: m.TransferParams, err: KvxferError) -> None:
         """Best effort: let prefill free the request's blocks now instead of at lease expiry."""

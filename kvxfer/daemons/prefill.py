@@ -140,7 +140,9 @@ class PrefillService(Service):
             blocks, num_tokens = self._requests[msg.request_id]
         push = Push(request_id=msg.request_id, decode_engine_id=msg.decode_engine_id,
                     decode_rank=msg.decode_rank, decode_block_ids=list(msg.block_ids),
-                    block_ids=list(blocks), num_tokens=num_tokens, decode_tp=msg.decode_tp)
+                    block_ids=list(blocks), num_tokens=num_tokens, decode_tp=msg.decode_tp,
+                    staging_offsets=list(msg.staging_offsets) if msg.staging_offsets is not None else None,
+                    requester_key=peer.public_key)
 
         def run() -> None:
             try:

@@ -33,14 +33,24 @@ from kvxfer.agents.sidechannel import (
     SideChannelClient,
     SideChannelServer,
 )
+from kvxfer.agents.staged_transfer import Reservation, StagingConfig, release_later
 from kvxfer.daemons.bus import Failed
 from kvxfer.daemons.config import Role, ServeConfig, load_curve_keys
 from kvxfer.engine.config import CacheConfig, EngineConfig, load_model_config, preset
 from kvxfer.engine.engine import DecodeRequest, Engine
 from kvxfer.engine.parallel import TPGroup
 from kvxfer.engine.sampling import SamplingParams
-from kvxfer.errors import ConfigError, HandshakeError, PeerGoneError, TransferTimeout
+from kvxfer.errors import (
+    AuthError,
+    ConfigError,
+    HandshakeError,
+    KvxferError,
+    PeerGoneError,
+    PlanError,
+    TransferTimeout,
+)
 from kvxfer.planning import Fallback, map_tp
+from kvxfer.planning.cost import FabricCosts
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +120,27 @@ class Pull(msgspec.Struct, tag="pull", frozen=True):
 
 
 class AwaitPush(msgspec.Struct, tag="await_push", frozen=True):
-    """Decode ranks, WRITE mode: wait until every producer rank notified its push."""
+    """Decode ranks, WRITE mode: wait until every producer rank notified its push; `staged`:
+    then scatter the parts from the slot `Reserve` took, and give it back."""
 
     params: m.TransferParams
     timeout_s: float
+    staged: bool = False
+
+
+class Reserve(msgspec.Struct, tag="reserve", frozen=True):
+    """Decode ranks, staged WRITE: a staging slot for this rank's parts of the request."""
+
+    params: m.TransferParams
+    block_ids: list[int]
+
+
+class Unreserve(msgspec.Struct, tag="unreserve", frozen=True):
+    """Decode ranks: a staged request failed; its slot goes back after `delay_s`, when no late
+    write from a producer can still land in it."""
+
+    request_id: str
+    delay_s: float
 
 
 class Push(msgspec.Struct, tag="push", frozen=True):
@@ -126,6 +153,10 @@ class Push(msgspec.Struct, tag="push", frozen=True):
     block_ids: list[int]
     num_tokens: int
     decode_tp: int
+    staging_offsets: list[int] | None = None  # staged: per source of decode_rank (WriteRequest)
+    # The CURVE key the WriteRequest came with: a rank pushes only to a decode engine that
+    # handshook with that same key (a consumer cannot aim the push at another service's memory).
+    requester_key: str | None = None
 
 
 class Describe(msgspec.Struct, tag="describe", frozen=True):
@@ -152,8 +183,12 @@ class Ok(msgspec.Struct, tag="ok", frozen=True):
     pass
 
 
-Command = Prefill | Decode | Connect | Pull | AwaitPush | Push | Describe
-Reply = Token | Moved | Described | Ok | Failed
+class Reserved(msgspec.Struct, tag="reserved", frozen=True):
+    offsets: list[int]  # where each source writes in this rank's slots area; empty: not staged
+
+
+Command = Prefill | Decode | Connect | Pull | AwaitPush | Push | Describe | Reserve | Unreserve
+Reply = Token | Moved | Described | Ok | Failed | Reserved
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(Command)
 reply_decoder = msgspec.msgpack.Decoder(Reply)
@@ -239,10 +274,15 @@ class RankRuntime:
                             model_fingerprint=model_fingerprint(self.engine_config))
         agent = AgentConfig(name=f"{config.engine_id}-{setup.boot_epoch}-r{setup.rank}",
                             threading=Threading.PROGRESS_THREAD if config.nixl_threads else Threading.APP_POLL)
+        slots = max(1, config.staging_slots)
+        staging = StagingConfig(slot_bytes=(config.staging_mib << 20) // slots, num_slots=slots)
         self.endpoint = Endpoint(identity, self.engine.caches, self.engine.cache_desc, agent_config=agent,
                                  fallback=Fallback.FINE,
                                  deadline=DeadlinePolicy(config.transfer_deadline_s, config.expected_gbps),
-                                 metrics=self.metrics)
+                                 metrics=self.metrics, staging=staging)
+        self.costs: dict[tuple[str, int], FabricCosts] = {}  # rank 0: per producer (engine, epoch)
+        self._peer_keys: dict[tuple[str, int], str | None] = {}  # prefill: who handshook as (engine, rank)
+        self._reservations: dict[str, Reservation] = {}
         self.lock = threading.RLock()  # the NIXL agent and peer table: command thread vs server thread
         self.info = self.endpoint.info()
         self._clients = ClientCache(ClientConfig(keys=self.keys, insecure=config.insecure_plaintext))
@@ -279,6 +319,7 @@ class RankRuntime:
             check_compatible(m.HandshakeReply(engine=self.info), msg, peer=msg.engine.engine_id)
             with self.lock:
                 self.endpoint.peers.admit(msg.engine)
+                self._peer_keys[msg.engine.engine_id, msg.engine.tp_rank] = peer.public_key
             return m.HandshakeReply(engine=self.info)
         if self.service_handler is not None:
             reply = self.service_handler(peer, msg)
@@ -306,11 +347,24 @@ class RankRuntime:
             case Pull():
                 return _moved(self.pull(command.params, command.block_ids))
             case AwaitPush():
+                started = time.perf_counter()
                 self.await_push(command.params, command.timeout_s)
-                return Moved(num_bytes=self.expected_bytes(command.params))
+                if command.staged:
+                    self.scatter(command.params.request_id)
+                return Moved(num_bytes=self.expected_bytes(command.params),
+                             num_descriptors=len(self._sources(command.params)) if command.staged else 0,
+                             seconds=time.perf_counter() - started)
+            case Reserve():
+                return Reserved(self.reserve(command.params, command.block_ids))
+            case Unreserve():
+                self.unreserve(command.request_id, command.delay_s)
+                return Ok()
             case Push():
                 if not self.pairs_with(command.decode_rank, command.decode_tp):
                     return Moved()
+                self._check_requester(command)
+                if command.staging_offsets is not None:
+                    return _moved(self.push_staged(command))
                 return _moved(self.push(command))
             case Describe():
                 import os
@@ -336,9 +390,63 @@ class RankRuntime:
         return mapping.sources_of(self.rank)
 
     def connect(self, params: m.TransferParams) -> None:
-        """Handshake with every prefill rank we read from, unless already done at this epoch."""
-        for source in self._sources(params):
-            self._peer(params, source.prefill_rank)
+        """Handshake with every prefill rank we read from, unless already done at this epoch.
+        Rank 0 then calibrates the cost model against the first of them, once per epoch."""
+        peers = [self._peer(params, source.prefill_rank) for source in self._sources(params)]
+        key = (params.engine_id, params.boot_epoch)
+        if self.rank != 0 or key in self.costs or not peers:
+            return
+        try:
+            with self.lock:
+                costs = self.endpoint.calibrate(peers[0])
+        except KvxferError as err:  # the rule-based choice still works; say why it is used
+            log.warning("calibration against %s failed, choosing transfers by rule: %s", params.engine_id, err)
+            return
+        if costs is not None:
+            self.costs = {k: v for k, v in self.costs.items() if k[0] != params.engine_id}  # old epochs
+            self.costs[key] = costs
+
+    def direct_descriptors(self, params: m.TransferParams) -> int:
+        """Descriptors a direct transfer of the request posts, all decode ranks (they are alike)."""
+        total = 0
+        for s in self._sources(params):
+            plan = self.endpoint.peers.plan(self._peer(params, s.prefill_rank), s.heads)
+            total += -(-params.num_tokens // plan.chunk_tokens) * plan.spans_per_chunk
+        return total * self.engine.cache_desc.num_layers * self.config.tp
+
+    def can_stage(self, params: m.TransferParams) -> bool:
+        """Both sides have staging slots and this rank's share fits one."""
+        area = self.endpoint.staging
+        if area is None or area.pool is None:
+            return False
+        peers = [self._peer(params, s.prefill_rank) for s in self._sources(params)]
+        return (all(p.info.staging is not None and p.info.staging.slots_bytes for p in peers)
+                and self.expected_bytes(params) <= area.pool.slot_bytes)
+
+    def reserve(self, params: m.TransferParams, block_ids: list[int]) -> list[int]:
+        legs = [Leg(self._peer(params, s.prefill_rank), s.heads, self.engine.shape_block_ids(params.block_ids))
+                for s in self._sources(params)]
+        with self.lock:
+            reservation = self.endpoint.reserve(legs, self.prompt_blocks(block_ids, params.num_tokens),
+                                                params.num_tokens)
+        if reservation is None:
+            return []
+        self._reservations[params.request_id] = reservation
+        return reservation.wire_offsets()
+
+    def scatter(self, request_id: str) -> None:
+        reservation = self._reservations.pop(request_id, None)
+        if reservation is None:
+            raise ConfigError(f"request {request_id}: no staging slot reserved on decode rank {self.rank}")
+        try:
+            reservation.scatter(self.endpoint.tensors)
+        finally:
+            self.endpoint.staging.pool.release(reservation.slot)
+
+    def unreserve(self, request_id: str, delay_s: float) -> None:
+        reservation = self._reservations.pop(request_id, None)
+        if reservation is not None:
+            release_later(self.endpoint.staging, reservation, delay_s)
 
     def _peer(self, params: m.TransferParams, prefill_rank: int):
         with self.lock:
@@ -417,6 +525,41 @@ class RankRuntime:
             legs = [Leg(peer, h, decode_ids) for h in heads]
             return self.endpoint.write(command.request_id, legs, self.engine.shape_block_ids(command.block_ids),
                                        command.num_tokens)
+
+    def push_staged(self, command: Push) -> TransferSummary:
+        """Gather each of our parts for decode rank `decode_rank`, one WRITE each into the slot
+        offsets it reserved (validated against its registered slots area on the way)."""
+        with self.lock:
+            peer = self.endpoint.peers.get(command.decode_engine_id, command.decode_rank)
+        if peer is None:
+            raise HandshakeError(f"decode {command.decode_engine_id} rank {command.decode_rank} never "
+                                 f"handshook with prefill rank {self.rank}")
+        mapping = map_tp(self.engine.model_config.num_kv_heads, self.config.tp, command.decode_tp)
+        sources = mapping.sources_of(command.decode_rank)
+        if len(command.staging_offsets) != len(sources):
+            raise PlanError(f"staged push: {len(command.staging_offsets)} staging offsets for decode rank "
+                            f"{command.decode_rank}, which has {len(sources)} sources")
+        local = self.prompt_blocks(command.block_ids, command.num_tokens)
+        total = TransferSummary(m.Mode.WRITE)
+        for source, offset in zip(sources, command.staging_offsets, strict=True):
+            if source.prefill_rank != self.rank:
+                continue
+            with self.lock:
+                done = self.endpoint.write_staged(command.request_id, Leg(peer, source.heads, local), local,
+                                                  command.num_tokens, offset)
+            total.num_bytes += done.num_bytes
+            total.num_descriptors += done.num_descriptors
+            total.seconds += done.seconds
+        return total
+
+    def _check_requester(self, command: Push) -> None:
+        if command.requester_key is None:
+            return  # --insecure-plaintext: no authenticated identity to compare (docs/security.md)
+        with self.lock:
+            key = self._peer_keys.get((command.decode_engine_id, command.decode_rank))
+        if key != command.requester_key:
+            raise AuthError(f"push of {command.request_id[:8]}: decode {command.decode_engine_id} rank "
+                            f"{command.decode_rank} did not handshake with the key that asked for it; refusing")
 
     def pairs_with(self, decode_rank: int, decode_tp: int) -> bool:
         mapping = map_tp(self.engine.model_config.num_kv_heads, self.config.tp, decode_tp)

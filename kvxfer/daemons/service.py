@@ -60,6 +60,12 @@ class ServiceMetrics:
                                    registry=r)
         self.blocks_free = Gauge("kvxfer_blocks_free", "Cache blocks free", registry=r)
         self.ready = Gauge("kvxfer_ready", "1 when every rank is up and warm", registry=r)
+        self.transfer_path = Counter("kvxfer_transfer_path", "Requests by how their KV moved (cost model or "
+                                     "--mode), e.g. path=staged op=write", ["path", "op"], registry=r)
+        self.estimate_seconds = Gauge("kvxfer_cost_estimate_seconds", "The cost model's estimate for the last "
+                                      "request, per candidate", ["path", "op"], registry=r)
+        self.fabric = Gauge("kvxfer_fabric_cost", "Calibrated fabric costs of the last peer calibrated "
+                            "(seconds, or bytes per second)", ["quantity"], registry=r)
 
 
 class Service:

@@ -75,13 +75,16 @@ def estimate(costs: FabricCosts, *, num_bytes: int, descriptors: int, path: Path
 
 def choose(costs: FabricCosts, *, num_bytes: int, descriptors: int,
            paths: tuple[Path, ...] = (Path.DIRECT, Path.STAGED),
-           writes: tuple[bool, ...] = (False, True)) -> Choice:
-    """The cheapest (path, direction) among those allowed."""
+           writes: tuple[bool, ...] = (False, True),
+           allowed: tuple[tuple[Path, bool], ...] | None = None) -> Choice:
+    """The cheapest (path, direction) among those allowed: every (path, write) of `paths` x
+    `writes`, or exactly the pairs in `allowed` (say, no staged READ)."""
     if num_bytes < 0 or descriptors < 0:
         raise ConfigError(f"choose: num_bytes={num_bytes} and descriptors={descriptors} must not be negative")
-    if not paths or not writes:
+    pairs = allowed if allowed is not None else tuple((p, w) for p in paths for w in writes)
+    if not pairs:
         raise ConfigError("choose: no path or no direction allowed")
     candidates = tuple(estimate(costs, num_bytes=num_bytes, descriptors=descriptors, path=p, write=w)
-                       for p in paths for w in writes)
+                       for p, w in pairs)
     best = min(candidates, key=lambda e: e.seconds)
     return Choice(best, candidates, num_bytes, descriptors)
