@@ -4,6 +4,8 @@ correct answer, never a hang; later requests succeed; no block stays held once l
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -12,6 +14,7 @@ import pytest
 from test_daemons_e2e import MAX_TOKENS, PROMPT, reference
 
 from kvxfer.daemons.cluster import LocalCluster, ServiceSpec
+from kvxfer.soak.procs import rank_pids
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 LEASE_S = 3.0
@@ -172,3 +175,50 @@ def test_a_single_rank_killed_mid_request_makes_the_service_exit_promptly(tmp_pa
         assert b"error" in result["body"], result["body"][-300:]
     finally:
         tp4.stop()
+
+
+def metric(client: httpx.Client, url: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in client.get(f"{url}/metrics").text.splitlines()
+               if line.startswith(name))
+
+
+@pytest.mark.parametrize("path", ["staged", "direct"])
+def test_stalled_producer_never_writes_into_reused_memory(tmp_path, want, path):
+    """WRITE while one producer rank is frozen (SIGSTOP) past the consumer's deadline: the
+    request fails clearly; its staging slot (staged) or its blocks (direct) stay out of the pool
+    until no push started in time can land; when the rank wakes it refuses the stale push instead
+    of writing into memory the consumer may have reused; afterwards everything is back and
+    requests work."""
+    staging = ("--staging-mib", "8", "--staging-slots", "2", *FAST)
+    with LocalCluster(tmp_path, [ServiceSpec("prefill", 2, extra=staging)],
+                      [ServiceSpec("decode", 1, extra=(*staging, "--transfer-path", path))],
+                      preset="tiny", mode="write", log_level="WARNING") as cluster, httpx.Client(timeout=60) as client:
+        decode, prefill = cluster.by_name("decode0").url, cluster.by_name("prefill0").url
+        first = decode_with(client, cluster, prefill_only(client, cluster))  # handshakes now cached
+        assert first.status_code == 200 and first.json()["kvxfer"]["path"] == path, first.text
+        params = prefill_only(client, cluster)
+        rank1 = rank_pids(cluster.by_name("prefill0").proc.pid)[1]
+        os.kill(rank1, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            reply = decode_with(client, cluster, params)
+            assert reply.status_code == 502 and reply.json()["error"]["type"] == "kv_load_failed", reply.text
+            if path == "staged":
+                assert metric(client, decode, "kvxfer_staging_slots_free") == 1  # held back, not reused
+            else:
+                assert blocks_in_use(client, decode) > 0  # held back, not reused
+            time.sleep(max(0.0, 12.0 - (time.monotonic() - started)))  # past the push's not-after time
+        finally:
+            os.kill(rank1, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        refused = 'kvxfer_failures_total{kind="timeout"}'
+        while metric(client, prefill, refused) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "refusing to write into memory it may have reused" in cluster.by_name("prefill0").log_path.read_text()
+        while (metric(client, decode, "kvxfer_staging_slots_free") < 2 or blocks_in_use(client, decode) > 0) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert metric(client, decode, "kvxfer_staging_slots_free") == 2 and blocks_in_use(client, decode) == 0
+        ok = decode_with(client, cluster, prefill_only(client, cluster))
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["choices"][0]["token_ids"] == want and ok.json()["kvxfer"]["path"] == path

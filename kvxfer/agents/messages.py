@@ -185,6 +185,9 @@ class WriteRequest(_Base, frozen=True, kw_only=True, tag="write"):
     # Staged: where in decode_rank's staging slots each of its sources (in `sources_of` order)
     # writes its part, gathered, with one descriptor; None: direct, into block_ids.
     staging_offsets: Annotated[list[U64], msgspec.Meta(max_length=65536)] | None = None
+    # The consumer's wall clock when it stops waiting: a producer that only gets to the push
+    # later (it was stalled) refuses it instead of writing into memory the consumer reused.
+    not_after_unix: float | None = None
 
 
 class WriteDone(_Base, frozen=True, kw_only=True, tag="write_done"):

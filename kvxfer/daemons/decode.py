@@ -9,6 +9,7 @@ a typed `kv_load_failed` error (HTTP 502) and frees its blocks on both sides; it
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,9 +44,10 @@ class LoadFailed(KvxferError):
 
     kind = "kv_load_failed"
 
-    def __init__(self, message: str, cause: str):
+    def __init__(self, message: str, cause: str, quarantine_s: float = 0.0):
         super().__init__(message)
         self.cause = cause
+        self.quarantine_s = quarantine_s  # the blocks may still receive a push until then
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class DecodeService(Service):
     def __init__(self, config, **kwargs) -> None:
         super().__init__(config, **kwargs)
         self._announced: dict[tuple[str, int], tuple[Mode, Path]] = {}
+        self._push_until: dict[str, float] = {}  # request id -> wall clock a push may still land by
 
     def identity(self) -> dict:
         keys = self.runtime.keys
@@ -107,8 +110,10 @@ class DecodeService(Service):
         except KvxferError as err:
             self.metrics.transfer.observe_failure(err.kind)
             self._tell_failed(client, params, err)
+            until = self._push_until.pop(params.request_id, 0.0)
             raise LoadFailed(f"loading KV of {params.request_id[:8]} from {params.engine_id}: {err}",
-                             err.kind) from None
+                             err.kind, max(0.0, until - time.time())) from None
+        self._push_until.pop(params.request_id, None)
         seconds = time.perf_counter() - started
         num_bytes = sum(r.num_bytes for r in moved if isinstance(r, Moved))
         descriptors = sum(r.num_descriptors for r in moved if isinstance(r, Moved))
@@ -192,17 +197,23 @@ class DecodeService(Service):
         slot), then wait for all of it. A staged request that fails keeps its slots away from
         other requests until no late write can land in them."""
         timeout_s = self.runtime.push_timeout(params.num_tokens)
+        not_after = time.time() + NOTIFY_TIMEOUT_S * self.config.tp + timeout_s
+        # A push that starts by not_after ends within its own deadline: until then a failed
+        # request's blocks (direct) or staging slot (staged) stay out of the pool.
+        if offsets is None:
+            self._push_until[params.request_id] = not_after + timeout_s
         try:
             for rank in range(self.config.tp):
                 client.request(m.WriteRequest(request_id=params.request_id, decode_rank=rank,
                                               block_ids=ids, decode_engine_id=self.config.engine_id,
                                               decode_tp=self.config.tp,
-                                              staging_offsets=offsets[rank] if offsets else None),
+                                              staging_offsets=offsets[rank] if offsets else None,
+                                              not_after_unix=not_after),
                                timeout_s=NOTIFY_TIMEOUT_S)
             return self.call(AwaitPush(params, timeout_s, staged=offsets is not None))
         except KvxferError:
             if offsets is not None:
-                self.call(Unreserve(params.request_id, timeout_s))
+                self.call(Unreserve(params.request_id, max(0.0, not_after + timeout_s - time.time())))
             raise
 
     def _tell_failed(self, client, params: m.TransferParams, err: KvxferError) -> None:
@@ -219,8 +230,13 @@ class DecodeService(Service):
         params, token_ids = self.prepare(request)
         num_cached = len(token_ids)
         ids = self.allocate(num_cached + request.max_tokens)
+        quarantine_s = 0.0
         try:
-            stats = await self.run(lambda: self.load(params, ids))
+            try:
+                stats = await self.run(lambda: self.load(params, ids))
+            except LoadFailed as err:
+                quarantine_s = err.quarantine_s
+                raise
             token = params.first_token_id
             yield token, stats
             for step in range(1, request.max_tokens):
@@ -231,4 +247,15 @@ class DecodeService(Service):
                 token = reply.token
                 yield token, None
         finally:
-            self.free(ids)
+            if quarantine_s > 0:
+                self._free_later(ids, quarantine_s, params.request_id)
+            else:
+                self.free(ids)
+
+    def _free_later(self, ids: list[int], delay_s: float, request_id: str) -> None:
+        """A failed WRITE's blocks go back once no push the producer started in time can land."""
+        log.info("request %s failed after asking for a push: its %d blocks return in %.1f s", request_id[:8],
+                 len(ids), delay_s)
+        timer = threading.Timer(delay_s, self.free, args=(ids,))
+        timer.daemon = True
+        timer.start()

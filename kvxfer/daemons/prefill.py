@@ -142,7 +142,7 @@ class PrefillService(Service):
                     decode_rank=msg.decode_rank, decode_block_ids=list(msg.block_ids),
                     block_ids=list(blocks), num_tokens=num_tokens, decode_tp=msg.decode_tp,
                     staging_offsets=list(msg.staging_offsets) if msg.staging_offsets is not None else None,
-                    requester_key=peer.public_key)
+                    requester_key=peer.public_key, not_after_unix=msg.not_after_unix)
 
         def run() -> None:
             try:

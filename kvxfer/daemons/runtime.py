@@ -157,6 +157,7 @@ class Push(msgspec.Struct, tag="push", frozen=True):
     # The CURVE key the WriteRequest came with: a rank pushes only to a decode engine that
     # handshook with that same key (a consumer cannot aim the push at another service's memory).
     requester_key: str | None = None
+    not_after_unix: float | None = None  # WriteRequest: refuse to start after this wall-clock time
 
 
 class Describe(msgspec.Struct, tag="describe", frozen=True):
@@ -363,6 +364,7 @@ class RankRuntime:
                 if not self.pairs_with(command.decode_rank, command.decode_tp):
                     return Moved()
                 self._check_requester(command)
+                self._check_in_time(command)
                 if command.staging_offsets is not None:
                     return _moved(self.push_staged(command))
                 return _moved(self.push(command))
@@ -551,6 +553,13 @@ class RankRuntime:
             total.num_descriptors += done.num_descriptors
             total.seconds += done.seconds
         return total
+
+    def _check_in_time(self, command: Push) -> None:
+        late = time.time() - command.not_after_unix if command.not_after_unix is not None else 0.0
+        if late > 0:
+            raise TransferTimeout(f"push of {command.request_id[:8]} to decode rank {command.decode_rank}: the "
+                                  f"consumer stopped waiting {late:.3f} s ago; refusing to write into memory it "
+                                  "may have reused")
 
     def _check_requester(self, command: Push) -> None:
         if command.requester_key is None:

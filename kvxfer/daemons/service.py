@@ -64,6 +64,8 @@ class ServiceMetrics:
                                      "--mode), e.g. path=staged op=write", ["path", "op"], registry=r)
         self.estimate_seconds = Gauge("kvxfer_cost_estimate_seconds", "The cost model's estimate for the last "
                                       "request, per candidate", ["path", "op"], registry=r)
+        self.staging_free = Gauge("kvxfer_staging_slots_free", "Free staging slots on rank 0 (a failed "
+                                  "staged request's slot returns only after its deadline)", registry=r)
         self.fabric = Gauge("kvxfer_fabric_cost", "Calibrated fabric costs of the last peer calibrated "
                             "(seconds, or bytes per second)", ["quantity"], registry=r)
 
@@ -107,6 +109,9 @@ class Service:
             self.start_error = str(err)
             log.error("service failed to start: %s", err)
             raise
+        area = self.runtime.endpoint.staging
+        if area is not None and area.pool is not None:
+            self.metrics.staging_free.set_function(lambda: area.pool.num_free)
         self._idle_thread = threading.Thread(target=self._idle_loop, name="kvxfer-idle", daemon=True)
         self._idle_thread.start()
         self.started.set()
