@@ -31,7 +31,7 @@ from kvxfer.daemons.runtime import (
     Unreserve,
 )
 from kvxfer.daemons.service import Service
-from kvxfer.errors import ConfigError, KvxferError, PeerGoneError
+from kvxfer.errors import ConfigError, KvxferError, PeerGoneError, TransferTimeout
 from kvxfer.planning import map_tp
 from kvxfer.planning.cost import Path, choose
 
@@ -184,8 +184,16 @@ class DecodeService(Service):
 
     def _reserve(self, params: m.TransferParams, ids: list[int]) -> list[list[int]] | None:
         """Every decode rank's staging offsets (per source), or None (and nothing held) when a
-        rank cannot stage the request now."""
-        replies = self.call(Reserve(params, ids))
+        rank cannot stage the request now (no slot freed in time: back-pressure, then direct)."""
+        try:
+            replies = self.call(Reserve(params, ids))
+        except KvxferError as err:  # a rank failed; the others may hold a slot
+            self.call(Unreserve(params.request_id, 0.0))
+            if isinstance(err, TransferTimeout):
+                log.info("request %s: no staging slot freed in time (%s): moving it directly",
+                         params.request_id[:8], err)
+                return None
+            raise
         offsets = [r.offsets for r in replies if isinstance(r, Reserved)]
         if len(offsets) == len(replies) and all(offsets):
             return offsets
