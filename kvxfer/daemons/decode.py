@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from kvxfer.agents import messages as m
 from kvxfer.agents.nixl_agent import MemKind
 from kvxfer.daemons import api
-from kvxfer.daemons.config import Mode, TransferPath
-from kvxfer.daemons.prefill import tokenize
-from kvxfer.daemons.runtime import (
+from kvxfer.daemons.commands import (
     AwaitPush,
     Connect,
     Decode,
@@ -30,6 +28,8 @@ from kvxfer.daemons.runtime import (
     Token,
     Unreserve,
 )
+from kvxfer.daemons.config import Mode, TransferPath
+from kvxfer.daemons.prefill import tokenize
 from kvxfer.daemons.service import Service
 from kvxfer.errors import ConfigError, KvxferError, PeerGoneError, TransferTimeout
 from kvxfer.planning import map_tp

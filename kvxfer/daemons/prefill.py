@@ -17,7 +17,7 @@ from kvxfer.agents import messages as m
 from kvxfer.agents.leases import LeaseTable
 from kvxfer.agents.sidechannel import PeerInfo, check_binding
 from kvxfer.daemons import api
-from kvxfer.daemons.runtime import Prefill, Push, Token
+from kvxfer.daemons.commands import Prefill, Push, Token
 from kvxfer.daemons.service import Service
 from kvxfer.errors import ConfigError, KvxferError, LeaseError, PlanError
 

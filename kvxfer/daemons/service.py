@@ -20,16 +20,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.daemons.bus import Bus
+from kvxfer.daemons.commands import Command, Described, Reply, command_encoder, reply_decoder
 from kvxfer.daemons.config import ServeConfig
-from kvxfer.daemons.runtime import (
-    Command,
-    Described,
-    RankRuntime,
-    RankSetup,
-    Reply,
-    command_encoder,
-    reply_decoder,
-)
+from kvxfer.daemons.runtime import RankRuntime, RankSetup
 from kvxfer.daemons.worker import worker_main
 from kvxfer.engine.parallel import free_port
 from kvxfer.engine.tokenizer import byte_level_tokenizer
@@ -202,6 +195,6 @@ class Service:
 
 
 def _describe():
-    from kvxfer.daemons.runtime import Describe
+    from kvxfer.daemons.commands import Describe
 
     return Describe()

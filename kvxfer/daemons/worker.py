@@ -8,13 +8,8 @@ import os
 import signal
 
 from kvxfer.daemons.bus import Failed, serve_commands
-from kvxfer.daemons.runtime import (
-    Described,
-    RankRuntime,
-    RankSetup,
-    command_decoder,
-    command_encoder,
-)
+from kvxfer.daemons.commands import Described, command_decoder, command_encoder
+from kvxfer.daemons.runtime import RankRuntime, RankSetup
 from kvxfer.errors import KvxferError
 
 log = logging.getLogger(__name__)
