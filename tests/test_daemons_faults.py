@@ -222,3 +222,43 @@ def test_stalled_producer_never_writes_into_reused_memory(tmp_path, want, path):
         ok = decode_with(client, cluster, prefill_only(client, cluster))
         assert ok.status_code == 200, ok.text
         assert ok.json()["choices"][0]["token_ids"] == want and ok.json()["kvxfer"]["path"] == path
+
+
+def test_a_consumer_cannot_aim_a_push_at_another_decode_service(tmp_path):
+    """A key the prefill allows (a compromised or buggy consumer) holds a request of its own and
+    asks for a push into another decode service's blocks by naming that service's engine id. The
+    producer pushes only to an engine that handshook with the requesting key: it refuses, and
+    the other service's KV is untouched (its next answer is still right)."""
+    from kvxfer.agents import messages as m
+    from kvxfer.agents.keys import KeyConfig, generate_keypair, load_public_key, write_keypair
+    from kvxfer.agents.sidechannel import ClientConfig, SideChannelClient
+
+    keys = tmp_path / "keys"
+    attacker = generate_keypair()
+    write_keypair(attacker, keys, "attacker")
+    (keys / "allowed-by-prefill").mkdir(parents=True)
+    (keys / "allowed-by-prefill" / "attacker.key").write_bytes((keys / "attacker.key").read_bytes())
+    with LocalCluster(tmp_path, [ServiceSpec("prefill", 1, extra=FAST)], [ServiceSpec("decode", 1, extra=FAST)],
+                      preset="tiny", mode="write", log_level="WARNING") as cluster, httpx.Client(timeout=60) as client:
+        victim = decode_with(client, cluster, prefill_only(client, cluster))  # decode0 handshakes
+        assert victim.status_code == 200, victim.text
+        prefill = cluster.by_name("prefill0")
+        own = client.post(f"{prefill.url}/v1/completions", json={
+            "prompt": PROMPT, "max_tokens": MAX_TOKENS,
+            "kvxfer_consumer": {"consumer_key": attacker.public.decode()}}).json()["kv_transfer_params"]
+        channel = SideChannelClient(f"tcp://127.0.0.1:{prefill.side_port}", ClientConfig(
+            keys=KeyConfig(own=attacker, server_public_key=load_public_key(keys / "prefill.key"))))
+        try:
+            ack = channel.request(m.WriteRequest(request_id=own["request_id"], decode_rank=0,
+                                                 block_ids=list(range(len(own["block_ids"]))),
+                                                 decode_engine_id="decode0", decode_tp=1), timeout_s=10)
+            assert isinstance(ack, m.Ack)  # the push itself runs after the reply
+        finally:
+            channel.close()
+        deadline = time.monotonic() + 20
+        while metric(client, prefill.url, 'kvxfer_failures_total{kind="auth"}') < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert metric(client, prefill.url, 'kvxfer_failures_total{kind="auth"}') >= 1
+        assert "did not handshake with the key that asked for it" in prefill.log_path.read_text()
+        again = decode_with(client, cluster, prefill_only(client, cluster))
+        assert again.status_code == 200 and again.json()["choices"][0]["token_ids"] == reference(PROMPT)
