@@ -8,7 +8,7 @@ import logging
 import multiprocessing as mp
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 
 import msgspec
@@ -274,8 +274,7 @@ def choose_plan(session: BenchSession, cfg: BenchConfig) -> tuple[PlanKind, Stra
     best = min(staged_ok, key=lambda c: c.seconds)
     kind = PlanKind.STAGED if best.path is Path.STAGED else PlanKind.PREPPED
     log.info("cost model: %s", choice.describe())
-    report = {"costs": {k: getattr(costs, k) for k in ("per_transfer_s", "per_descriptor_s", "read_bytes_per_s",
-                                                        "write_bytes_per_s", "copy_bytes_per_s")},
+    report = {"costs": asdict(costs),
               "direct_descriptors": descriptors, "bytes": num_bytes,
               "estimates_ms": {f"{c.path.value}/{'write' if c.write else 'read'}": c.seconds * 1e3
                                for c in staged_ok},

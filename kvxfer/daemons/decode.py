@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from kvxfer.agents import messages as m
 from kvxfer.agents.nixl_agent import MemKind
@@ -157,8 +157,8 @@ class DecodeService(Service):
             mode = Mode.WRITE if self.config.mode is Mode.WRITE or vram else Mode.READ
             path = Path.STAGED if mode is Mode.WRITE and stage and vram else Path.DIRECT
             return self._announce(params, TransferPlan(mode, path, "rule (no calibration)"))
-        for name in ("per_transfer_s", "per_descriptor_s", "read_bytes_per_s", "write_bytes_per_s", "copy_bytes_per_s"):
-            self.metrics.fabric.labels(quantity=name).set(getattr(costs, name))
+        for name, value in asdict(costs).items():
+            self.metrics.fabric.labels(quantity=name).set(value)
         allowed = [(Path.DIRECT, True)] + ([(Path.STAGED, True)] if stage else [])
         if self.config.mode is Mode.AUTO:
             allowed.append((Path.DIRECT, False))
