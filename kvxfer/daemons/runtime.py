@@ -25,6 +25,7 @@ from kvxfer.agents.compat import check_compatible
 from kvxfer.agents.endpoint import DeadlinePolicy, Endpoint, Identity, Leg, TransferSummary
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig, Threading
+from kvxfer.agents.peers import Peer
 from kvxfer.agents.sidechannel import (
     ClientConfig,
     PeerInfo,
@@ -422,12 +423,17 @@ class RankRuntime:
 
     # ---- prefill side -------------------------------------------------------------------------
 
-    def push(self, command: Push) -> TransferSummary:
+    def _consumer(self, command: Push) -> Peer:
         with self.lock:
             peer = self.endpoint.peers.get(command.decode_engine_id, command.decode_rank)
-            if peer is None:
-                raise HandshakeError(f"decode {command.decode_engine_id} rank {command.decode_rank} never "
-                                     f"handshook with prefill rank {self.rank}")
+        if peer is None:
+            raise HandshakeError(f"decode {command.decode_engine_id} rank {command.decode_rank} never "
+                                 f"handshook with prefill rank {self.rank}")
+        return peer
+
+    def push(self, command: Push) -> TransferSummary:
+        peer = self._consumer(command)
+        with self.lock:
             mapping = map_tp(self.engine.model_config.num_kv_heads, self.config.tp, peer.info.tp_size)
             heads = [a.heads for a in mapping.targets_of(self.rank) if a.decode_rank == command.decode_rank]
             pages = -(-command.num_tokens // peer.region.desc.block_size)
@@ -441,11 +447,7 @@ class RankRuntime:
     def push_staged(self, command: Push) -> TransferSummary:
         """Gather each of our parts for decode rank `decode_rank`, one WRITE each into the slot
         offsets it reserved (validated against its registered slots area on the way)."""
-        with self.lock:
-            peer = self.endpoint.peers.get(command.decode_engine_id, command.decode_rank)
-        if peer is None:
-            raise HandshakeError(f"decode {command.decode_engine_id} rank {command.decode_rank} never "
-                                 f"handshook with prefill rank {self.rank}")
+        peer = self._consumer(command)
         mapping = map_tp(self.engine.model_config.num_kv_heads, self.config.tp, command.decode_tp)
         sources = mapping.sources_of(command.decode_rank)
         if len(command.staging_offsets) != len(sources):
