@@ -33,7 +33,7 @@ from kvxfer.agents.sidechannel import (
     SideChannelClient,
     SideChannelServer,
 )
-from kvxfer.agents.staged_transfer import Reservation, StagingConfig, release_later
+from kvxfer.agents.staged_transfer import PROBE_BYTES, Reservation, StagingConfig, release_later
 from kvxfer.daemons.commands import (
     AwaitPush,
     Command,
@@ -119,7 +119,7 @@ def engine_config(config: ServeConfig) -> EngineConfig:
 def blocks_for_memory(config: ServeConfig, model) -> int:
     """Cache blocks per rank that fit `memory_fraction` of the GPU's free memory, after this
     rank's share of the weights (estimated from the config: weights are loaded after the cache
-    is sized)."""
+    is sized) and its staging area (`--staging-mib` plus the calibration probe area)."""
     import torch
 
     from kvxfer.engine.config import DTYPES
@@ -131,10 +131,12 @@ def blocks_for_memory(config: ServeConfig, model) -> int:
     weights = (layers * per_layer + 2 * model.vocab_size * h) * item // config.tp
     kv_heads = max(1, model.num_kv_heads // config.tp)
     block_bytes = 2 * kv_heads * config.block_size * model.head_dim * item * layers
-    budget = int(free * (config.memory_fraction or 0.9)) - weights
+    staging = (config.staging_mib << 20) + PROBE_BYTES
+    budget = int(free * (config.memory_fraction or 0.9)) - weights - staging
     if budget < block_bytes:
         raise ConfigError(f"--memory-fraction={config.memory_fraction}: {free / 2**30:.1f} GiB free on the GPU "
-                          f"leaves no room for one cache block after {weights / 2**30:.1f} GiB of weights")
+                          f"leaves no room for one cache block after {weights / 2**30:.1f} GiB of weights and "
+                          f"{staging / 2**30:.2f} GiB of staging (--staging-mib)")
     return budget // block_bytes
 
 
