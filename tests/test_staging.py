@@ -78,6 +78,7 @@ def test_unit_terms_of_the_largest_request_serve_every_shorter_one(sc):
     plan = pair(src.region, dst.region, a.heads, fallback=Fallback.FINE)
     max_blocks = -(-capacity // bp)
     which, within = unit_terms(plan, 0, capacity, id_row_stride=max_blocks)
+    assert which.size == plan.units_per_layer(capacity)  # what the copier and the cost model count
     ids = request_block_ids(src.region.desc, src.block_ids, n, who="local")
     table = np.full((ids.shape[0], max_blocks), -1, dtype=np.int64)  # unused slots stay invalid
     table[:, : ids.shape[1]] = ids

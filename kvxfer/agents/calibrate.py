@@ -83,6 +83,15 @@ def copy_bytes_per_s(device: torch.device, num_bytes: int, *, repeats: int = 5) 
     return num_bytes / statistics.median(samples)
 
 
+SMALL_PROBE_BYTES = 4096
+
+
+def num_small_probes(probe_bytes: int, *, most: int) -> int:
+    """How many spaced `SMALL_PROBE_BYTES` descriptors fit a probe area (at least one, at most
+    `most`): what `calibrate` needs to measure the per-descriptor cost."""
+    return max(1, min(most, probe_bytes // (2 * SMALL_PROBE_BYTES)))
+
+
 def calibrate(agent: NixlAgent, probe: Probe, device: torch.device, *, probe_bytes: int = 64 << 20,
               small_bytes: int = 16 << 10, num_small: int = 1024, repeats: int = 3,
               timeout_s: float = 30.0) -> FabricCosts:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kvxfer.agents import messages as m
-from kvxfer.agents.calibrate import Probe, calibrate
+from kvxfer.agents.calibrate import SMALL_PROBE_BYTES, Probe, calibrate, num_small_probes
 from kvxfer.agents.messages import (
     EngineInfo,
     Mode,
@@ -210,9 +210,8 @@ class Endpoint:
         size = min(PROBE_BYTES, remote.probe_bytes)
         probe = Probe(self.staging.probe.data_ptr(), remote.probe_addr, device_id(self.staging.probe),
                       remote.device_id, self.staging.mem, MemKind(remote.memory.value), peer.agent_name)
-        small = 4096
-        return calibrate(self.agent, probe, self.staging.device, probe_bytes=size, small_bytes=small,
-                         num_small=max(1, min(512, size // (2 * small))))
+        return calibrate(self.agent, probe, self.staging.device, probe_bytes=size, small_bytes=SMALL_PROBE_BYTES,
+                         num_small=num_small_probes(size, most=512))
 
     def collect_notifs(self) -> list[XferNotif]:
         """Notifications from peers that finished a transfer with us (also drives NIXL progress

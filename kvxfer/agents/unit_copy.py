@@ -82,7 +82,6 @@ class UnitCopier:
         self.max_blocks = -(-max_tokens // desc.block_size)
         rows = 2 if desc.separate_kv_pages else 1
         which, within = unit_terms(plan, side, max_tokens, id_row_stride=self.max_blocks)
-        self.units_per_chunk = which.size // -(-max_tokens // plan.chunk_tokens)
         self.max_units = which.size
         if slot.numel() < self.max_units * plan.unit_bytes * len(layers):
             raise ConfigError(f"unit copier: slot of {slot.numel()} bytes < {len(layers)} layers x "
@@ -113,7 +112,7 @@ class UnitCopier:
         ids = request_block_ids(self.desc, block_ids, num_tokens, who=("local", "remote")[self.side])
         self._uploaded.synchronize()  # the previous upload has left the pinned buffer
         host = self._host.numpy()
-        self.num_units = -(-num_tokens // self.plan.chunk_tokens) * self.units_per_chunk
+        self.num_units = self.plan.units_per_layer(num_tokens)
         host[0] = self.num_units
         host[1:].reshape(-1, self.max_blocks)[:, : ids.shape[1]] = ids
         stream = torch.cuda.current_stream(self.slot.device)

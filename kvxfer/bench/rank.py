@@ -5,6 +5,7 @@ traceback, so the coordinator can raise the same kind of error."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -13,7 +14,7 @@ from multiprocessing.connection import Connection
 import msgspec
 import torch
 
-from kvxfer.agents.calibrate import Probe, calibrate
+from kvxfer.agents.calibrate import SMALL_PROBE_BYTES, Probe, calibrate, num_small_probes
 from kvxfer.agents.nixl_agent import (
     AgentConfig,
     ErrorHandling,
@@ -192,12 +193,9 @@ class RankState:
         peer = next(h for h in self.hellos if (h.role, h.rank) == ("decode", 0))
         probe = Probe(self.staging.data_ptr(), peer.staging_addr, self.cache.region.device_id, peer.device_id,
                       self.mem, MemKind(peer.mem), peer.agent)
-        small = 4096
-        costs = calibrate(self.agent, probe, self.staging.device, probe_bytes=probe_bytes, small_bytes=small,
-                          num_small=max(1, min(1024, probe_bytes // (2 * small))))
-        return Calibrated(per_transfer_s=costs.per_transfer_s, per_descriptor_s=costs.per_descriptor_s,
-                          read_bytes_per_s=costs.read_bytes_per_s, write_bytes_per_s=costs.write_bytes_per_s,
-                          copy_bytes_per_s=costs.copy_bytes_per_s)
+        costs = calibrate(self.agent, probe, self.staging.device, probe_bytes=probe_bytes,
+                          small_bytes=SMALL_PROBE_BYTES, num_small=num_small_probes(probe_bytes, most=1024))
+        return Calibrated(**dataclasses.asdict(costs))
 
     def _deliver(self, strategy: Strategy) -> Ack:
         """After a WRITE (or SPLIT) the decode rank waits for each producer's notification."""

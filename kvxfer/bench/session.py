@@ -168,9 +168,7 @@ class BenchSession:
 
     def calibrate(self, probe_bytes: int) -> FabricCosts:
         reply = next(r for r in self._all(Calibrate(probe_bytes=probe_bytes), STARTUP_S) if isinstance(r, Calibrated))
-        return FabricCosts(per_transfer_s=reply.per_transfer_s, per_descriptor_s=reply.per_descriptor_s,
-                           read_bytes_per_s=reply.read_bytes_per_s, write_bytes_per_s=reply.write_bytes_per_s,
-                           copy_bytes_per_s=reply.copy_bytes_per_s)
+        return FabricCosts(**msgspec.structs.asdict(reply))
 
     def dump(self, directory: str) -> None:
         self._all(Dump(directory=directory), STARTUP_S)

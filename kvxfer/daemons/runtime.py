@@ -304,10 +304,16 @@ class RankRuntime:
         mapping = map_tp(self.engine.model_config.num_kv_heads, params.tp_size, self.config.tp)
         return mapping.sources_of(self.rank)
 
+    def _legs(self, params: m.TransferParams) -> list[Leg]:
+        """This rank's share of a request: one leg per prefill rank it reads from (handshaking
+        with any it has not met at this epoch)."""
+        remote_ids = self.engine.shape_block_ids(params.block_ids)
+        return [Leg(self._peer(params, s.prefill_rank), s.heads, remote_ids) for s in self._sources(params)]
+
     def connect(self, params: m.TransferParams) -> None:
         """Handshake with every prefill rank we read from, unless already done at this epoch.
         Rank 0 then calibrates the cost model against the first of them, once per epoch."""
-        peers = [self._peer(params, source.prefill_rank) for source in self._sources(params)]
+        peers = [leg.peer for leg in self._legs(params)]
         key = (params.engine_id, params.boot_epoch)
         if self.rank != 0 or key in self.costs or not peers:
             return
@@ -323,24 +329,21 @@ class RankRuntime:
 
     def direct_descriptors(self, params: m.TransferParams) -> int:
         """Descriptors a direct transfer of the request posts, all decode ranks (they are alike)."""
-        total = 0
-        for s in self._sources(params):
-            plan = self.endpoint.peers.plan(self._peer(params, s.prefill_rank), s.heads)
-            total += -(-params.num_tokens // plan.chunk_tokens) * plan.spans_per_chunk
-        return total * self.engine.cache_desc.num_layers * self.config.tp
+        per_layer = sum(self.endpoint.peers.plan(leg.peer, leg.heads).units_per_layer(params.num_tokens)
+                        for leg in self._legs(params))
+        return per_layer * self.engine.cache_desc.num_layers * self.config.tp
 
     def can_stage(self, params: m.TransferParams) -> bool:
         """Both sides have staging slots and this rank's share fits one."""
         area = self.endpoint.staging
         if area is None or area.pool is None:
             return False
-        peers = [self._peer(params, s.prefill_rank) for s in self._sources(params)]
-        return (all(p.info.staging is not None and p.info.staging.slots_bytes for p in peers)
+        return (all(leg.peer.info.staging is not None and leg.peer.info.staging.slots_bytes
+                    for leg in self._legs(params))
                 and self.expected_bytes(params) <= area.pool.slot_bytes)
 
     def reserve(self, params: m.TransferParams, block_ids: list[int]) -> list[int]:
-        legs = [Leg(self._peer(params, s.prefill_rank), s.heads, self.engine.shape_block_ids(params.block_ids))
-                for s in self._sources(params)]
+        legs = self._legs(params)
         with self.lock:
             reservation = self.endpoint.reserve(legs, self.prompt_blocks(block_ids, params.num_tokens),
                                                 params.num_tokens)
@@ -391,8 +394,7 @@ class RankRuntime:
         return self._clients.get(address)
 
     def pull(self, params: m.TransferParams, block_ids: list[int]) -> TransferSummary:
-        legs = [Leg(self._peer(params, s.prefill_rank), s.heads, self.engine.shape_block_ids(params.block_ids))
-                for s in self._sources(params)]
+        legs = self._legs(params)
         with self.lock:
             return self.endpoint.read(params.request_id, legs, self.prompt_blocks(block_ids, params.num_tokens),
                                       params.num_tokens)

@@ -54,6 +54,11 @@ class PairPlan:
             n *= dim.extent
         return n
 
+    def units_per_layer(self, num_tokens: int) -> int:
+        """Units (spans of `unit_bytes`) of a `num_tokens` request in one layer: the descriptors
+        a direct transfer posts per layer, the rows a staged one gathers."""
+        return -(-num_tokens // self.chunk_tokens) * self.spans_per_chunk
+
 
 # Fields that must agree for any pairing; each mismatch is reported with both values.
 _MUST_MATCH = ("num_layers", "head_dim", "dtype", "total_heads", "has_v")
