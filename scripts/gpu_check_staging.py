@@ -8,8 +8,9 @@ bf16, 512 random blocks = 8192 tokens), both unit shapes a staged transfer copie
 For each it times (CUDA events, median of --iters) a device copy of the same bytes, the torch
 path (`staging.Gather`: index_select / index_copy_ per layer) and the unit copier (one kernel
 for all layers, replayed as a CUDA graph), checks that the copier's slot and scattered cache
-equal the torch path's byte for byte and hold the source's units, and reports the host's cost
-of one request around the copier. Exit status 1 if any check fails.
+equal the torch path's byte for byte and hold the source's units, that a later request with
+other ids copied in two layer groups does too, and reports the host's cost of one request
+around the copier. Exit status 1 if any check fails.
 
 Run from the repository root on the GPU machine (see scripts/gpu_check_attention.py for the
 wheel install):  python3 scripts/gpu_check_staging.py
@@ -103,7 +104,34 @@ def check(decode_tp: int, iters: int, device: torch.device) -> bool:
     print(f"  scatter copier     {scatter_kernel:7.3f} ms  {gbps(scatter_kernel):7.0f} GB/s   equal to torch: "
           f"{scattered_equal}, round trip: {round_trip}")
     host_costs(gather, ids)
-    return gathered_equal and scattered_equal and round_trip
+    next_equal = next_request(plan, src, gather, scatter, dst_kernel, gen, device)
+    print(f"  next request (fewer tokens, other ids, two layer groups): equal to torch: {next_equal}")
+    return gathered_equal and scattered_equal and round_trip and next_equal
+
+
+def next_request(plan, src: list[torch.Tensor], gather: UnitCopier, scatter: UnitCopier,
+                 dst: list[torch.Tensor], gen: torch.Generator, device: torch.device) -> bool:
+    """A later, shorter request with other block ids, copied in two layer groups: the
+    graphs captured for the first request must upload and use the new ids (once, with the
+    first group), and the copy must equal the torch path's for those ids."""
+    ids = torch.randperm(POOL, generator=gen)[:BLOCKS - 3].numpy().astype(np.int64)
+    tokens = (BLOCKS - 3) * BLOCK - 5
+    torch_path = Gather.build(layer_offsets(plan, 0, ids, tokens), plan.unit_bytes, src[0].nbytes, device)
+    nbytes = torch_path.bytes_per_layer * LAYERS
+    slot_torch = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    torch_path.gather(src, slot_torch)
+    halves = (range(0, LAYERS // 2), range(LAYERS // 2, LAYERS))
+    gather.load(ids, tokens)
+    for layers in halves:
+        gather.run(layers)
+    gathered = torch.equal(gather.slot[:nbytes], slot_torch)
+    dst_torch = [t.clone() for t in dst]
+    torch_path.scatter(slot_torch, dst_torch)
+    scatter.load(ids, tokens)
+    for layers in halves:
+        scatter.run(layers)
+    scattered = all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(dst, dst_torch, strict=True))
+    return gathered and scattered
 
 
 def host_costs(copier: UnitCopier, ids: np.ndarray) -> None:

@@ -77,6 +77,7 @@ class RankState:
             self.agent.register([self.staging])
         self.staged_received = False
         self.staged_pairs: list[staged.PeerPair] = []
+        self.staged_groups: list[range] = []
         self.hellos: list[Hello] = []
         self.plans: dict[tuple[Op, PlanKind], list[initiator.PeerPlan]] = {}
         self.before = None
@@ -97,6 +98,7 @@ class RankState:
                 if kind is PlanKind.STAGED:
                     # pairings once per peer; gather/scatter indices per request (timed in Run)
                     self.staged_pairs = staged.pair_peers(self.cfg, self.cache, self.hellos, self.staging)
+                    self.staged_groups = staged.groups(self.cfg.layers, staged.num_groups(self.cfg, self.hellos))
                     return Ack()
                 for op in ops:
                     self.plans[op, kind] = initiator.build(self.cfg, self.agent, op, kind, self.cache,
@@ -163,19 +165,18 @@ class RankState:
             raise ConfigError("bench: --plan staged pushes (--mode write) from a registered staging buffer")
         start = time.monotonic_ns()
         sender = self.cache.role == "prefill"
-        num_groups = staged.num_groups(self.cfg, self.hellos)
-        first = staged.groups(self.cfg.layers, num_groups)[0] if sender else None
+        first = self.staged_groups[0] if sender else None
         parts = staged.build_parts(self.cfg, self.cache, self.staged_pairs, self.staging, launch=first)
         phases = {"indexed": time.monotonic_ns()}
         plan_us = (phases["indexed"] - start) / 1e3
         if self.cache.role == "decode":
-            end = staged.receive(self.agent, self.cache, parts, self.staging, num_groups=num_groups,
+            end = staged.receive(self.agent, self.cache, parts, self.staging, layer_groups=self.staged_groups,
                                  timeout_s=self.cfg.deadline_slack_s, phases=phases)
             self.staged_received = True
             return RunReport(receive_end_ns=end, phases_ns=phases | {"scattered": end})
         if not parts:  # a prefill replica whose heads another replica sends
             return RunReport()
-        transfers = staged.send(self.agent, self.cache, parts, self.staging, num_groups=num_groups,
+        transfers = staged.send(self.agent, self.cache, parts, self.staging, layer_groups=self.staged_groups,
                                 rank=self.cache.rank, phases=phases)
         num_bytes = sum(x.num_bytes for x in transfers)
         timeout = transfer_deadline(num_bytes, slack_s=self.cfg.deadline_slack_s,

@@ -81,7 +81,8 @@ class PeerPair:
     on CUDA with its unit copier (tables and graphs on the device)."""
 
     assignment: Assignment
-    offset: int
+    offset: int  # of this part in this rank's staging buffer
+    remote_offset: int  # of this part in the receiver's staging buffer
     peer: Hello
     plan: PairPlan
     remote_ids: np.ndarray
@@ -103,7 +104,8 @@ def pair_peers(cfg: BenchConfig, cache: RankCache, hellos: list[Hello], staging:
         if unit_copy.available(staging.device):
             part = staging[offset : offset + part_bytes(cfg, a)]
             copier = UnitCopier(plan, 0, cache.tensors, part, max_tokens=cfg.tokens, to_slot=sender)
-        out.append(PeerPair(a, offset, peer, plan, remote_ids, copier))
+        remote_offset = offset_at_receiver(cfg, a) if sender else offset
+        out.append(PeerPair(a, offset, remote_offset, peer, plan, remote_ids, copier))
     # Peers on another device first: their copy crosses a link and takes longest, so it starts
     # first and the local ones run beside it (slots keep their offsets whatever the order).
     return sorted(out, key=lambda pp: pp.peer.device_id == cache.region.device_id)
@@ -130,12 +132,11 @@ def build_parts(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], stagi
         if num_bytes != part_bytes(cfg, pp.assignment):
             raise ConfigError(f"bench staged: part {pp.assignment} has {num_bytes} bytes, "
                               f"expected {part_bytes(cfg, pp.assignment)}")
-        remote_offset = offset_at_receiver(cfg, pp.assignment) if sender else pp.offset
         launched = None
         if launch is not None:
             copy(launch)
             launched = _mark(staging.device)
-        parts.append(Part(pp.peer, copy, per_layer, pp.offset, remote_offset, num_bytes, launched))
+        parts.append(Part(pp.peer, copy, per_layer, pp.offset, pp.remote_offset, num_bytes, launched))
     return parts
 
 
@@ -190,13 +191,13 @@ def groups(num_layers: int, num_groups: int) -> list[range]:
 
 
 def send(agent: NixlAgent, cache: RankCache, parts: list[Part], staging: torch.Tensor, *,
-         num_groups: int, rank: int, phases: dict[str, int]) -> list[Transfer]:
+         layer_groups: list[range], rank: int, phases: dict[str, int]) -> list[Transfer]:
     """Per layer group: gather every part (the first group's gathers were launched by
     `build_parts`), make each WRITE's handle (one descriptor) while the kernels run, then post
     each WRITE as soon as its own gather is done. Records when that finished in `phases`."""
     mem, base = MemKind.of(staging), staging.data_ptr()
     transfers = []
-    for g, layers in enumerate(groups(len(cache.tensors), num_groups)):
+    for g, layers in enumerate(layer_groups):
         ready = [p.launched for p in parts]
         if g:
             ready = []
@@ -222,11 +223,10 @@ def send(agent: NixlAgent, cache: RankCache, parts: list[Part], staging: torch.T
 
 
 def receive(agent: NixlAgent, cache: RankCache, parts: list[Part], staging: torch.Tensor, *,
-            num_groups: int, timeout_s: float, phases: dict[str, int]) -> int:
+            layer_groups: list[range], timeout_s: float, phases: dict[str, int]) -> int:
     """Scatter each (part, layer group) as its notification arrives; returns the end time (ns).
     Records when the last notification arrived in `phases`."""
     by_rank = {p.peer.rank: p for p in parts}
-    layer_groups = groups(len(cache.tensors), num_groups)
     pending = {(r, g) for r in by_rank for g in range(len(layer_groups))}
     deadline = time.monotonic() + timeout_s
     while pending:
