@@ -315,6 +315,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             strategy = Strategy(cfg.mode.value)
         figures, last = measure(session, strategy, cfg.iters, verify_last=cfg.verify,
                                 snapshot=cfg.dump is not None, baseline=cfg.memcpy, kind=kind)
+        if cost_model is not None:  # the yardstick: the chosen plan against per-block posts
+            cost_model["speedup_over_per_block"] = figures.gbps / cost_model["measured_gbps"][PlanKind.PER_BLOCK.value]
         verified = None
         if cfg.verify:
             verified, detail = session.verify()

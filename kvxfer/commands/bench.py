@@ -106,4 +106,6 @@ def _table(r) -> str:
         rows.append(("cost model choice", f"{cm['choice']} ({cm['direct_descriptors']:,} direct descriptors)"))
         rows.append(("measured (gbps)", ", ".join(f"{k} {v:.2f}" for k, v in cm["measured_gbps"].items())
                      + ("; picked the faster" if cm["picked_faster"] else "; picked the SLOWER")))
+        rows.append(("speed-up over per-block", f"{cm['speedup_over_per_block']:.1f}x ({r.gbps:.2f} / "
+                     f"{cm['measured_gbps']['per-block']:.2f} GB/s)"))
     return format_table(["", "value"], rows)
