@@ -9,7 +9,8 @@ For each it times (CUDA events, median of --iters) a device copy of the same byt
 path (`staging.Gather`: index_select / index_copy_ per layer) and the unit copier (one kernel
 for all layers, replayed as a CUDA graph), checks that the copier's slot and scattered cache
 equal the torch path's byte for byte and hold the source's units, that a later request with
-other ids copied in two layer groups does too, and reports the host's cost of one request
+other ids copied in two layer groups does too, that one copier gathering every decode rank's
+slice at TP 2 does too, and reports the host's cost of one request
 around the copier. Exit status 1 if any check fails.
 
 Run from the repository root on the GPU machine (see scripts/gpu_check_attention.py for the
@@ -49,9 +50,9 @@ def timed(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def region_of(layers: list[torch.Tensor], heads: int) -> CacheRegion:
+def region_of(layers: list[torch.Tensor], heads: int, first_head: int = 0) -> CacheRegion:
     d = describe("flashinfer-hnd", num_layers=LAYERS, num_blocks=POOL, block_size=BLOCK, num_heads=heads,
-                 head_dim=DIM, dtype="bfloat16", first_head=0, total_heads=HEADS)
+                 head_dim=DIM, dtype="bfloat16", first_head=first_head, total_heads=HEADS)
     return CacheRegion(d, np.array([t.data_ptr() for t in layers], dtype=np.uint64), 0)
 
 
@@ -69,7 +70,7 @@ def check(decode_tp: int, iters: int, device: torch.device) -> bool:
     nbytes = torch_path.bytes_per_layer * LAYERS
     slot_torch = torch.empty(nbytes, dtype=torch.uint8, device=device)
     slot_kernel = torch.empty_like(slot_torch)
-    gather = UnitCopier(plan, 0, src, slot_kernel, max_tokens=TOKENS, to_slot=True)
+    gather = UnitCopier([(plan, slot_kernel)], 0, src, max_tokens=TOKENS, to_slot=True)
     gather.load(ids, TOKENS)
     copy_src = torch.empty_like(slot_torch)
 
@@ -81,7 +82,7 @@ def check(decode_tp: int, iters: int, device: torch.device) -> bool:
     # scatter back into caches shaped like the source (same plan side, fresh zeros)
     dst_torch = [torch.zeros_like(t) for t in src]
     dst_kernel = [torch.zeros_like(t) for t in src]
-    scatter = UnitCopier(plan, 0, dst_kernel, slot_kernel, max_tokens=TOKENS, to_slot=False)
+    scatter = UnitCopier([(plan, slot_kernel)], 0, dst_kernel, max_tokens=TOKENS, to_slot=False)
     scatter.load(ids, TOKENS)
     scatter_torch = timed(lambda: torch_path.scatter(slot_torch, dst_torch), iters)
     scatter_kernel = timed(scatter.run, iters)
@@ -106,7 +107,31 @@ def check(decode_tp: int, iters: int, device: torch.device) -> bool:
     host_costs(gather, ids)
     next_equal = next_request(plan, src, gather, scatter, dst_kernel, gen, device)
     print(f"  next request (fewer tokens, other ids, two layer groups): equal to torch: {next_equal}")
-    return gathered_equal and scattered_equal and round_trip and next_equal
+    shared_equal = shared_gather(src, ids, decode_tp, iters, device) if decode_tp > 1 else True
+    return gathered_equal and scattered_equal and round_trip and next_equal and shared_equal
+
+
+def shared_gather(src: list[torch.Tensor], ids: np.ndarray, decode_tp: int, iters: int, device: torch.device) -> bool:
+    """Every decode rank's slice gathered by one copier into its own part of one staging buffer
+    (what a prefill rank does for decode ranks on its own GPU): each part equals the torch path's."""
+    heads = HEADS // decode_tp
+    plans = [pair(region_of(src, HEADS), region_of(src, heads, a.heads.start), a.heads)
+             for a in map_tp(HEADS, 1, decode_tp).assignments]
+    paths = [Gather.build(layer_offsets(p, 0, ids, TOKENS), p.unit_bytes, src[0].nbytes, device) for p in plans]
+    nbytes = paths[0].bytes_per_layer * LAYERS
+    staging = torch.empty(nbytes * len(plans), dtype=torch.uint8, device=device)
+    slots = [staging[i * nbytes : (i + 1) * nbytes] for i in range(len(plans))]
+    copier = UnitCopier(list(zip(plans, slots, strict=True)), 0, src, max_tokens=TOKENS, to_slot=True)
+    copier.load(ids, TOKENS)
+    ms = timed(copier.run, iters)
+    equal = True
+    for path, slot in zip(paths, slots, strict=True):
+        expected = torch.empty_like(slot)
+        path.gather(src, expected)
+        equal = equal and torch.equal(slot, expected)
+    print(f"  gather, {len(plans)} ranks' slices by one copier: {ms:.3f} ms "
+          f"({nbytes * len(plans) / ms / 1e6:.0f} GB/s)   equal to torch: {equal}")
+    return equal
 
 
 def next_request(plan, src: list[torch.Tensor], gather: UnitCopier, scatter: UnitCopier,
@@ -124,7 +149,7 @@ def next_request(plan, src: list[torch.Tensor], gather: UnitCopier, scatter: Uni
     gather.load(ids, tokens)
     for layers in halves:
         gather.run(layers)
-    gathered = torch.equal(gather.slot[:nbytes], slot_torch)
+    gathered = torch.equal(gather.slots[0][:nbytes], slot_torch)
     dst_torch = [t.clone() for t in dst]
     torch_path.scatter(slot_torch, dst_torch)
     scatter.load(ids, tokens)

@@ -13,7 +13,7 @@ from hypothesis import given
 from test_plan_properties import make_rank, scenarios
 
 from kvxfer.agents.staging import Gather, StagingPool
-from kvxfer.agents.unit_copy import UnitCopier
+from kvxfer.agents.unit_copy import UnitCopier, can_share
 from kvxfer.errors import ConfigError, TransferTimeout
 from kvxfer.planning import (
     Fallback,
@@ -93,7 +93,27 @@ def test_unit_copier_refuses_a_device_without_cuda():
     src = make_rank("flashinfer-hnd", base=0, num_blocks=4, block_size=4, heads=heads_of_rank(1, 1, 0), **plan_rank)
     plan = pair(src.region, src.region, heads_of_rank(1, 1, 0))
     with pytest.raises(ConfigError, match="needs CUDA and Triton"):
-        UnitCopier(plan, 0, src.tensors, torch.empty(64, dtype=torch.uint8), max_tokens=4, to_slot=True)
+        UnitCopier([(plan, torch.empty(64, dtype=torch.uint8))], 0, src.tensors, max_tokens=4, to_slot=True)
+
+
+def test_one_copier_serves_the_head_slices_a_prefill_rank_sends():
+    """A prefill rank's slices for decode TP 2 differ only in their heads: one copier (one upload,
+    one kernel) can gather both. A slice for a decode rank with another block size cannot share."""
+    common = dict(num_layers=2, total=8, head_dim=8, dtype="float32", contiguous_layers=False,
+                  rng=np.random.default_rng(0), num_tokens=64)
+    src = make_rank("flashinfer-hnd", base=0, num_blocks=16, block_size=16, heads=heads_of_rank(8, 1, 0), **common)
+
+    def plan_to(rank: int, block_size: int):
+        dst = make_rank("flashinfer-hnd", base=(rank + 1) << 40, num_blocks=32, block_size=block_size,
+                        heads=heads_of_rank(8, 2, rank), **common)
+        return pair(src.region, dst.region, map_tp(8, 1, 2).assignments[rank].heads)
+
+    slices = [plan_to(0, 16), plan_to(1, 16)]
+    assert can_share(slices, 0, 64)
+    assert not can_share([slices[0], plan_to(1, 4)], 0, 64)  # 4-token chunks against 16
+    # what they share is exactly the block each unit lies in, not the offset inside it
+    (which0, within0), (which1, within1) = (unit_terms(p, 0, 64, id_row_stride=4) for p in slices)
+    assert np.array_equal(which0, which1) and not np.array_equal(within0, within1)
 
 
 def test_pool_back_pressure_and_errors():

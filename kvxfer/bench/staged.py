@@ -9,6 +9,7 @@ targets in `targets_of` order; a decode rank's buffer holds its sources in `sour
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -100,42 +101,67 @@ def pair_peers(cfg: BenchConfig, cache: RankCache, hellos: list[Hello], staging:
         if remote.desc.separate_kv_pages:
             remote_ids = remote_ids.reshape(2, -1)
         plan = pair(cache.region, remote, a.heads, fallback=Fallback(cfg.fallback))
-        copier = None
-        if unit_copy.available(staging.device):
-            part = staging[offset : offset + part_bytes(cfg, a)]
-            copier = UnitCopier(plan, 0, cache.tensors, part, max_tokens=cfg.tokens, to_slot=sender)
         remote_offset = offset_at_receiver(cfg, a) if sender else offset
-        out.append(PeerPair(a, offset, remote_offset, peer, plan, remote_ids, copier))
+        out.append(PeerPair(a, offset, remote_offset, peer, plan, remote_ids, None))
+    if unit_copy.available(staging.device):
+        out = _with_copiers(cfg, cache, out, staging)
     # Peers on another device first: their copy crosses a link and takes longest, so it starts
     # first and the local ones run beside it (slots keep their offsets whatever the order).
     return sorted(out, key=lambda pp: pp.peer.device_id == cache.region.device_id)
 
 
+def _with_copiers(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], staging: torch.Tensor) -> list[PeerPair]:
+    """A unit copier per pair; a sender's pairs with peers on its own device share one (one
+    upload and one kernel for all their head slices), as `unit_copy.can_share` allows. A
+    receiver's parts arrive one by one, so each keeps its own."""
+    sender = cache.role == "prefill"
+
+    def slot(pp: PeerPair) -> torch.Tensor:
+        return staging[pp.offset : pp.offset + part_bytes(cfg, pp.assignment)]
+
+    def copier(group: list[PeerPair]) -> UnitCopier:
+        return UnitCopier([(pp.plan, slot(pp)) for pp in group], 0, cache.tensors, max_tokens=cfg.tokens,
+                          to_slot=sender)
+
+    local = [pp for pp in pairs if pp.peer.device_id == cache.region.device_id]
+    shared = None
+    if sender and len(local) > 1 and unit_copy.can_share([pp.plan for pp in local], 0, cfg.tokens):
+        shared = copier(local)
+    sharing = {id(pp) for pp in local} if shared is not None else set()
+    return [dataclasses.replace(pp, copier=shared if id(pp) in sharing else copier([pp])) for pp in pairs]
+
+
 def build_parts(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], staging: torch.Tensor, *,
                 launch: range | None = None) -> list[Part]:
     """Per request: this rank's gather (prefill) or scatter (decode) for every peer, from the
-    request's block ids (uploaded for the unit copier, or indices for torch). `launch`: copy
-    these layers of each part as soon as it is built, so that building the next part overlaps
-    the kernel."""
+    request's block ids (uploaded for the unit copier, or indices for torch). Parts that share a
+    copier share its `copy` (and its launch). `launch`: copy these layers of each part as soon
+    as it is built, so that building the next part overlaps the kernel."""
     sender = cache.role == "prefill"
-    parts = []
+    parts: list[Part] = []
+    loaded: dict[int, tuple[int, Callable[[range], None], torch.cuda.Event | None]] = {}
     for pp in pairs:
-        part = staging[pp.offset : pp.offset + part_bytes(cfg, pp.assignment)]
-        if pp.copier is not None:
-            per_layer, copy = pp.copier.load(cache.block_ids, cfg.tokens), pp.copier.run
+        key = id(pp.copier) if pp.copier is not None else id(pp)
+        if key in loaded:
+            per_layer, copy, launched = loaded[key]
         else:
-            local_off = layer_offsets(pp.plan, 0, cache.block_ids, cfg.tokens)
-            gather = Gather.build(local_off, pp.plan.unit_bytes, cache.desc.layer_bytes, staging.device)
-            per_layer = gather.bytes_per_layer
-            copy = functools.partial(_torch_copy, gather, cache.tensors, part, sender)
+            if pp.copier is not None:
+                per_layer, copy = pp.copier.load(cache.block_ids, cfg.tokens), pp.copier.run
+            else:
+                part = staging[pp.offset : pp.offset + part_bytes(cfg, pp.assignment)]
+                local_off = layer_offsets(pp.plan, 0, cache.block_ids, cfg.tokens)
+                gather = Gather.build(local_off, pp.plan.unit_bytes, cache.desc.layer_bytes, staging.device)
+                per_layer = gather.bytes_per_layer
+                copy = functools.partial(_torch_copy, gather, cache.tensors, part, sender)
+            launched = None
+            if launch is not None:
+                copy(launch)
+                launched = _mark(staging.device)
+            loaded[key] = per_layer, copy, launched
         num_bytes = per_layer * cfg.layers
         if num_bytes != part_bytes(cfg, pp.assignment):
             raise ConfigError(f"bench staged: part {pp.assignment} has {num_bytes} bytes, "
                               f"expected {part_bytes(cfg, pp.assignment)}")
-        launched = None
-        if launch is not None:
-            copy(launch)
-            launched = _mark(staging.device)
         parts.append(Part(pp.peer, copy, per_layer, pp.offset, pp.remote_offset, num_bytes, launched))
     return parts
 
@@ -200,10 +226,12 @@ def send(agent: NixlAgent, cache: RankCache, parts: list[Part], staging: torch.T
     for g, layers in enumerate(layer_groups):
         ready = [p.launched for p in parts]
         if g:
-            ready = []
-            for p in parts:
-                p.copy(layers)
-                ready.append(_mark(staging.device))
+            marks: dict[int, torch.cuda.Event | None] = {}
+            for p in parts:  # parts sharing a copier share its copy
+                if id(p.copy) not in marks:
+                    p.copy(layers)
+                    marks[id(p.copy)] = _mark(staging.device)
+            ready = [marks[id(p.copy)] for p in parts]
         made = []
         for p in parts:
             lo, hi = _group_span(p, layers)
