@@ -2,6 +2,7 @@
 byte-verified by torch indexing; also across layouts, block sizes and replicated heads."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -41,3 +42,12 @@ def test_auto_plan_calibrates_and_reports_both_paths():
     assert model["speedup_over_per_block"] == pytest.approx(result["gbps"] / model["measured_gbps"]["per-block"])
     assert "speed-up over per-block" in out.stdout
     assert model["costs"]["per_descriptor_s"] > 0 and model["direct_descriptors"] > 0
+
+
+def test_gpu_sharing_names_mps_only_when_its_control_pipe_is_there(tmp_path, monkeypatch):
+    from kvxfer.bench.session import gpu_sharing
+
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert gpu_sharing() == "time-sliced"
+    os.mkfifo(tmp_path / "control")
+    assert gpu_sharing() == "mps"

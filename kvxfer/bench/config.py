@@ -122,3 +122,4 @@ class BenchResult(msgspec.Struct, kw_only=True):
     auto: dict[str, float] | None = None  # gbps per op measured by --mode auto
     cost_model: dict | None = None  # --plan auto: calibrated costs, estimates, choice, both measured
     phases_ms: dict[str, float] = {}  # staged: when each step ended, ms from start (staged.PHASES)
+    gpu_sharing: str = ""  # cuda: "mps" or "time-sliced" (how processes on one GPU share it)

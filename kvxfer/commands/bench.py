@@ -96,6 +96,8 @@ def _table(r) -> str:
         ("verified", "not checked" if r.verified is None else r.verified),
         ("notification round trip (us)", r.notif_rtt_us),
     ]
+    if r.gpu_sharing:
+        rows.append(("GPU sharing", r.gpu_sharing))
     if r.phases_ms:
         rows.append(("staged steps (ms from start)", ", ".join(f"{k} {v:.3f}" for k, v in r.phases_ms.items())))
     if r.auto:
