@@ -224,6 +224,43 @@ def test_stalled_producer_never_writes_into_reused_memory(tmp_path, want, path):
         assert ok.json()["choices"][0]["token_ids"] == want and ok.json()["kvxfer"]["path"] == path
 
 
+def test_a_request_that_finds_no_free_staging_slot_moves_directly(tmp_path, want):
+    """Back-pressure, then the direct path: the decode service's only staging slot is held back
+    after a failed staged request (a producer rank frozen past the deadline), so the next request
+    waits for a slot up to its deadline, gives up on staging and moves its KV directly: a right
+    answer, reported as direct, and the slot comes back once no late write can land in it."""
+    staging = ("--staging-mib", "8", "--staging-slots", "1", *FAST)
+    with LocalCluster(tmp_path, [ServiceSpec("prefill", 2, extra=staging)],
+                      [ServiceSpec("decode", 1, extra=(*staging, "--transfer-path", "auto"))],
+                      preset="tiny", mode="write", log_level="INFO") as cluster, httpx.Client(timeout=60) as client:
+        decode = cluster.by_name("decode0").url
+        first = decode_with(client, cluster, prefill_only(client, cluster))  # handshakes now cached
+        assert first.status_code == 200 and first.json()["kvxfer"]["path"] == "staged", first.text
+        params = prefill_only(client, cluster)
+        rank1 = rank_pids(cluster.by_name("prefill0").proc.pid)[1]
+        os.kill(rank1, signal.SIGSTOP)
+        try:
+            failed = decode_with(client, cluster, params)
+        finally:
+            os.kill(rank1, signal.SIGCONT)
+        assert failed.status_code == 502, failed.text
+        assert metric(client, decode, "kvxfer_staging_slots_free") == 0  # held until its not-after time
+        # The slot is held for the push's whole not-after window, several deadlines longer than
+        # the next request waits for one: that request cannot get it, whatever the timing.
+        moved = decode_with(client, cluster, prefill_only(client, cluster))
+        assert moved.status_code == 200, moved.text
+        assert moved.json()["choices"][0]["token_ids"] == want
+        assert moved.json()["kvxfer"]["path"] == "direct"
+        assert "no staging slot freed in time" in cluster.by_name("decode0").log_path.read_text()
+        assert metric(client, decode, 'kvxfer_transfer_path_total{op="write",path="direct"}') == 1
+        deadline = time.monotonic() + 30
+        while metric(client, decode, "kvxfer_staging_slots_free") < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        again = decode_with(client, cluster, prefill_only(client, cluster))
+        assert again.status_code == 200 and again.json()["kvxfer"]["path"] == "staged", again.text
+        assert again.json()["choices"][0]["token_ids"] == want
+
+
 def test_a_consumer_cannot_aim_a_push_at_another_decode_service(tmp_path):
     """A key the prefill allows (a compromised or buggy consumer) holds a request of its own and
     asks for a push into another decode service's blocks by naming that service's engine id. The

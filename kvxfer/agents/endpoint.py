@@ -45,6 +45,7 @@ from kvxfer.agents.staged_transfer import (
     reserve,
     send_part,
 )
+from kvxfer.agents.staging import Gather
 from kvxfer.errors import ConfigError, KvxferError, TransferError
 from kvxfer.layouts import CacheDesc, CacheRegion
 from kvxfer.planning import Fallback, HeadRange, request_indices, request_spans
@@ -191,14 +192,19 @@ class Endpoint:
         return TransferSummary(Mode.WRITE, num_bytes, 1, time.perf_counter() - started,
                                peers=[f"{leg.peer.engine_id}/{leg.peer.rank}"])
 
-    def reserve(self, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> Reservation | None:
-        """A staging slot for every leg's part of a request (None: stage nothing, move directly)."""
+    def staged_parts(self, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> list[Gather] | None:
+        """Every leg's part of a request as this side scatters it (None: staging is off here or
+        at a peer). Needs the peer table; `reserve` then waits for a slot without it."""
         if self.staging is None or any(leg.peer.info.staging is None for leg in legs):
             return None
-        gathers = [build_gather(self.peers.plan(leg.peer, leg.heads), local_ids, num_tokens, self.tensors)
-                   for leg in legs]
-        per_layer = sum(g.bytes_per_layer for g in gathers)
-        return reserve(self.staging, gathers, len(self.tensors),
+        return [build_gather(self.peers.plan(leg.peer, leg.heads), local_ids, num_tokens, self.tensors)
+                for leg in legs]
+
+    def reserve(self, parts: list[Gather]) -> Reservation | None:
+        """A staging slot holding `parts` back to back, waiting for one up to the transfer
+        deadline (None: the request does not fit a slot; move it directly)."""
+        per_layer = sum(g.bytes_per_layer for g in parts)
+        return reserve(self.staging, parts, len(self.tensors),
                        timeout_s=self.deadline.seconds(per_layer * len(self.tensors)))
 
     def calibrate(self, peer: Peer) -> FabricCosts | None:

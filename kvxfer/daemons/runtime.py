@@ -345,8 +345,10 @@ class RankRuntime:
     def reserve(self, params: m.TransferParams, block_ids: list[int]) -> list[int]:
         legs = self._legs(params)
         with self.lock:
-            reservation = self.endpoint.reserve(legs, self.prompt_blocks(block_ids, params.num_tokens),
-                                                params.num_tokens)
+            parts = self.endpoint.staged_parts(legs, self.prompt_blocks(block_ids, params.num_tokens),
+                                               params.num_tokens)
+        # Wait for a slot without the lock: handshakes on the side channel go on meanwhile.
+        reservation = self.endpoint.reserve(parts) if parts is not None else None
         if reservation is None:
             return []
         self._reservations[params.request_id] = reservation
