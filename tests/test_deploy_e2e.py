@@ -38,8 +38,8 @@ from test_deploy import (  # noqa: E402
     resolve_env,
 )
 
-from kvxfer.daemons.cluster import free_ports  # noqa: E402
 from kvxfer.daemons.config import ServeConfig  # noqa: E402
+from kvxfer.ports import free_ports  # noqa: E402
 
 pytestmark = [pytest.mark.slow, needs_kubectl, pytest.mark.timeout(900)]
 

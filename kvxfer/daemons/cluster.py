@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import httpx
 
 from kvxfer.agents.keys import generate_keypair, write_keypair
 from kvxfer.errors import ConfigError
+from kvxfer.ports import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +49,6 @@ class Running:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
-
-
-def free_ports(count: int, taken: set[int] | None = None) -> int:
-    """A base port with `count` consecutive free ports on loopback (side channels: base + rank),
-    none of them in `taken` (which gets them: ports handed out but not yet listened on)."""
-    taken = set() if taken is None else taken
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        ports = set(range(base, base + count))
-        if base + count < 65000 and not ports & taken and all(_port_free(p) for p in ports):
-            taken.update(ports)
-            return base
-    raise ConfigError(f"no {count} consecutive free ports on 127.0.0.1")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 @dataclass

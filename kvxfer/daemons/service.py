@@ -24,9 +24,9 @@ from kvxfer.daemons.commands import Command, Described, Reply, command_encoder, 
 from kvxfer.daemons.config import ServeConfig
 from kvxfer.daemons.runtime import RankRuntime, RankSetup
 from kvxfer.daemons.worker import worker_main
-from kvxfer.engine.parallel import free_port
 from kvxfer.engine.tokenizer import byte_level_tokenizer
 from kvxfer.errors import ConfigError, KvxferError
+from kvxfer.ports import free_port
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

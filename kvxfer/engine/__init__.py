@@ -11,7 +11,7 @@ from kvxfer.engine.config import (
 )
 from kvxfer.engine.engine import BlockIds, DecodeRequest, Engine, StepOutput, StepRequest
 from kvxfer.engine.model import Shard
-from kvxfer.engine.parallel import TPGroup, free_port
+from kvxfer.engine.parallel import TPGroup
 from kvxfer.engine.sampling import GREEDY, SamplingParams
 from kvxfer.engine.tokenizer import byte_level_tokenizer, load_tokenizer
 from kvxfer.engine.weights import (
@@ -21,6 +21,7 @@ from kvxfer.engine.weights import (
     save_model_dir,
     write_random_model_dir,
 )
+from kvxfer.ports import free_port
 
 __all__ = [
     "GREEDY",

@@ -7,7 +7,6 @@ and sum the partial products across the group (one all-reduce).
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -61,13 +60,6 @@ class TPGroup:
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nobody listens on right now (for tests and local launches)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ColumnParallelLinear(nn.Module):

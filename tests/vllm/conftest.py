@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from vllm_cases import BASELINE_PROMPTS, MAX_TOKENS
 
-from kvxfer.integrations.vllm.testing import ServerSpec, VllmServer, free_port, token_ids
+from kvxfer.integrations.vllm.testing import ServerSpec, VllmServer, token_ids
+from kvxfer.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_VENV = ROOT / ".venv-vllm"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from kvxfer.ports import free_port
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -100,12 +101,6 @@ def build_tiny_llama(directory: Path, *, seed: int, shape: TinyLlama = TinyLlama
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -1,0 +1,32 @@
+"""Ports for local launches come from below the ephemeral range, so no outgoing connection of
+any process can take one between picking it and listening on it."""
+
+import socket
+
+from kvxfer.ports import ephemeral_start, free_port, free_ports
+
+
+def test_ports_are_free_consecutive_below_the_ephemeral_range_and_never_handed_out_twice():
+    taken: set[int] = set()
+    bases = [free_ports(4, taken) for _ in range(20)]
+    assert len(taken) == 80  # no port handed out twice
+    for base in bases:
+        assert 20000 <= base and base + 4 <= ephemeral_start()
+    with socket.socket() as s:  # and they are really free
+        s.bind(("127.0.0.1", bases[0] + 3))
+    assert free_port() < ephemeral_start()
+
+
+def test_a_port_someone_listens_on_is_not_handed_out(monkeypatch):
+    """The random pick is steered onto a busy port first (a collision cannot be caused on
+    purpose otherwise): the bind check rejects it and the next pick is returned."""
+    import kvxfer.ports as ports
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_port()))
+        busy.listen()
+        port = busy.getsockname()[1]
+        other = free_port()
+        picks = iter([port, other])
+        monkeypatch.setattr(ports.random, "randrange", lambda lo, hi: next(picks))
+        assert free_ports(1) == other
