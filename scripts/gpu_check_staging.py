@@ -70,8 +70,8 @@ def check(decode_tp: int, iters: int, device: torch.device) -> bool:
     nbytes = torch_path.bytes_per_layer * LAYERS
     slot_torch = torch.empty(nbytes, dtype=torch.uint8, device=device)
     slot_kernel = torch.empty_like(slot_torch)
-    gather = UnitCopier([(plan, slot_kernel)], 0, src, max_tokens=TOKENS, to_slot=True)
-    gather.load(ids, TOKENS)
+    gather = UnitCopier([plan], 0, src, slot_kernel, max_tokens=TOKENS, to_slot=True)
+    gather.load(ids, TOKENS, [0])
     copy_src = torch.empty_like(slot_torch)
 
     copy_ms = timed(lambda: slot_kernel.copy_(copy_src), iters)
@@ -82,8 +82,8 @@ def check(decode_tp: int, iters: int, device: torch.device) -> bool:
     # scatter back into caches shaped like the source (same plan side, fresh zeros)
     dst_torch = [torch.zeros_like(t) for t in src]
     dst_kernel = [torch.zeros_like(t) for t in src]
-    scatter = UnitCopier([(plan, slot_kernel)], 0, dst_kernel, max_tokens=TOKENS, to_slot=False)
-    scatter.load(ids, TOKENS)
+    scatter = UnitCopier([plan], 0, dst_kernel, slot_kernel, max_tokens=TOKENS, to_slot=False)
+    scatter.load(ids, TOKENS, [0])
     scatter_torch = timed(lambda: torch_path.scatter(slot_torch, dst_torch), iters)
     scatter_kernel = timed(scatter.run, iters)
     scattered_equal = all(torch.equal(a.view(torch.int16), b.view(torch.int16))
@@ -121,8 +121,8 @@ def shared_gather(src: list[torch.Tensor], ids: np.ndarray, decode_tp: int, iter
     nbytes = paths[0].bytes_per_layer * LAYERS
     staging = torch.empty(nbytes * len(plans), dtype=torch.uint8, device=device)
     slots = [staging[i * nbytes : (i + 1) * nbytes] for i in range(len(plans))]
-    copier = UnitCopier(list(zip(plans, slots, strict=True)), 0, src, max_tokens=TOKENS, to_slot=True)
-    copier.load(ids, TOKENS)
+    copier = UnitCopier(plans, 0, src, staging, max_tokens=TOKENS, to_slot=True)
+    copier.load(ids, TOKENS, [i * nbytes for i in range(len(plans))])
     ms = timed(copier.run, iters)
     equal = True
     for path, slot in zip(paths, slots, strict=True):
@@ -146,13 +146,13 @@ def next_request(plan, src: list[torch.Tensor], gather: UnitCopier, scatter: Uni
     slot_torch = torch.empty(nbytes, dtype=torch.uint8, device=device)
     torch_path.gather(src, slot_torch)
     halves = (range(0, LAYERS // 2), range(LAYERS // 2, LAYERS))
-    gather.load(ids, tokens)
+    gather.load(ids, tokens, [0])
     for layers in halves:
         gather.run(layers)
-    gathered = torch.equal(gather.slots[0][:nbytes], slot_torch)
+    gathered = torch.equal(gather.buffer[:nbytes], slot_torch)
     dst_torch = [t.clone() for t in dst]
     torch_path.scatter(slot_torch, dst_torch)
-    scatter.load(ids, tokens)
+    scatter.load(ids, tokens, [0])
     for layers in halves:
         scatter.run(layers)
     scattered = all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(dst, dst_torch, strict=True))
@@ -166,7 +166,7 @@ def host_costs(copier: UnitCopier, ids: np.ndarray) -> None:
     for _ in range(30):
         time.sleep(0.005)
         t0 = time.perf_counter()
-        copier.load(ids, TOKENS)
+        copier.load(ids, TOKENS, [0])
         t1 = time.perf_counter()
         copier.run()
         t2 = time.perf_counter()

@@ -93,7 +93,7 @@ def test_unit_copier_refuses_a_device_without_cuda():
     src = make_rank("flashinfer-hnd", base=0, num_blocks=4, block_size=4, heads=heads_of_rank(1, 1, 0), **plan_rank)
     plan = pair(src.region, src.region, heads_of_rank(1, 1, 0))
     with pytest.raises(ConfigError, match="needs CUDA and Triton"):
-        UnitCopier([(plan, torch.empty(64, dtype=torch.uint8))], 0, src.tensors, max_tokens=4, to_slot=True)
+        UnitCopier([plan], 0, src.tensors, torch.empty(64, dtype=torch.uint8), max_tokens=4, to_slot=True)
 
 
 def test_one_copier_serves_the_head_slices_a_prefill_rank_sends():
@@ -135,17 +135,15 @@ def test_staged_write_refuses_an_offset_outside_the_peers_slots():
     """The producer checks a consumer-given offset against the consumer's registered slots area
     before anything moves (nothing else is touched, so no agent is needed to see the refusal)."""
     from kvxfer.agents.messages import StagingInfo
-    from kvxfer.agents.staged_transfer import send_part
+    from kvxfer.agents.staged_transfer import send_part, torch_parts
     from kvxfer.errors import PlanError
 
     rank = dict(num_layers=2, total=1, head_dim=8, dtype="float32", contiguous_layers=True,
                 rng=np.random.default_rng(0), num_tokens=8)
     src = make_rank("flashinfer-hnd", base=0, num_blocks=4, block_size=4, heads=heads_of_rank(1, 1, 0), **rank)
     plan = pair(src.region, src.region, heads_of_rank(1, 1, 0))
-    gather = Gather.build(layer_offsets(plan, 0, src.block_ids, 8), plan.unit_bytes,
-                          src.region.desc.layer_bytes, torch.device("cpu"))
-    num_bytes = gather.bytes_per_layer * 2
+    part = torch_parts([plan], src.block_ids, 8, src.tensors, to_slot=True)
+    (num_bytes,) = part.sizes
     remote = StagingInfo(probe_addr=0, probe_bytes=0, slots_addr=1 << 30, slots_bytes=num_bytes + 8)
     with pytest.raises(PlanError, match="reaches past the peer's staging slots"):
-        send_part(None, None, src.tensors, gather, peer_agent="p", remote=remote, remote_offset=16,
-                  notif=b"", timeout_s=1.0)
+        send_part(None, None, part, peer_agent="p", remote=remote, remote_offset=16, notif=b"", timeout_s=1.0)

@@ -38,14 +38,13 @@ from kvxfer.agents.nixl_agent import (
 from kvxfer.agents.peers import Peer, PeerTable
 from kvxfer.agents.staged_transfer import (
     PROBE_BYTES,
+    Parts,
     Reservation,
     StagingArea,
     StagingConfig,
-    build_gather,
     reserve,
     send_part,
 )
-from kvxfer.agents.staging import Gather
 from kvxfer.errors import ConfigError, KvxferError, TransferError
 from kvxfer.layouts import CacheDesc, CacheRegion
 from kvxfer.planning import Fallback, HeadRange, request_indices, request_spans
@@ -184,28 +183,28 @@ class Endpoint:
                               f"{'this rank' if self.staging is None else 'the peer'}")
         started = time.perf_counter()
         plan = self.peers.plan(leg.peer, leg.heads)
-        gather = build_gather(plan, local_ids, num_tokens, self.tensors)
+        key = ("gather", leg.peer.engine_id, leg.peer.boot_epoch, leg.peer.rank, leg.heads)
+        part = self.staging.parts(key, [plan], local_ids, num_tokens, self.tensors, to_slot=True)
         notif = encode_notif(XferNotif(request_id=request_id, rank=self.identity.tp_rank))
         num_bytes, stats = send_part(
-            self.agent, self.staging, self.tensors, gather, peer_agent=leg.peer.agent_name, remote=remote,
-            remote_offset=remote_offset, notif=notif, timeout_s=self.deadline.seconds(gather.bytes_per_layer))
+            self.agent, self.staging, part, peer_agent=leg.peer.agent_name, remote=remote,
+            remote_offset=remote_offset, notif=notif, timeout_s=self.deadline.seconds(sum(part.sizes)))
         return TransferSummary(Mode.WRITE, num_bytes, 1, time.perf_counter() - started,
                                peers=[f"{leg.peer.engine_id}/{leg.peer.rank}"])
 
-    def staged_parts(self, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> list[Gather] | None:
+    def staged_parts(self, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> Parts | None:
         """Every leg's part of a request as this side scatters it (None: staging is off here or
         at a peer). Needs the peer table; `reserve` then waits for a slot without it."""
         if self.staging is None or any(leg.peer.info.staging is None for leg in legs):
             return None
-        return [build_gather(self.peers.plan(leg.peer, leg.heads), local_ids, num_tokens, self.tensors)
-                for leg in legs]
+        plans = [self.peers.plan(leg.peer, leg.heads) for leg in legs]
+        key = ("scatter", *((leg.peer.engine_id, leg.peer.boot_epoch, leg.peer.rank, leg.heads) for leg in legs))
+        return self.staging.parts(key, plans, local_ids, num_tokens, self.tensors, to_slot=False)
 
-    def reserve(self, parts: list[Gather]) -> Reservation | None:
+    def reserve(self, parts: Parts) -> Reservation | None:
         """A staging slot holding `parts` back to back, waiting for one up to the transfer
         deadline (None: the request does not fit a slot; move it directly)."""
-        per_layer = sum(g.bytes_per_layer for g in parts)
-        return reserve(self.staging, parts, len(self.tensors),
-                       timeout_s=self.deadline.seconds(per_layer * len(self.tensors)))
+        return reserve(self.staging, parts, timeout_s=self.deadline.seconds(sum(parts.sizes)))
 
     def calibrate(self, peer: Peer) -> FabricCosts | None:
         """Probe transfers between our staging probe area and the peer's (None if either has

@@ -88,6 +88,7 @@ class PeerPair:
     plan: PairPlan
     remote_ids: np.ndarray
     copier: UnitCopier | None
+    copier_offsets: tuple[int, ...] = ()  # where the copier's parts start in the staging buffer
 
 
 def pair_peers(cfg: BenchConfig, cache: RankCache, hellos: list[Hello], staging: torch.Tensor) -> list[PeerPair]:
@@ -116,19 +117,17 @@ def _with_copiers(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], sta
     receiver's parts arrive one by one, so each keeps its own."""
     sender = cache.role == "prefill"
 
-    def slot(pp: PeerPair) -> torch.Tensor:
-        return staging[pp.offset : pp.offset + part_bytes(cfg, pp.assignment)]
-
-    def copier(group: list[PeerPair]) -> UnitCopier:
-        return UnitCopier([(pp.plan, slot(pp)) for pp in group], 0, cache.tensors, max_tokens=cfg.tokens,
-                          to_slot=sender)
+    def with_copier(group: list[PeerPair]) -> list[PeerPair]:
+        copier = UnitCopier([pp.plan for pp in group], 0, cache.tensors, staging, max_tokens=cfg.tokens,
+                            to_slot=sender)
+        offsets = tuple(pp.offset for pp in group)
+        return [dataclasses.replace(pp, copier=copier, copier_offsets=offsets) for pp in group]
 
     local = [pp for pp in pairs if pp.peer.device_id == cache.region.device_id]
-    shared = None
     if sender and len(local) > 1 and unit_copy.can_share([pp.plan for pp in local], 0, cfg.tokens):
-        shared = copier(local)
-    sharing = {id(pp) for pp in local} if shared is not None else set()
-    return [dataclasses.replace(pp, copier=shared if id(pp) in sharing else copier([pp])) for pp in pairs]
+        shared = dict(zip(map(id, local), with_copier(local), strict=True))
+        return [shared[id(pp)] if id(pp) in shared else with_copier([pp])[0] for pp in pairs]
+    return [with_copier([pp])[0] for pp in pairs]
 
 
 def build_parts(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], staging: torch.Tensor, *,
@@ -146,7 +145,8 @@ def build_parts(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], stagi
             per_layer, copy, launched = loaded[key]
         else:
             if pp.copier is not None:
-                per_layer, copy = pp.copier.load(cache.block_ids, cfg.tokens), pp.copier.run
+                per_layer = pp.copier.load(cache.block_ids, cfg.tokens, pp.copier_offsets)
+                copy = pp.copier.run
             else:
                 part = staging[pp.offset : pp.offset + part_bytes(cfg, pp.assignment)]
                 local_off = layer_offsets(pp.plan, 0, cache.block_ids, cfg.tokens)

@@ -189,7 +189,8 @@ class RankRuntime:
         agent = AgentConfig(name=f"{config.engine_id}-{setup.boot_epoch}-r{setup.rank}",
                             threading=Threading.PROGRESS_THREAD if config.nixl_threads else Threading.APP_POLL)
         slots = max(1, config.staging_slots)
-        staging = StagingConfig(slot_bytes=(config.staging_mib << 20) // slots, num_slots=slots)
+        staging = StagingConfig(slot_bytes=(config.staging_mib << 20) // slots, num_slots=slots,
+                                max_tokens=self.engine.model_config.max_position)
         self.endpoint = Endpoint(identity, self.engine.caches, self.engine.cache_desc, agent_config=agent,
                                  fallback=Fallback.FINE,
                                  deadline=DeadlinePolicy(config.transfer_deadline_s, config.expected_gbps),
