@@ -9,14 +9,10 @@ or from exactly the peers the TP mapping gives it).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,7 +29,7 @@ from kvxfer.agents.sidechannel import (
     SideChannelClient,
     SideChannelServer,
 )
-from kvxfer.agents.staged_transfer import PROBE_BYTES, Reservation, StagingConfig, release_later
+from kvxfer.agents.staged_transfer import Reservation, StagingConfig, release_later
 from kvxfer.daemons.commands import (
     AwaitPush,
     Command,
@@ -52,8 +48,15 @@ from kvxfer.daemons.commands import (
     Token,
     Unreserve,
 )
-from kvxfer.daemons.config import Role, ServeConfig, load_curve_keys
-from kvxfer.engine.config import CacheConfig, EngineConfig, load_model_config, preset
+from kvxfer.daemons.config import Role, load_curve_keys
+from kvxfer.daemons.rank_setup import (
+    ClientCache,
+    RankSetup,
+    collective_backend,
+    engine_config,
+    model_fingerprint,
+    side_channel_address,
+)
 from kvxfer.engine.engine import DecodeRequest, Engine
 from kvxfer.engine.parallel import TPGroup
 from kvxfer.engine.sampling import SamplingParams
@@ -73,104 +76,6 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 _INBOX_TTL_S = 300.0
-MAX_SIDE_CHANNEL_CLIENTS = 64  # distinct producer addresses a rank keeps a client for
-
-
-class ClientCache:
-    """Side-channel clients by address, at most `capacity`: the least recently used one is closed
-    when a new address comes. Addresses come from transfer parameters, which HTTP clients send;
-    without a bound every forged address would keep a client object forever."""
-
-    def __init__(self, config: ClientConfig, capacity: int = MAX_SIDE_CHANNEL_CLIENTS) -> None:
-        self.config = config
-        self.capacity = capacity
-        self._clients: OrderedDict[str, SideChannelClient] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, address: str) -> SideChannelClient:
-        with self._lock:
-            client = self._clients.pop(address, None) or SideChannelClient(address, self.config)
-            self._clients[address] = client
-            evicted = [self._clients.popitem(last=False)[1] for _ in range(len(self._clients) - self.capacity)]
-        for old in evicted:
-            old.close()
-        return client
-
-    def __len__(self) -> int:
-        return len(self._clients)
-
-    def close(self) -> None:
-        with self._lock:
-            clients, self._clients = list(self._clients.values()), OrderedDict()
-        for client in clients:
-            client.close()
-
-
-# ---- building a rank ----------------------------------------------------------------------------
-
-def engine_config(config: ServeConfig) -> EngineConfig:
-    model = load_model_config(config.model_dir) if config.model_dir else preset(config.preset or "tiny-demo")
-    num_blocks = config.num_blocks or blocks_for_memory(config, model)
-    cache = CacheConfig(layout=config.layout, block_size=config.block_size, num_blocks=num_blocks)
-    return EngineConfig(model=model, cache=cache, dtype=config.dtype, device=config.device.value,
-                        model_dir=str(config.model_dir) if config.model_dir else None, seed=config.seed)
-
-
-def blocks_for_memory(config: ServeConfig, model) -> int:
-    """Cache blocks per rank that fit `memory_fraction` of the GPU's free memory, after this
-    rank's share of the weights (estimated from the config: weights are loaded after the cache
-    is sized) and its staging area (`--staging-mib` plus the calibration probe area)."""
-    import torch
-
-    from kvxfer.engine.config import DTYPES
-
-    item = torch.tensor([], dtype=DTYPES[config.dtype]).element_size()
-    free, _ = torch.cuda.mem_get_info()
-    h, f, layers = model.hidden_size, model.intermediate_size, model.num_layers
-    per_layer = h * (model.num_q_heads + 2 * model.num_kv_heads) * model.head_dim + h * h + 3 * h * f
-    weights = (layers * per_layer + 2 * model.vocab_size * h) * item // config.tp
-    kv_heads = max(1, model.num_kv_heads // config.tp)
-    block_bytes = 2 * kv_heads * config.block_size * model.head_dim * item * layers
-    staging = (config.staging_mib << 20) + PROBE_BYTES
-    budget = int(free * (config.memory_fraction or 0.9)) - weights - staging
-    if budget < block_bytes:
-        raise ConfigError(f"--memory-fraction={config.memory_fraction}: {free / 2**30:.1f} GiB free on the GPU "
-                          f"leaves no room for one cache block after {weights / 2**30:.1f} GiB of weights and "
-                          f"{staging / 2**30:.2f} GiB of staging (--staging-mib)")
-    return budget // block_bytes
-
-
-def model_fingerprint(engine: EngineConfig) -> str:
-    """Architecture and dtype: what must agree for KV to mean the same on both sides. (Weights
-    are not hashed: a checkpoint mismatch is the operator's to avoid, as in every connector.)"""
-    arch = json.dumps({"model": engine.model.to_hf(), "dtype": engine.dtype}, sort_keys=True)
-    return hashlib.sha256(arch.encode()).hexdigest()[:16]
-
-
-def collective_backend(config: ServeConfig) -> str:
-    """NCCL when every rank has a GPU of its own; gloo otherwise (CPU, or several ranks sharing
-    one GPU, which NCCL refuses)."""
-    if config.device.value != "cuda":
-        return "gloo"
-    import torch
-
-    return "nccl" if torch.cuda.device_count() >= config.tp else "gloo"
-
-
-def side_channel_address(base: str, rank: int) -> str:
-    """Rank r of a service listens on the base port + r."""
-    host, _, port = base.rpartition(":")
-    return f"{host}:{int(port) + rank}"
-
-
-@dataclass(frozen=True)
-class RankSetup:
-    """Everything a rank process needs to build itself (picklable for spawn)."""
-
-    config: ServeConfig
-    rank: int
-    boot_epoch: int
-    dist_init: str  # torch.distributed init method shared by the group
 
 
 class RankRuntime:

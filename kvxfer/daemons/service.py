@@ -22,7 +22,8 @@ from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.daemons.bus import Bus
 from kvxfer.daemons.commands import Command, Described, Reply, command_encoder, reply_decoder
 from kvxfer.daemons.config import ServeConfig
-from kvxfer.daemons.runtime import RankRuntime, RankSetup
+from kvxfer.daemons.rank_setup import RankSetup
+from kvxfer.daemons.runtime import RankRuntime
 from kvxfer.daemons.worker import worker_main
 from kvxfer.engine.tokenizer import byte_level_tokenizer
 from kvxfer.errors import ConfigError, KvxferError

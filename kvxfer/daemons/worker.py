@@ -9,7 +9,8 @@ import signal
 
 from kvxfer.daemons.bus import Failed, serve_commands
 from kvxfer.daemons.commands import Described, command_decoder, command_encoder
-from kvxfer.daemons.runtime import RankRuntime, RankSetup
+from kvxfer.daemons.rank_setup import RankSetup
+from kvxfer.daemons.runtime import RankRuntime
 from kvxfer.errors import KvxferError
 
 log = logging.getLogger(__name__)
