@@ -1,0 +1,240 @@
+"""The side channel's client: a DEALER socket to one server, with a monitor for the ZMTP
+handshake, deadlines on every call, and typed errors for every refusal."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+import zmq.utils.monitor
+
+from kvxfer.agents import messages as m
+from kvxfer.agents.keys import KeyConfig
+from kvxfer.agents.sidechannel.common import CALL_ID_BYTES, Ctx, Sock, check_security, log
+from kvxfer.errors import (
+    AuthError,
+    ConfigError,
+    HandshakeError,
+    KvxferError,
+    LayoutError,
+    LeaseError,
+    PeerGoneError,
+    PlanError,
+    TransferError,
+    TransferTimeout,
+)
+
+_ERROR_KINDS: dict[str, type[KvxferError]] = {
+    cls.kind: cls
+    for cls in (AuthError, ConfigError, HandshakeError, LayoutError, LeaseError, PlanError,
+                TransferError, TransferTimeout, PeerGoneError)
+}
+_ERROR_KINDS.update({"incompatible": HandshakeError, "malformed": HandshakeError, "version": HandshakeError})
+
+_MONITOR_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+def raise_for_reply(reply: m.Message, *, peer: str) -> m.Message:
+    """The reply itself, or the typed error an `ErrorReply` stands for."""
+    if isinstance(reply, m.ErrorReply):
+        cls = _ERROR_KINDS.get(reply.kind, KvxferError)
+        raise cls(f"peer {peer} answered {reply.kind}: {reply.message}")
+    return reply
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    keys: KeyConfig | None = None  # needs `own` and `server_public_key`
+    insecure: bool = False
+    max_message_bytes: int = 32 << 20
+    reconnect_interval_s: float = 0.1
+    handshake_timeout_s: float = 5.0  # ZMTP handshake, bounded separately from each request
+
+    def __post_init__(self) -> None:
+        check_security(self.keys, self.insecure, who="side channel client")
+        if self.keys is not None and self.keys.server_public_key is None:
+            raise ConfigError("side channel client: keys.server_public_key is required with CURVE")
+
+
+@dataclass
+class _Link:
+    """One DEALER socket, its monitor and what the monitor has reported so far."""
+
+    sock: Sock
+    monitor: Sock
+    events: int = 0  # OR of every event seen
+    connected: bool = False  # a ZMTP handshake succeeded and no disconnect since
+
+
+class SideChannelClient:
+    """Request/response to one server. Thread-safe: calls are serialised, and a call waiting
+    behind another still ends by its own deadline.
+
+    A failed call (timeout, peer gone, auth) drops the socket; the next call reconnects, so a
+    restarted server is reached again and nothing queued for the old one is delivered late.
+    """
+
+    def __init__(self, address: str, config: ClientConfig, *, context: Ctx | None = None):
+        self.address = address
+        self.config = config
+        self._ctx = context or zmq.Context.instance()
+        self._lock = threading.Lock()
+        self._link: _Link | None = None
+        if config.insecure:
+            log.warning("side channel client: INSECURE plaintext connection to %s", address)
+
+    def request(self, msg: m.Message, *, timeout_s: float) -> m.Message:
+        """Send `msg`, return the reply. Raises within `timeout_s`: TransferTimeout (no reply),
+        PeerGoneError (no connection, or it dropped), AuthError (CURVE handshake refused), or
+        the typed error an `ErrorReply` stands for (`raise_for_reply`)."""
+        deadline = time.monotonic() + timeout_s
+        what = type(msg).__name__
+        if not self._lock.acquire(timeout=max(0.0, timeout_s)):
+            raise TransferTimeout(f"side channel {self.address}: {what} waited {timeout_s}s behind another call")
+        try:
+            reply = self._call(m.encode(msg), deadline, what=what)
+        finally:
+            self._lock.release()
+        return raise_for_reply(reply, peer=self.address)
+
+    def _call(self, body: bytes, deadline: float, *, what: str) -> m.Message:
+        call_id = os.urandom(CALL_ID_BYTES)
+        try:
+            link = self._ensure_link()
+            self._send(link, [call_id, body], deadline, what=what)
+            return self._receive(link, call_id, deadline, what=what)
+        except KvxferError:
+            self._drop_link()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_link()
+
+    def __enter__(self) -> SideChannelClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ensure_link(self) -> _Link:
+        if self._link is None:
+            self._link = self._open_link()
+        return self._link
+
+    def _open_link(self) -> _Link:
+        cfg = self.config
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that has not handshaken
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
+        sock.setsockopt(zmq.RECONNECT_IVL, max(1, int(cfg.reconnect_interval_s * 1000)))
+        sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(cfg.handshake_timeout_s * 1000)))
+        if cfg.keys is not None:
+            sock.curve_secretkey = cfg.keys.own.secret
+            sock.curve_publickey = cfg.keys.own.public
+            sock.curve_serverkey = cfg.keys.server_public_key
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        try:
+            sock.connect(self.address)
+        except zmq.ZMQError as err:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            raise ConfigError(f"side channel client: cannot connect to {self.address!r}: {err}") from None
+        return _Link(sock=sock, monitor=monitor)
+
+    def _drop_link(self) -> None:
+        link, self._link = self._link, None
+        if link is None:
+            return
+        try:
+            link.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        link.monitor.close(linger=0)
+        link.sock.close(linger=0)
+
+    def _read_monitor(self, link: _Link) -> None:
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(link.monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = int(event["event"])
+            link.events |= kind
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                link.connected = True
+            elif kind == zmq.EVENT_DISCONNECTED:
+                link.connected = False
+
+    def _poll(self, link: _Link, flags: int, deadline: float) -> bool:
+        """Wait until the socket has `flags` ready or the deadline passes; reads the monitor."""
+        poller = zmq.Poller()
+        poller.register(link.sock, flags)
+        poller.register(link.monitor, zmq.POLLIN)
+        remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        ready = dict(poller.poll(remaining_ms))
+        if link.monitor in ready:
+            self._read_monitor(link)
+        return bool(ready.get(link.sock, 0) & flags)
+
+    def _send(self, link: _Link, frames: list[bytes], deadline: float, *, what: str) -> None:
+        while True:
+            self._raise_if_refused(link)
+            if self._poll(link, zmq.POLLOUT, deadline):
+                try:
+                    link.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    pass
+            if time.monotonic() >= deadline:
+                self._raise_if_refused(link)
+                raise PeerGoneError(
+                    f"side channel {self.address}: no connection for {what} before the deadline "
+                    f"(nothing listening, unreachable, or handshake not finished)"
+                )
+
+    def _receive(self, link: _Link, call_id: bytes, deadline: float, *, what: str) -> m.Message:
+        while True:
+            if self._poll(link, zmq.POLLIN, deadline):
+                reply = self._read_reply(link, call_id)
+                if reply is not None:
+                    return reply
+            if link.events & zmq.EVENT_DISCONNECTED and not link.connected:
+                raise PeerGoneError(f"side channel {self.address}: connection lost while waiting for the reply to {what}")
+            if time.monotonic() >= deadline:
+                raise TransferTimeout(f"side channel {self.address}: no reply to {what} before the deadline")
+
+    def _read_reply(self, link: _Link, call_id: bytes) -> m.Message | None:
+        try:
+            frames = link.sock.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        if len(frames) != 2 or frames[0] != call_id:
+            return None  # a late reply to an abandoned call, or junk
+        try:
+            return m.decode(frames[1])
+        except msgspec.DecodeError as err:
+            raise HandshakeError(f"side channel {self.address}: malformed reply: {err}") from None
+
+    def _raise_if_refused(self, link: _Link) -> None:
+        if link.events & _HANDSHAKE_FAILED and not link.connected:
+            raise AuthError(
+                f"side channel {self.address}: handshake refused (our CURVE key is not allowed, the "
+                f"server key is wrong, or one side is insecure and the other is not)"
+            )
