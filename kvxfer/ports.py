@@ -29,20 +29,24 @@ def ephemeral_start() -> int:
 
 def free_ports(count: int, taken: set[int] | None = None) -> int:
     """A base port with `count` consecutive free ports on loopback (side channels: base + rank),
-    below the ephemeral range and none of them in `taken` (which gets them: ports handed out but
-    not yet listened on)."""
+    below the ephemeral range where the host leaves room for them, and none of them in `taken`
+    (which gets them: ports handed out but not yet listened on)."""
     taken = set() if taken is None else taken
     top = ephemeral_start() - count
-    if top <= _LOWEST:
-        raise ConfigError(f"no room for {count} ports between {_LOWEST} and the ephemeral range "
-                          f"(starts at {top + count}, /proc/sys/net/ipv4/ip_local_port_range)")
     for _ in range(_ATTEMPTS):
-        base = random.randrange(_LOWEST, top)
+        # A host whose ephemeral range starts low leaves no room below it: pick as bind(0) does.
+        base = random.randrange(_LOWEST, top) if top > _LOWEST + _ATTEMPTS else _kernel_pick()
         ports = set(range(base, base + count))
-        if not ports & taken and all(_port_free(p) for p in ports):
+        if base + count <= 65536 and not ports & taken and all(_port_free(p) for p in ports):
             taken.update(ports)
             return base
-    raise ConfigError(f"no {count} consecutive free ports on 127.0.0.1 in [{_LOWEST}, {top + count})")
+    raise ConfigError(f"no {count} consecutive free ports on 127.0.0.1 after {_ATTEMPTS} tries")
+
+
+def _kernel_pick() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def free_port() -> int:

@@ -60,6 +60,17 @@ def test_cuda_defaults():
     assert (c.dtype, c.num_blocks, c.memory_fraction, c.port, c.side_channel_port) == ("bfloat16", None, 0.9, 8100, 5600)
 
 
+@pytest.mark.parametrize("slots", [1, 2, 3, 7])
+def test_staging_slots_start_on_pages_whatever_their_number(slots):
+    from kvxfer.daemons.rank_setup import staging_config
+
+    staging = staging_config(serve(["decode", *PLAIN, "--device", "cuda", "--staging-slots", str(slots)]),
+                             max_tokens=8192)
+    assert staging.num_slots == slots and staging.max_tokens == 8192
+    assert staging.slot_bytes % 4096 == 0  # the GPU copies move 16-byte vectors from each slot's start
+    assert 1024 << 20 >= slots * staging.slot_bytes > (1024 << 20) - slots * 4096
+
+
 def test_every_flag_parses_into_its_field(tmp_path):
     argv = [
         "prefill", "--model", str(tmp_path), "--dtype", "float16", "--tp", "4", "--layout", "flash-attn-nhd",

@@ -30,3 +30,12 @@ def test_a_port_someone_listens_on_is_not_handed_out(monkeypatch):
         picks = iter([port, other])
         monkeypatch.setattr(ports.random, "randrange", lambda lo, hi: next(picks))
         assert free_ports(1) == other
+
+
+def test_a_host_whose_ephemeral_range_starts_low_still_gets_ports(monkeypatch):
+    import kvxfer.ports as ports
+
+    monkeypatch.setattr(ports, "ephemeral_start", lambda: 1024)
+    taken: set[int] = set()
+    base = free_ports(3, taken)
+    assert taken == {base, base + 1, base + 2} and base + 3 <= 65536

@@ -28,7 +28,7 @@ from kvxfer.agents.nixl_agent import MemKind, NixlAgent, Op, XferStats, device_i
 from kvxfer.agents.staging import Gather, Slot, StagingPool
 from kvxfer.agents.unit_copy import UnitCopier
 from kvxfer.errors import ConfigError, PlanError
-from kvxfer.planning import PairPlan, layer_offsets, request_block_ids
+from kvxfer.planning import PairPlan, layer_offsets
 
 log = logging.getLogger(__name__)
 PROBE_BYTES = 8 << 20
@@ -69,14 +69,14 @@ class StagingArea:
         them between its cache and a slot: with the unit copier kept for `key` on CUDA (one
         kernel, graph-replayed), else with torch indexing."""
         copier = self._copier(key, plans, tensors, to_slot=to_slot)
-        if copier is None:
+        if copier is None or not copier.fits(num_tokens):
             return torch_parts(plans, local_ids, num_tokens, tensors, to_slot=to_slot)
-        request_block_ids(copier.desc, local_ids, num_tokens, who="local")  # refuse bad ids now, not at copy time
+        ids = copier.check(local_ids, num_tokens)  # bad ids refused now, not once the data has landed
         size = copier.part_bytes(num_tokens)
 
         def copy(slot: Slot, offsets: list[int]) -> None:
             base = self.offset_of(slot)
-            copier.load(local_ids, num_tokens, [base + o for o in offsets])
+            copier.stage(ids, num_tokens, [base + o for o in offsets])
             copier.run()
 
         return Parts([size] * len(plans), copy)
@@ -98,7 +98,11 @@ class StagingArea:
         copier = None
         if max_tokens > 0 and unit_copy.can_share(plans, 0, max_tokens):
             log.info("staging: unit copier for %s (%d part(s), up to %d tokens)", key, len(plans), max_tokens)
-            copier = UnitCopier(plans, 0, tensors, self.pool.buffer.view(-1), max_tokens=max_tokens, to_slot=to_slot)
+            try:
+                copier = UnitCopier(plans, 0, tensors, self.pool.buffer.view(-1), max_tokens=max_tokens,
+                                    to_slot=to_slot)
+            except Exception:  # Triton cannot compile here (no compiler in the image, ...): torch still can
+                log.warning("staging: no unit copier for %s; copying with torch indexing", key, exc_info=True)
         self._copiers[key] = copier
         while len(self._copiers) > MAX_COPIERS:
             self._copiers.popitem(last=False)

@@ -133,6 +133,8 @@ class UnitCopier:
         self.element = 4 if self.align % 4 == 0 else 2 if self.align % 2 == 0 else 1
         self.vec = self.align // self.element
         self._layer_starts = torch.from_numpy((addrs - addrs[0]) // self.element).to(device)
+        # the buffer as elements (a whole number of them: a pool's size need not be a multiple)
+        self._elements = buffer[: buffer.numel() - buffer.numel() % self.element].view(_ELEMENT[self.element])
         self._which = torch.from_numpy(which.astype(np.int32)).to(device)
         self._within = torch.from_numpy(within // self.element).to(device)
         # [num_units, part starts, block ids as rows x max_blocks]: one upload per request
@@ -151,20 +153,33 @@ class UnitCopier:
         """Bytes of one part of a `num_tokens` request (every layer)."""
         return self.plan.units_per_layer(num_tokens) * self.plan.unit_bytes * len(self.layers)
 
+    def fits(self, num_tokens: int) -> bool:
+        """Whether a `num_tokens` request is within what this copier was built for."""
+        return self.plan.units_per_layer(num_tokens) <= self.max_units and \
+            -(-num_tokens // self.desc.block_size) <= self.max_blocks
+
+    def check(self, block_ids: np.ndarray, num_tokens: int) -> np.ndarray:
+        """One request's block ids, validated (refusing out-of-range, repeated or miscounted
+        ids: the kernel trusts them), as `stage` takes them."""
+        if not self.fits(num_tokens):
+            raise ConfigError(f"unit copier: num_tokens={num_tokens} is more than it was built for "
+                              f"({self.max_units} units, {self.max_blocks} blocks)")
+        return request_block_ids(self.desc, block_ids, num_tokens, who=("local", "remote")[self.side])
+
     def load(self, block_ids: np.ndarray, num_tokens: int, offsets: Sequence[int]) -> int:
-        """Validate one request's block ids (refusing out-of-range, repeated or miscounted ids:
-        the kernel trusts them) and where its parts start in the buffer (in bytes, one per
-        pairing: refusing any that reaches outside it or breaks the copy's alignment), and stage
-        them for the next `run` to upload. Returns the bytes per layer it moves for each part."""
-        if num_tokens > self.max_blocks * self.desc.block_size:
-            raise ConfigError(f"unit copier: num_tokens={num_tokens} > the {self.max_blocks * self.desc.block_size} "
-                              "it was built for")
-        ids = request_block_ids(self.desc, block_ids, num_tokens, who=("local", "remote")[self.side])
+        """`check` then `stage`. Returns the bytes per layer it moves for each part."""
+        return self.stage(self.check(block_ids, num_tokens), num_tokens, offsets)
+
+    def stage(self, ids: np.ndarray, num_tokens: int, offsets: Sequence[int]) -> int:
+        """Stage checked ids and where the request's parts start in the buffer (in bytes, one
+        per pairing: refusing any that reaches outside it or breaks the copy's alignment) for
+        the next `run` to upload. Returns the bytes per layer it moves for each part."""
         size = self.part_bytes(num_tokens)
         if len(offsets) != self.num_parts or any(
-                o < 0 or o + size > self.buffer.numel() or o % self.align for o in offsets):
+                o < 0 or o + size > self._elements.numel() * self.element or o % self.align for o in offsets):
             raise ConfigError(f"unit copier: part offsets {list(offsets)} for {self.num_parts} part(s) of {size} "
-                              f"bytes in a buffer of {self.buffer.numel()} (multiples of {self.align})")
+                              f"bytes in a buffer of {self._elements.numel() * self.element} (multiples of "
+                              f"{self.align})")
         # the previous upload has left the pinned buffer (ids loaded but never run are replaced)
         self._uploaded.synchronize()
         self.num_units = self.plan.units_per_layer(num_tokens)
@@ -205,7 +220,7 @@ class UnitCopier:
         block = math.gcd(unit, _MAX_BLOCK)  # a power of two dividing the unit
         grid = (self.max_units * (unit // block), len(layers), self.num_parts)
         # layer starts are relative to the first layer, so every range shares one base pointer
-        _copy_units[grid](self.layers[0].view(torch.uint8).view(dtype), self.buffer.view(dtype),
+        _copy_units[grid](self.layers[0].view(torch.uint8).view(dtype), self._elements,
                           self._layer_starts[layers.start :], self._which, self._within, self._request,
                           self.desc.block_stride // self.element, layers.start, self.max_units, self.num_parts,
                           UNIT=unit, BLOCK=block, VEC=self.vec, TO_SLOT=self.to_slot,

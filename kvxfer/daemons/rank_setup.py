@@ -12,12 +12,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from kvxfer.agents.sidechannel import ClientConfig, SideChannelClient
-from kvxfer.agents.staged_transfer import PROBE_BYTES
+from kvxfer.agents.staged_transfer import PROBE_BYTES, StagingConfig
 from kvxfer.daemons.config import ServeConfig
 from kvxfer.engine.config import CacheConfig, EngineConfig, load_model_config, preset
 from kvxfer.errors import ConfigError
 
 MAX_SIDE_CHANNEL_CLIENTS = 64  # distinct producer addresses a rank keeps a client for
+SLOT_ALIGN = 4096  # every staging slot starts on a page: the GPU copies move 16-byte vectors
 
 
 class ClientCache:
@@ -50,8 +51,6 @@ class ClientCache:
             client.close()
 
 
-
-
 def engine_config(config: ServeConfig) -> EngineConfig:
     model = load_model_config(config.model_dir) if config.model_dir else preset(config.preset or "tiny-demo")
     num_blocks = config.num_blocks or blocks_for_memory(config, model)
@@ -82,6 +81,14 @@ def blocks_for_memory(config: ServeConfig, model) -> int:
                           f"leaves no room for one cache block after {weights / 2**30:.1f} GiB of weights and "
                           f"{staging / 2**30:.2f} GiB of staging (--staging-mib)")
     return budget // block_bytes
+
+
+def staging_config(config: ServeConfig, *, max_tokens: int) -> StagingConfig:
+    """`--staging-mib` split into `--staging-slots` slots of whole pages (a slot size that is not
+    a multiple of 16 bytes would misalign every slot after the first)."""
+    slots = max(1, config.staging_slots)
+    slot_bytes = (config.staging_mib << 20) // slots // SLOT_ALIGN * SLOT_ALIGN
+    return StagingConfig(slot_bytes=slot_bytes, num_slots=slots, max_tokens=max_tokens)
 
 
 def model_fingerprint(engine: EngineConfig) -> str:

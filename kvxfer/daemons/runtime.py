@@ -29,7 +29,7 @@ from kvxfer.agents.sidechannel import (
     SideChannelClient,
     SideChannelServer,
 )
-from kvxfer.agents.staged_transfer import Reservation, StagingConfig, release_later
+from kvxfer.agents.staged_transfer import Reservation, release_later
 from kvxfer.daemons.commands import (
     AwaitPush,
     Command,
@@ -56,6 +56,7 @@ from kvxfer.daemons.rank_setup import (
     engine_config,
     model_fingerprint,
     side_channel_address,
+    staging_config,
 )
 from kvxfer.engine.engine import DecodeRequest, Engine
 from kvxfer.engine.parallel import TPGroup
@@ -93,9 +94,7 @@ class RankRuntime:
                             model_fingerprint=model_fingerprint(self.engine_config))
         agent = AgentConfig(name=f"{config.engine_id}-{setup.boot_epoch}-r{setup.rank}",
                             threading=Threading.PROGRESS_THREAD if config.nixl_threads else Threading.APP_POLL)
-        slots = max(1, config.staging_slots)
-        staging = StagingConfig(slot_bytes=(config.staging_mib << 20) // slots, num_slots=slots,
-                                max_tokens=self.engine.model_config.max_position)
+        staging = staging_config(config, max_tokens=self.engine.model_config.max_position)
         self.endpoint = Endpoint(identity, self.engine.caches, self.engine.cache_desc, agent_config=agent,
                                  fallback=Fallback.FINE,
                                  deadline=DeadlinePolicy(config.transfer_deadline_s, config.expected_gbps),
