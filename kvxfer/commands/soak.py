@@ -39,6 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lease-s", type=float, default=d.lease_s, help=f"prefill lease (default: {d.lease_s})")
     p.add_argument("--transfer-deadline-s", type=float, default=d.transfer_deadline_s,
                    help=f"transfer deadline slack (default: {d.transfer_deadline_s})")
+    p.add_argument("--mode", choices=["read", "write", "auto"], default=d.mode,
+                   help=f"how decode moves KV (default: {d.mode})")
+    p.add_argument("--staging-mib", type=int, default=d.staging_mib,
+                   help="staging area per rank, for staged WRITEs (default: 0, none)")
+    p.add_argument("--staging-slots", type=int, default=d.staging_slots,
+                   help=f"slots the staging area is split into (default: {d.staging_slots})")
+    p.add_argument("--transfer-path", choices=["auto", "direct", "staged"], default=d.transfer_path,
+                   help="decode's choice of path; `staged` with --mode write and --staging-mib soaks staged "
+                        f"transfers (default: {d.transfer_path})")
     p.add_argument("--workdir", type=Path, help="logs and keys (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line after the table")
     p.set_defaults(func=run)
@@ -52,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
         weights={k: DEFAULT_WEIGHTS[k] for k in args.fault_kinds}, min_tokens=args.min_tokens,
         max_tokens=args.max_tokens, prefill_tp=args.prefill_tp, decode_tp=args.decode_tp, preset=args.preset,
         request_timeout_s=args.request_timeout_s, lease_s=args.lease_s,
-        transfer_deadline_s=args.transfer_deadline_s, workdir=args.workdir).validate()
+        transfer_deadline_s=args.transfer_deadline_s, mode=args.mode, staging_mib=args.staging_mib,
+        staging_slots=args.staging_slots, transfer_path=args.transfer_path, workdir=args.workdir).validate()
 
 
 def run(args: argparse.Namespace) -> int:

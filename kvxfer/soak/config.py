@@ -32,6 +32,10 @@ class SoakConfig:
     prefill_tp: int = 2
     decode_tp: int = 4
     preset: str = "tiny-demo"
+    mode: str = "read"  # how decode moves KV: read, write, auto
+    staging_mib: int = 0  # staging area per rank (0: none, the CPU default)
+    staging_slots: int = 2
+    transfer_path: str = "auto"  # decode's --transfer-path: auto, direct, staged
     num_prompts: int = 24  # distinct prompts, lengths spread over [1, max_prompt_chars]
     max_prompt_chars: int = 240
     min_tokens: int = 2
@@ -63,6 +67,14 @@ class SoakConfig:
             (self.num_prompts >= 1 and self.max_prompt_chars >= 1, "need at least one prompt of one character"),
             (set(self.weights) <= set(FAULT_KINDS), f"unknown fault kinds {sorted(set(self.weights) - set(FAULT_KINDS))}"),
             (self.num_faults == 0 or sum(self.weights.values()) > 0, "every fault weight is 0"),
+            (self.mode in ("read", "write", "auto"), f"mode={self.mode!r} is not read, write or auto"),
+            (self.transfer_path in ("auto", "direct", "staged"),
+             f"transfer_path={self.transfer_path!r} is not auto, direct or staged"),
+            (self.transfer_path != "staged" or (self.staging_mib > 0 and self.mode != "read"),
+             f"transfer_path=staged needs staging_mib > 0 (got {self.staging_mib}) and mode write or auto "
+             f"(got {self.mode})"),
+            (self.staging_mib >= 0 and self.staging_slots >= 1,
+             f"staging_mib={self.staging_mib} and staging_slots={self.staging_slots} must be >= 0 and >= 1"),
         ]
         for ok, why in checks:
             if not ok:

@@ -27,6 +27,8 @@ class Report:
     faults_skipped: int = 0
     # kvxfer_failures_total of each service at the end: since its last restart only
     service_failures: dict[str, dict[str, float]] = field(default_factory=dict)
+    # kvxfer_transfer_path_total of each decode service at the end: since its last restart only
+    transfer_paths: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def count(self, outcome: str) -> int:
         return sum(1 for o in self.outcomes if o.outcome == outcome)
@@ -76,6 +78,8 @@ class Report:
             ["unclear failures", self.count(UNCLEAR), "must be 0"],
         ]
         rows += [[f"leaked blocks: {svc}", n, "must be 0"] for svc, n in sorted(self.leaked.items())]
+        rows += [[f"transfers since the last start: {svc} {key.partition('{')[2].rstrip('}')}", int(n), ""]
+                 for svc, samples in sorted(self.transfer_paths.items()) for key, n in sorted(samples.items())]
         rows += [["latency p50 (answered), s", round(self.latency(0.5), 3), ""],
                  ["latency p99 (answered), s", round(self.latency(0.99), 3), ""]]
         rows += [[f"fault: {kind}", n, ""] for kind, n in self.fault_counts().items()]
@@ -99,6 +103,7 @@ class Report:
             "latency_p50_s": self.latency(0.5), "latency_p99_s": self.latency(0.99),
             "faults": self.fault_counts(), "faults_injected": len(self.faults),
             "faults_skipped": self.faults_skipped, "restarts": self.restarts, "liveness_kills": self.liveness_kills,
-            "service_failures": self.service_failures, "seconds": self.seconds,
+            "service_failures": self.service_failures, "transfer_paths": self.transfer_paths,
+            "seconds": self.seconds,
             "fault_events": [asdict(e) for e in self.faults], "violations": self.violations(),
         })

@@ -28,11 +28,15 @@ SETTLE_SLACK_S = 20.0
 
 def build_cluster(config: SoakConfig, workdir: Path) -> LocalCluster:
     timing = ("--lease-s", str(config.lease_s), "--transfer-deadline-s", str(config.transfer_deadline_s))
+    staging = ("--staging-mib", str(config.staging_mib), "--staging-slots", str(config.staging_slots)) \
+        if config.staging_mib else ()
     return LocalCluster(
         workdir=workdir,
-        prefill=[ServiceSpec("prefill", config.prefill_tp, extra=(*timing, "--advertise-host", ADVERTISED_HOST))],
-        decode=[ServiceSpec("decode", config.decode_tp, extra=timing)],
-        preset=config.preset, log_level=config.log_level,
+        prefill=[ServiceSpec("prefill", config.prefill_tp,
+                             extra=(*timing, *staging, "--advertise-host", ADVERTISED_HOST))],
+        decode=[ServiceSpec("decode", config.decode_tp,
+                            extra=(*timing, *staging, "--transfer-path", config.transfer_path))],
+        preset=config.preset, mode=config.mode, log_level=config.log_level,
         proxy_args=("--request-timeout-s", str(config.request_timeout_s)))
 
 
@@ -71,26 +75,33 @@ def _drive(config: SoakConfig, cluster: LocalCluster, relay: SideChannelRelay, p
     seconds = time.monotonic() - started
     try:
         supervisor.wait_ready(supervisor.names, config.ready_timeout_s)
-        leaked = settle(cluster, config.lease_s + SETTLE_SLACK_S)
+        leaked = settle(cluster, config.lease_s + SETTLE_SLACK_S,
+                        staging_slots=config.staging_slots if config.staging_mib else 0)
         failures = {s.name: scrape(s.url, "kvxfer_failures_total") for s in cluster.services}
+        paths = {s.name: scrape(s.url, "kvxfer_transfer_path_total") for s in cluster.services
+                 if s.name.startswith("decode")}
     finally:
         supervisor.stop()
     return Report(config=_plain(config), seed=config.seed, fault_seed=config.fault_seed, outcomes=outcomes,
                   faults=injector.events, restarts=dict(supervisor.restarts),
                   liveness_kills=dict(supervisor.liveness_kills), leaked=leaked, seconds=seconds,
-                  faults_skipped=injector.skipped, service_failures=failures)
+                  faults_skipped=injector.skipped, service_failures=failures, transfer_paths=paths)
 
 
-def settle(cluster: LocalCluster, timeout_s: float) -> dict[str, int]:
-    """Blocks still held on every service once leases had time to expire (polled until 0)."""
+def settle(cluster: LocalCluster, timeout_s: float, *, staging_slots: int = 0) -> dict[str, int]:
+    """Blocks still held on every service once leases had time to expire, and (with staging)
+    staging slots still reserved on each decode service's rank 0 (polled until all 0)."""
     deadline = time.monotonic() + timeout_s
     while True:
         held = {}
         for svc in cluster.services:
-            values = scrape(svc.url, *HELD_METRICS)
+            values = scrape(svc.url, *HELD_METRICS, "kvxfer_staging_slots_free")
             for name in HELD_METRICS:
                 if name in values or name == "kvxfer_blocks_in_use":
                     held[f"{svc.name} {name}"] = int(values.get(name, -1))
+            if staging_slots and svc.name.startswith("decode"):
+                free = values.get("kvxfer_staging_slots_free")
+                held[f"{svc.name} staging slots reserved"] = -1 if free is None else staging_slots - int(free)
         if all(v == 0 for v in held.values()) or time.monotonic() > deadline:
             return held
         time.sleep(1.0)
