@@ -6,7 +6,10 @@ import socket
 from kvxfer.ports import ephemeral_start, free_port, free_ports
 
 
-def test_ports_are_free_consecutive_below_the_ephemeral_range_and_never_handed_out_twice():
+def test_ports_are_free_consecutive_below_the_ephemeral_range_and_never_handed_out_twice(monkeypatch):
+    import kvxfer.ports as ports
+
+    monkeypatch.setattr(ports, "ephemeral_start", lambda: 32768)  # the Linux default, whatever this host says
     taken: set[int] = set()
     bases = [free_ports(4, taken) for _ in range(20)]
     assert len(taken) == 80  # no port handed out twice
@@ -22,6 +25,7 @@ def test_a_port_someone_listens_on_is_not_handed_out(monkeypatch):
     purpose otherwise): the bind check rejects it and the next pick is returned."""
     import kvxfer.ports as ports
 
+    monkeypatch.setattr(ports, "ephemeral_start", lambda: 32768)  # so the random pick is the one used
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", free_port()))
         busy.listen()

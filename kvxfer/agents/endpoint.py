@@ -186,7 +186,7 @@ class Endpoint:
         key = ("gather", leg.peer.engine_id, leg.peer.boot_epoch, leg.peer.rank, leg.heads)
         part = self.staging.parts(key, [plan], local_ids, num_tokens, self.tensors, to_slot=True)
         notif = encode_notif(XferNotif(request_id=request_id, rank=self.identity.tp_rank))
-        num_bytes, stats = send_part(
+        num_bytes, _ = send_part(
             self.agent, self.staging, part, peer_agent=leg.peer.agent_name, remote=remote,
             remote_offset=remote_offset, notif=notif, timeout_s=self.deadline.seconds(sum(part.sizes)))
         return TransferSummary(Mode.WRITE, num_bytes, 1, time.perf_counter() - started,

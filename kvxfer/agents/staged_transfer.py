@@ -146,6 +146,8 @@ def send_part(agent: NixlAgent, area: StagingArea, part: Parts, *, peer_agent: s
     """Gather `part` (one) into a slot of ours, WRITE it with one descriptor to `remote_offset`
     in the peer's slots area (refused if it would reach outside), wait, free the slot. Returns
     the bytes."""
+    if len(part.sizes) != 1:
+        raise PlanError(f"staged write: one part per WRITE, got {len(part.sizes)}")
     (num_bytes,) = part.sizes
     if remote_offset + num_bytes > remote.slots_bytes:
         raise PlanError(f"staged write: offset {remote_offset} + {num_bytes} bytes reaches past the peer's "
@@ -180,12 +182,11 @@ class Reservation:
         """Where each source writes, in the consumer's slots area (what WriteRequest carries)."""
         return [self.base + o for o in self.offsets]
 
-    def scatter(self, tensors: list[torch.Tensor]) -> int:
-        """Every part into the cache; returns the bytes."""
+    def scatter(self) -> None:
+        """Every part into the cache (the parts know which)."""
         self.parts.copy(self.slot, self.offsets)
         if self.slot.tensor.device.type == "cuda":
             torch.cuda.synchronize(self.slot.tensor.device)
-        return sum(self.parts.sizes)
 
 
 def reserve(area: StagingArea, parts: Parts, *, timeout_s: float) -> Reservation | None:

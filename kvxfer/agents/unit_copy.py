@@ -145,7 +145,6 @@ class UnitCopier:
         self._uploaded = torch.cuda.Event()
         self._upload_pending = False
         self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
-        self.num_units = 0
         with torch.cuda.device(device):  # Triton launches on the current device
             self._launch(range(len(layers)))  # compile now (0 units: nothing moves), not in a request
 
@@ -182,17 +181,17 @@ class UnitCopier:
                               f"{self.align})")
         # the previous upload has left the pinned buffer (ids loaded but never run are replaced)
         self._uploaded.synchronize()
-        self.num_units = self.plan.units_per_layer(num_tokens)
-        self._host_np[0] = self.num_units
+        num_units = self.plan.units_per_layer(num_tokens)
+        self._host_np[0] = num_units
         self._host_np[1 : 1 + self.num_parts] = np.asarray(offsets, dtype=np.int64) // self.element
         self._host_ids[:, : ids.shape[1]] = ids
         self._upload_pending = True
-        return self.num_units * self.plan.unit_bytes
+        return num_units * self.plan.unit_bytes
 
     def run(self, layers: range | None = None) -> None:
         """Copy the loaded request's units of `layers` (default all), on the current stream;
         the first run after a `load` uploads its ids first."""
-        layers = layers or range(len(self.layers))
+        layers = range(len(self.layers)) if layers is None else layers
         upload = self._upload_pending
         key = (layers.start, layers.stop, upload)
         with torch.cuda.device(self.buffer.device):  # the graph runs on its own device's stream

@@ -268,15 +268,16 @@ def choose_plan(session: BenchSession, cfg: BenchConfig) -> tuple[PlanKind, Stra
     num_bytes = sum(staged.part_bytes(cfg, a) for a in mapping.assignments)
     descriptors = direct_descriptors(cfg, session.hellos)
     writes = (False, True) if cfg.mode is Mode.AUTO else (cfg.mode is Mode.WRITE,)
-    choice = choose(costs, num_bytes=num_bytes, descriptors=descriptors, writes=writes)
-    staged_ok = [c for c in choice.candidates if c.path is Path.DIRECT or c.write]
-    best = min(staged_ok, key=lambda c: c.seconds)
+    # the bench stages only WRITEs (the receiver's buffer is the target)
+    allowed = tuple((Path.DIRECT, w) for w in writes) + ((Path.STAGED, True),) * (True in writes)
+    choice = choose(costs, num_bytes=num_bytes, descriptors=descriptors, allowed=allowed)
+    best = choice.best
     kind = PlanKind.STAGED if best.path is Path.STAGED else PlanKind.PREPPED
     log.info("cost model: %s", choice.describe())
     report = {"costs": asdict(costs),
               "direct_descriptors": descriptors, "bytes": num_bytes,
               "estimates_ms": {f"{c.path.value}/{'write' if c.write else 'read'}": c.seconds * 1e3
-                               for c in staged_ok},
+                               for c in choice.candidates},
               "choice": f"{best.path.value}/{'write' if best.write else 'read'}"}
     return kind, Strategy.WRITE if best.write else Strategy.READ, report
 

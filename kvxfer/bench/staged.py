@@ -22,6 +22,7 @@ import torch
 
 from kvxfer.agents import unit_copy
 from kvxfer.agents.nixl_agent import MemKind, NixlAgent, Op, Transfer
+from kvxfer.agents.staged_transfer import build_gather
 from kvxfer.agents.staging import Gather
 from kvxfer.agents.unit_copy import UnitCopier
 from kvxfer.bench.cache import RankCache
@@ -29,7 +30,7 @@ from kvxfer.bench.config import BenchConfig
 from kvxfer.bench.messages import Hello
 from kvxfer.errors import ConfigError, TransferTimeout
 from kvxfer.layouts import DTYPE_BYTES, CacheRegion, get_layout
-from kvxfer.planning import Assignment, Fallback, PairPlan, layer_offsets, map_tp, pair
+from kvxfer.planning import Assignment, Fallback, PairPlan, map_tp, pair
 
 
 def part_bytes(cfg: BenchConfig, assignment: Assignment) -> int:
@@ -72,7 +73,6 @@ class Part:
     bytes_per_layer: int
     local_offset: int
     remote_offset: int
-    num_bytes: int
     launched: torch.cuda.Event | None = None  # sender: recorded after the first group's gather
 
 
@@ -86,7 +86,6 @@ class PeerPair:
     remote_offset: int  # of this part in the receiver's staging buffer
     peer: Hello
     plan: PairPlan
-    remote_ids: np.ndarray
     copier: UnitCopier | None
     copier_offsets: tuple[int, ...] = ()  # where the copier's parts start in the staging buffer
 
@@ -98,12 +97,9 @@ def pair_peers(cfg: BenchConfig, cache: RankCache, hellos: list[Hello], staging:
     for a, offset in my_parts(cfg, cache.role, cache.rank):
         peer = by_key[("decode", a.decode_rank) if sender else ("prefill", a.prefill_rank)]
         remote = CacheRegion(peer.desc, np.array(peer.layer_addrs, dtype=np.uint64), peer.device_id)
-        remote_ids = np.array(peer.block_ids, dtype=np.int64)
-        if remote.desc.separate_kv_pages:
-            remote_ids = remote_ids.reshape(2, -1)
         plan = pair(cache.region, remote, a.heads, fallback=Fallback(cfg.fallback))
         remote_offset = offset_at_receiver(cfg, a) if sender else offset
-        out.append(PeerPair(a, offset, remote_offset, peer, plan, remote_ids, None))
+        out.append(PeerPair(a, offset, remote_offset, peer, plan, None))
     if unit_copy.available(staging.device):
         out = _with_copiers(cfg, cache, out, staging)
     # Peers on another device first: their copy crosses a link and takes longest, so it starts
@@ -149,8 +145,7 @@ def build_parts(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], stagi
                 copy = pp.copier.run
             else:
                 part = staging[pp.offset : pp.offset + part_bytes(cfg, pp.assignment)]
-                local_off = layer_offsets(pp.plan, 0, cache.block_ids, cfg.tokens)
-                gather = Gather.build(local_off, pp.plan.unit_bytes, cache.desc.layer_bytes, staging.device)
+                gather = build_gather(pp.plan, cache.block_ids, cfg.tokens, cache.tensors)
                 per_layer = gather.bytes_per_layer
                 copy = functools.partial(_torch_copy, gather, cache.tensors, part, sender)
             launched = None
@@ -162,7 +157,7 @@ def build_parts(cfg: BenchConfig, cache: RankCache, pairs: list[PeerPair], stagi
         if num_bytes != part_bytes(cfg, pp.assignment):
             raise ConfigError(f"bench staged: part {pp.assignment} has {num_bytes} bytes, "
                               f"expected {part_bytes(cfg, pp.assignment)}")
-        parts.append(Part(pp.peer, copy, per_layer, pp.offset, pp.remote_offset, num_bytes, launched))
+        parts.append(Part(pp.peer, copy, per_layer, pp.offset, pp.remote_offset, launched))
     return parts
 
 

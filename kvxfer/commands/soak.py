@@ -12,7 +12,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from kvxfer.soak.config import DEFAULT_WEIGHTS, FAULT_KINDS, SoakConfig
+from kvxfer.soak.config import DEFAULT_WEIGHTS, FAULT_KINDS, MODES, TRANSFER_PATHS, SoakConfig
 
 log = logging.getLogger("kvxfer.soak")
 
@@ -39,13 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lease-s", type=float, default=d.lease_s, help=f"prefill lease (default: {d.lease_s})")
     p.add_argument("--transfer-deadline-s", type=float, default=d.transfer_deadline_s,
                    help=f"transfer deadline slack (default: {d.transfer_deadline_s})")
-    p.add_argument("--mode", choices=["read", "write", "auto"], default=d.mode,
+    p.add_argument("--mode", choices=MODES, default=d.mode,
                    help=f"how decode moves KV (default: {d.mode})")
     p.add_argument("--staging-mib", type=int, default=d.staging_mib,
                    help="staging area per rank, for staged WRITEs (default: 0, none)")
     p.add_argument("--staging-slots", type=int, default=d.staging_slots,
                    help=f"slots the staging area is split into (default: {d.staging_slots})")
-    p.add_argument("--transfer-path", choices=["auto", "direct", "staged"], default=d.transfer_path,
+    p.add_argument("--transfer-path", choices=TRANSFER_PATHS, default=d.transfer_path,
                    help="decode's choice of path; `staged` with --mode write and --staging-mib soaks staged "
                         f"transfers (default: {d.transfer_path})")
     p.add_argument("--workdir", type=Path, help="logs and keys (default: a temporary directory)")

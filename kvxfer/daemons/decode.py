@@ -188,7 +188,7 @@ class DecodeService(Service):
         try:
             replies = self.call(Reserve(params, ids))
         except KvxferError as err:  # a rank failed; the others may hold a slot
-            self.call(Unreserve(params.request_id, 0.0))
+            self._unreserve(params.request_id, 0.0)
             if isinstance(err, TransferTimeout):
                 log.info("request %s: no staging slot freed in time (%s): moving it directly",
                          params.request_id[:8], err)
@@ -197,8 +197,16 @@ class DecodeService(Service):
         offsets = [r.offsets for r in replies if isinstance(r, Reserved)]
         if len(offsets) == len(replies) and all(offsets):
             return offsets
-        self.call(Unreserve(params.request_id, 0.0))
+        self._unreserve(params.request_id, 0.0)
         return None
+
+    def _unreserve(self, request_id: str, delay_s: float) -> None:
+        """Give every rank's staging slot back (after `delay_s`). Called while another error is
+        on its way: a rank that cannot answer is logged, not allowed to replace that error."""
+        try:
+            self.call(Unreserve(request_id, delay_s))
+        except KvxferError as err:
+            log.warning("request %s: giving staging slots back failed: %s", request_id[:8], err)
 
     def _pushed(self, client, params: m.TransferParams, ids: list[int], offsets: list[list[int]] | None) -> list:
         """WRITE: ask the producer to push into every decode rank (its blocks, or its staging
@@ -221,7 +229,7 @@ class DecodeService(Service):
             return self.call(AwaitPush(params, timeout_s, staged=offsets is not None))
         except KvxferError:
             if offsets is not None:
-                self.call(Unreserve(params.request_id, max(0.0, not_after + timeout_s - time.time())))
+                self._unreserve(params.request_id, max(0.0, not_after + timeout_s - time.time()))
             raise
 
     def _tell_failed(self, client, params: m.TransferParams, err: KvxferError) -> None:

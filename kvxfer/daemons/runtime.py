@@ -264,7 +264,7 @@ class RankRuntime:
         if reservation is None:
             raise ConfigError(f"request {request_id}: no staging slot reserved on decode rank {self.rank}")
         try:
-            reservation.scatter(self.endpoint.tensors)
+            reservation.scatter()
         finally:
             self.endpoint.staging.pool.release(reservation.slot)
 
@@ -405,6 +405,3 @@ def _sampling(command: Prefill | Decode) -> SamplingParams:
 def _moved(summary: TransferSummary) -> Moved:
     return Moved(summary.num_bytes, summary.num_descriptors, summary.seconds)
 
-
-def block_array(ids: list[int]) -> np.ndarray:
-    return np.asarray(ids, dtype=np.int64)

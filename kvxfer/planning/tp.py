@@ -8,6 +8,7 @@ read once, and decode ranks that need the same head are spread over its replicas
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -102,6 +103,7 @@ class _Sizes:
     decode_tp: int
 
 
+@functools.lru_cache(maxsize=64)  # pure, immutable result; asked several times per request
 def map_tp(num_kv_heads: int, prefill_tp: int, decode_tp: int) -> TPMapping:
     """Every (prefill rank, decode rank, heads) triple of a transfer; each decode head once."""
     check_tp(num_kv_heads, prefill_tp, field="prefill_tp")

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvxfer.daemons.config import Mode, TransferPath
 from kvxfer.errors import ConfigError
+
+MODES = tuple(m.value for m in Mode)  # what `kvxfer serve --mode` takes
+TRANSFER_PATHS = tuple(p.value for p in TransferPath)
 
 # Faults the injector chooses from (client aborts are the load generator's, see load.py).
 KILL_PREFILL_RANK = "kill_prefill_rank"  # SIGKILL one rank process of the prefill service
@@ -67,9 +71,9 @@ class SoakConfig:
             (self.num_prompts >= 1 and self.max_prompt_chars >= 1, "need at least one prompt of one character"),
             (set(self.weights) <= set(FAULT_KINDS), f"unknown fault kinds {sorted(set(self.weights) - set(FAULT_KINDS))}"),
             (self.num_faults == 0 or sum(self.weights.values()) > 0, "every fault weight is 0"),
-            (self.mode in ("read", "write", "auto"), f"mode={self.mode!r} is not read, write or auto"),
-            (self.transfer_path in ("auto", "direct", "staged"),
-             f"transfer_path={self.transfer_path!r} is not auto, direct or staged"),
+            (self.mode in MODES, f"mode={self.mode!r} is not one of {', '.join(MODES)}"),
+            (self.transfer_path in TRANSFER_PATHS,
+             f"transfer_path={self.transfer_path!r} is not one of {', '.join(TRANSFER_PATHS)}"),
             (self.transfer_path != "staged" or (self.staging_mib > 0 and self.mode != "read"),
              f"transfer_path=staged needs staging_mib > 0 (got {self.staging_mib}) and mode write or auto "
              f"(got {self.mode})"),

@@ -79,7 +79,7 @@ def _drive(config: SoakConfig, cluster: LocalCluster, relay: SideChannelRelay, p
                         staging_slots=config.staging_slots if config.staging_mib else 0)
         failures = {s.name: scrape(s.url, "kvxfer_failures_total") for s in cluster.services}
         paths = {s.name: scrape(s.url, "kvxfer_transfer_path_total") for s in cluster.services
-                 if s.name.startswith("decode")}
+                 if s.spec.role == "decode"}
     finally:
         supervisor.stop()
     return Report(config=_plain(config), seed=config.seed, fault_seed=config.fault_seed, outcomes=outcomes,
@@ -99,7 +99,7 @@ def settle(cluster: LocalCluster, timeout_s: float, *, staging_slots: int = 0) -
             for name in HELD_METRICS:
                 if name in values or name == "kvxfer_blocks_in_use":
                     held[f"{svc.name} {name}"] = int(values.get(name, -1))
-            if staging_slots and svc.name.startswith("decode"):
+            if staging_slots and svc.spec.role == "decode":
                 free = values.get("kvxfer_staging_slots_free")
                 held[f"{svc.name} staging slots reserved"] = -1 if free is None else staging_slots - int(free)
         if all(v == 0 for v in held.values()) or time.monotonic() > deadline:
