@@ -30,6 +30,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from kvxfer.agents.capability import Signer, master_secret
 from kvxfer.agents.keys import (
     KeyConfig,
     KeyPair,
@@ -202,3 +203,10 @@ def model_fingerprint(architecture: str, fields: dict[str, object]) -> str:
     attention (not the path, not the weights). Readable prefix, hash of every field."""
     digest = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:12]
     return f"{architecture}-{digest}"
+
+
+def signer_of(config: ConnectorConfig, boot_epoch: int) -> Signer:
+    """The producer instance's signer: its scheduler signs parameters, its workers hand out the
+    keys that check them, each deriving the same secret (kvxfer.agents.capability)."""
+    secret = config.keys.own.secret if config.keys is not None else None
+    return Signer(master_secret(secret, engine_id=config.engine_id, boot_epoch=boot_epoch))
