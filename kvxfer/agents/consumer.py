@@ -32,7 +32,7 @@ from kvxfer.agents.endpoint import Endpoint, Leg, TransferSummary, shaped_ids
 from kvxfer.agents.heartbeat import LeaseClient
 from kvxfer.agents.inbox import Inbox
 from kvxfer.agents.peers import Peer
-from kvxfer.agents.sidechannel import ClientCache, rank_address
+from kvxfer.agents.sidechannel import ClientCache, producer_target
 from kvxfer.agents.staged_transfer import Reservation, release_later
 from kvxfer.errors import (
     AuthError,
@@ -170,7 +170,7 @@ class Consumer:
                              not_after_unix=job.not_after_unix)
         push_s = self.endpoint.deadline.seconds(self.expected_bytes(params, job.num_tokens))
         try:
-            calls = [(rank_address(params.side_channel, r), ask) for r in ranks]
+            calls = [(producer_target(params, r), ask) for r in ranks]
             for reply in self.clients.request_all(calls, timeout_s=self.request_timeout_s):
                 if isinstance(reply, KvxferError):
                     raise reply
@@ -229,9 +229,10 @@ class Consumer:
         known = self._links.get((params.engine_id, rank))
         if known is not None and known.peer.boot_epoch == params.boot_epoch:
             return known
-        address = rank_address(params.side_channel, rank)
+        target = producer_target(params, rank)
+        address = target.address
         started = time.perf_counter()
-        reply = self.clients.request(address, self._hello, timeout_s=self.handshake_timeout_s)
+        reply = self.clients.request(target, self._hello, timeout_s=self.handshake_timeout_s)
         if not isinstance(reply, m.HandshakeReply):
             raise HandshakeError(f"{address} answered {type(reply).__name__} to a handshake")
         remote = reply.engine
@@ -269,9 +270,10 @@ class Consumer:
     def explain(self, params: m.TransferParams, err: KvxferError) -> KvxferError:
         """After a failed load: a producer that restarted or stopped answering is the reason
         (one round trip, off the success path); else the error itself."""
-        address = rank_address(params.side_channel, 0)
+        target = producer_target(params, 0)
+        address = target.address
         try:
-            pong = self.clients.request(address, m.Ping(), timeout_s=min(1.0, self.handshake_timeout_s))
+            pong = self.clients.request(target, m.Ping(), timeout_s=min(1.0, self.handshake_timeout_s))
         except KvxferError as probe:
             return PeerGoneError(f"producer {params.engine_id} at {address} does not answer ({probe}); the "
                                  f"request's KV is lost with it ({err.kind}: {err})")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvxfer.agents import messages as m
-from kvxfer.agents.sidechannel import ClientCache, rank_address
+from kvxfer.agents.sidechannel import ClientCache, producer_target
 from kvxfer.errors import KvxferError
 
 log = logging.getLogger(__name__)
@@ -39,17 +39,17 @@ class LeaseClient:
         self.timeout_s = timeout_s
 
     def renew(self, params: Sequence[m.TransferParams]) -> Renewal:
-        by_producer: dict[tuple[str, int], list[str]] = defaultdict(list)
+        by_producer: dict[tuple[str, int, str], list[m.TransferParams]] = defaultdict(list)
         for p in params:
-            by_producer[p.side_channel, p.tp_size].append(p.request_id)
-        calls = [(rank_address(base, rank), m.LeaseRenew(request_ids=ids))
-                 for (base, tp), ids in by_producer.items() for rank in range(tp)]
+            by_producer[p.side_channel, p.tp_size, p.producer_key].append(p)
+        calls = [(producer_target(group[0], rank), m.LeaseRenew(request_ids=[p.request_id for p in group]))
+                 for group in by_producer.values() for rank in range(group[0].tp_size)]
         expires: dict[str, int] = {}
         lost: set[str] = set()
-        for (address, ask), reply in zip(calls, self.clients.request_all(calls, timeout_s=self.timeout_s),
-                                         strict=True):
+        for (target, ask), reply in zip(calls, self.clients.request_all(calls, timeout_s=self.timeout_s),
+                                        strict=True):
             if not isinstance(reply, m.LeaseRenewed):
-                log.info("lease renewal at %s: %s", address, reply)
+                log.info("lease renewal at %s: %s", target.address, reply)
                 continue
             lost.update(reply.unknown)
             for rid in reply.renewed:
@@ -62,11 +62,11 @@ class LeaseClient:
         """Every producer rank ends the lease now (best effort: a rank that cannot be told lets it
         expire instead)."""
         ask = m.Abort(request_id=params.request_id, reason=reason[:4000], error_kind=error_kind)
-        calls = [(rank_address(params.side_channel, rank), ask) for rank in range(params.tp_size)]
-        for (address, _), reply in zip(calls, self.clients.request_all(calls, timeout_s=min(1.0, self.timeout_s)),
-                                       strict=True):
+        calls = [(producer_target(params, rank), ask) for rank in range(params.tp_size)]
+        for (target, _), reply in zip(calls, self.clients.request_all(calls, timeout_s=min(1.0, self.timeout_s)),
+                                      strict=True):
             if isinstance(reply, KvxferError):
-                log.info("could not tell %s that %s ended: %s", address, params.request_id[:8], reply)
+                log.info("could not tell %s that %s ended: %s", target.address, params.request_id[:8], reply)
 
 
 @dataclass

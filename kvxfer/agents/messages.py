@@ -308,6 +308,9 @@ class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
     lease_s: float = 0.0  # the producer holds the blocks this long past the last renewal
     expires_unix_ms: U64 = 0  # when the lease ends unless renewed (producer's wall clock)
     mac: Mac = ""  # capability.sign: HMAC over every field above, with the binding's key
+    # The producer's CURVE public key (Z85), for consumers given none up front (the vLLM
+    # connector's drop-in mode); a wrong one fails the side channel's handshake.
+    producer_key: ShortStr = ""
 
 
 _params_decoder = msgspec.json.Decoder(TransferParams)

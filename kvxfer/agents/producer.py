@@ -83,7 +83,8 @@ class _Push:
 
 class Producer:
     def __init__(self, endpoint: Endpoint, *, signer: Signer, lease_s: float, metrics: TransferMetrics,
-                 on_release: Release, nixl_lock: threading.RLock, shared_blocks: bool = False) -> None:
+                 on_release: Release, nixl_lock: threading.RLock, shared_blocks: bool = False,
+                 grant_unbound: bool = False) -> None:
         self.endpoint = endpoint
         self.rank = endpoint.identity.tp_rank
         self.tp_size = endpoint.identity.tp_size
@@ -94,6 +95,9 @@ class Producer:
         self._on_release = on_release
         # vLLM's prefix cache shares blocks between requests: leases then hold none exclusively.
         self._shared_blocks = shared_blocks
+        # Unbound requests (no consumer named) are usable by any admitted consumer that holds
+        # their parameters: without CURVE always; with it only where the server admits any key.
+        self._grant_unbound = grant_unbound
         self._nixl_lock = nixl_lock
         self._inbox = Inbox(endpoint.agent, lock=nixl_lock, metrics=metrics)
         self._lock = threading.Lock()
@@ -189,8 +193,7 @@ class Producer:
         with self._lock:
             self._consumers[msg.engine.agent_name] = consumer
             self._by_rank[msg.engine.engine_id, msg.engine.tp_rank] = consumer
-        # Unbound parameters are usable only where no key authenticates anyone (insecure mode).
-        unbound = self.signer.key_for("") if peer.public_key is None else b""
+        unbound = self.signer.key_for("") if peer.public_key is None or self._grant_unbound else b""
         return m.HandshakeReply(engine=self.info, params_key=self.signer.key_for(identity),
                                 unbound_params_key=unbound)
 
@@ -199,7 +202,7 @@ class Producer:
             lease = self._held.get(msg.request_id)
             if lease is None:
                 return  # already ended: aborts are idempotent
-            check_binding(peer, lease.held.binding)
+            self._check_binding(peer, lease.held.binding)
             released = self._end_locked(self._leases.abort(msg.request_id))
         log.info("lease of %s ends early on rank %d: %s%s", msg.request_id[:8], self.rank,
                  f"{msg.error_kind}: " if msg.error_kind else "", msg.reason or "consumer aborted")
@@ -214,7 +217,7 @@ class Producer:
                 try:
                     if lease is None:
                         raise LeaseError(f"request {transfer_id}: not held")
-                    check_binding(peer, lease.held.binding)
+                    self._check_binding(peer, lease.held.binding)
                     self._leases.renew(transfer_id, CONSUMER, now=now)
                     renewed.append(transfer_id)
                 except KvxferError:
@@ -248,7 +251,7 @@ class Producer:
 
     def _admit_push_locked(self, peer: PeerInfo, msg: m.WriteRequest, held: Held) -> None:
         """Refuse a push the asking peer may not aim where it aims, or that comes too late."""
-        check_binding(peer, held.binding, engine_id=msg.decode_engine_id)
+        self._check_binding(peer, held.binding, engine_id=msg.decode_engine_id)
         consumer = self._by_rank.get((msg.decode_engine_id, msg.decode_rank))
         if consumer is None or consumer.identity != identity_of_peer(peer.public_key, msg.decode_engine_id):
             raise AuthError(f"push of {msg.request_id[:8]}: decode {msg.decode_engine_id} rank {msg.decode_rank} "
@@ -300,7 +303,7 @@ class Producer:
                 self._file_early(transfer_id, notice)
                 return None
             try:
-                check_binding(consumer.peer, lease.held.binding, engine_id=consumer.info.engine_id)
+                self._check_binding(consumer.peer, lease.held.binding, engine_id=consumer.info.engine_id)
             except KvxferError as err:
                 log.warning("ignoring a confirmation of %s: %s", transfer_id[:8], err)
                 return None
@@ -361,6 +364,11 @@ class Producer:
                 self.endpoint.agent.send_notif(agent, self._pushed(transfer_id, error_kind))
         except KvxferError as err:
             log.info("could not tell %s that the push of %s failed: %s", agent, transfer_id[:8], err)
+
+    def _check_binding(self, peer: PeerInfo, binding: m.Binding, *, engine_id: str | None = None) -> None:
+        if self._grant_unbound and not (binding.consumer_key or binding.consumer_engine_id):
+            return
+        check_binding(peer, binding, engine_id=engine_id)
 
     def _targets(self, consumer_tp: int, decode_rank: int) -> list:
         mapping = map_tp(self.endpoint.region.desc.total_heads, self.tp_size, consumer_tp)

@@ -160,6 +160,7 @@ class SchedulerSide:
             lease_s=self.config.lease_s,
             # the workers start the lease a step later: this end is the earlier, safe one
             expires_unix_ms=int((time.time() + self.config.lease_s) * 1e3),
+            producer_key=self.config.producer_key,
         ))
         self._jobs.sends.append(SendJob(request.request_id, params))
         return True, producer_reply(params)

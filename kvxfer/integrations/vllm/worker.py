@@ -127,7 +127,8 @@ class WorkerSide:
     def _producer(self, endpoint: Endpoint) -> Producer:
         cfg = self.config
         role = Producer(endpoint, signer=signer_of(cfg, self.rank.boot_epoch), lease_s=cfg.lease_s,
-                        metrics=self.metrics, on_release=self._sent, nixl_lock=self._nixl, shared_blocks=True)
+                        metrics=self.metrics, on_release=self._sent, nixl_lock=self._nixl, shared_blocks=True,
+                        grant_unbound=cfg.grants_unbound)
         role.start(ServerConfig(host=cfg.side_channel_host, port=cfg.side_channel_port + self.rank.tp_rank,
                                 keys=cfg.keys, insecure=cfg.insecure, engine_id=cfg.engine_id,
                                 boot_epoch=self.rank.boot_epoch))
