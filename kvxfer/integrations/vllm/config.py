@@ -39,6 +39,7 @@ from kvxfer.agents.keys import (
     parse_key,
 )
 from kvxfer.daemons.config import is_loopback
+from kvxfer.deadline import Deadline
 from kvxfer.errors import ConfigError
 
 _KNOWN_KEYS = frozenset({
@@ -48,6 +49,7 @@ _KNOWN_KEYS = frozenset({
     "curve_allowed_keys_dir", "insecure_plaintext", "model_fingerprint", "nixl_progress_thread",
 })
 _WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
+_DEADLINE = Deadline()  # transfer_deadline_s and expected_gbps default to its fields
 
 
 class ConnectorRole(Enum):
@@ -69,8 +71,8 @@ class ConnectorConfig:
     side_channel_port: int = 0
     advertise_host: str = "127.0.0.1"
     lease_s: float = 30.0
-    transfer_deadline_s: float = 5.0
-    expected_gbps: float = 0.5
+    transfer_deadline_s: float = _DEADLINE.slack_s
+    expected_gbps: float = _DEADLINE.expected_gbps
     handshake_timeout_s: float = 10.0
     keys: KeyConfig | None = None  # None exactly when insecure
     insecure: bool = False
@@ -112,8 +114,8 @@ def parse_config(extra: dict[str, Any], *, role: str | None, engine_id: str,
         side_channel_port=port,
         advertise_host=advertise,
         lease_s=_number(extra, "lease_s", 30.0, lo=0.1),
-        transfer_deadline_s=_number(extra, "transfer_deadline_s", 5.0, lo=0.01),
-        expected_gbps=_number(extra, "expected_gbps", 0.5, lo=1e-6),
+        transfer_deadline_s=_number(extra, "transfer_deadline_s", _DEADLINE.slack_s, lo=0.01),
+        expected_gbps=_number(extra, "expected_gbps", _DEADLINE.expected_gbps, lo=1e-6),
         handshake_timeout_s=_number(extra, "handshake_timeout_s", 10.0, lo=0.01),
         keys=None if insecure else _keys(extra, connector_role),
         insecure=insecure,
