@@ -36,16 +36,18 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kvxfer tests
 
 # The modules mypy passes (settings in pyproject.toml). Grow this list: a module joins once
-# `$(PY) -m mypy MODULE` is clean. Not yet: agents/{endpoint,nixl_agent,staged_transfer,peers,
-# messages}, bench/ but its config, daemons' services and runtime, the vLLM worker side; those are
-# being rewritten around the one protocol (issue 20).
+# `$(PY) -m mypy MODULE` is clean. Not yet: agents/{consumer,producer,endpoint,nixl_agent,
+# staged_transfer}, bench/ but its config, the daemons' services (prefill, decode, service, http,
+# cluster), the vLLM worker, scheduler, params, stats and testing.
 TYPED := kvxfer/__init__.py kvxfer/attention.py kvxfer/cli.py kvxfer/deadline.py kvxfer/errors.py \
 	kvxfer/tables.py kvxfer/layouts kvxfer/planning kvxfer/engine kvxfer/commands kvxfer/soak \
 	kvxfer/agents/sidechannel \
-	$(addprefix kvxfer/agents/,calibrate.py compat.py keys.py leases.py metrics.py staging.py unit_copy.py) \
-	$(addprefix kvxfer/daemons/,api.py bus.py checks.py config.py curve.py enums.py proxy.py \
-		rank_setup.py resolve.py settings.py) \
-	kvxfer/bench/cache.py kvxfer/bench/config.py kvxfer/integrations/vllm/config.py
+	$(addprefix kvxfer/agents/,calibrate.py capability.py compat.py heartbeat.py inbox.py keys.py \
+		leases.py messages.py metrics.py peers.py staging.py unit_copy.py) \
+	$(addprefix kvxfer/daemons/,api.py bus.py checks.py commands.py config.py curve.py decode_rank.py \
+		enums.py prefill_rank.py proxy.py rank_setup.py resolve.py runtime.py settings.py worker.py) \
+	kvxfer/bench/cache.py kvxfer/bench/config.py \
+	$(addprefix kvxfer/integrations/vllm/,__init__.py config.py connector.py)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy $(TYPED)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from kvxfer.agents import messages as m
 from kvxfer.daemons import api
 
 PARAMS = {"engine_id": "prefill0", "boot_epoch": 1, "request_id": "r" * 32, "block_ids": [1],
@@ -28,4 +29,4 @@ def test_huge_integers_are_refused_naming_the_field(body, where):
 def test_bounded_values_still_decode():
     request = api.decode_request(msgspec.json.encode({"prompt": "x", "seed": 2**32 - 1,
                                                       "kv_transfer_params": PARAMS}))
-    assert request.seed == 2**32 - 1 and request.kv_transfer_params.protocol_version == 1
+    assert request.seed == 2**32 - 1 and request.kv_transfer_params.protocol_version == m.PROTOCOL_VERSION

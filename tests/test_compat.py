@@ -96,7 +96,8 @@ def test_compatible_pairs_pass(local: Side, remote: Side) -> None:
 
 
 INCOMPATIBLE = [
-    ("protocol version alone", Side("decode"), Side("prefill", version=2, head_dim=64), {"protocol_version": (1, 2)}),
+    ("protocol version alone", Side("decode"), Side("prefill", version=m.PROTOCOL_VERSION + 1, head_dim=64),
+     {"protocol_version": (m.PROTOCOL_VERSION, m.PROTOCOL_VERSION + 1)}),
     ("fingerprint", Side("decode"), Side("prefill", fingerprint="mistral"), {"model_fingerprint": ("llama-tiny", "mistral")}),
     ("same role", Side("decode"), Side("decode"), {"role": ("decode", "decode")}),
     ("head_dim", Side("decode"), Side("prefill", head_dim=32), {"caches[0].head_dim": (16, 32)}),

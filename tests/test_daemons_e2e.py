@@ -9,6 +9,7 @@ by calling prefill, then decode with the returned parameters, as the proxy does.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -161,6 +162,11 @@ def test_proxy_round_trip_and_no_blocks_left(read_cluster, want):
         for _ in range(3):
             reply = client.post(f"{read_cluster.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": MAX_TOKENS})
             assert reply.status_code == 200, reply.text
+        # Confirmations are NIXL notifications, applied by each prefill rank's own thread just
+        # after decode answered: wait for them (bounded), then nothing may be held.
+        deadline = time.monotonic() + 10
         for svc in read_cluster.services:
-            metrics = client.get(f"{svc.url}/metrics").text
+            while "kvxfer_blocks_in_use 0.0" not in (metrics := client.get(f"{svc.url}/metrics").text) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert "kvxfer_blocks_in_use 0.0" in metrics, (svc.name, metrics)

@@ -145,7 +145,7 @@ def test_forged_block_ids_are_refused_before_any_read(cluster):
         forged["block_ids"] = victim["block_ids"]  # another request's KV
         reply = decode_with(client, cluster, forged)
         assert reply.status_code == 502
-        assert "its lease holds" in reply.json()["error"]["message"]
+        assert "fail their MAC check" in reply.json()["error"]["message"]
         ok = decode_with(client, cluster, victim)
         assert ok.status_code == 200, ok.text
 
@@ -274,6 +274,7 @@ def test_a_consumer_cannot_aim_a_push_at_another_decode_service(tmp_path):
     from kvxfer.agents import messages as m
     from kvxfer.agents.keys import KeyConfig, generate_keypair, load_public_key, write_keypair
     from kvxfer.agents.sidechannel import ClientConfig, SideChannelClient
+    from kvxfer.errors import AuthError
 
     keys = tmp_path / "keys"
     attacker = generate_keypair()
@@ -291,16 +292,78 @@ def test_a_consumer_cannot_aim_a_push_at_another_decode_service(tmp_path):
         channel = SideChannelClient(f"tcp://127.0.0.1:{prefill.side_port}", ClientConfig(
             keys=KeyConfig(own=attacker, server_public_key=load_public_key(keys / "prefill.key"))))
         try:
-            ack = channel.request(m.WriteRequest(request_id=own["request_id"], decode_rank=0,
-                                                 block_ids=list(range(len(own["block_ids"]))),
-                                                 decode_engine_id="decode0", decode_tp=1), timeout_s=10)
-            assert isinstance(ack, m.Ack)  # the push itself runs after the reply
+            with pytest.raises(AuthError, match="did not handshake with the key that asked for it"):
+                channel.request(m.WriteRequest(request_id=own["request_id"], decode_rank=0,
+                                               block_ids=list(range(len(own["block_ids"]))),
+                                               decode_engine_id="decode0", decode_tp=1), timeout_s=10)
         finally:
             channel.close()
-        deadline = time.monotonic() + 20
-        while metric(client, prefill.url, 'kvxfer_failures_total{kind="auth"}') < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
         assert metric(client, prefill.url, 'kvxfer_failures_total{kind="auth"}') >= 1
         assert "did not handshake with the key that asked for it" in prefill.log_path.read_text()
         again = decode_with(client, cluster, prefill_only(client, cluster))
         assert again.status_code == 200 and again.json()["choices"][0]["token_ids"] == reference(PROMPT)
+
+
+@pytest.fixture(scope="module")
+def write_cluster(tmp_path_factory):
+    c = LocalCluster(tmp_path_factory.mktemp("faults-write"),
+                     [ServiceSpec("prefill", 2, extra=FAST)], [ServiceSpec("decode", 1, extra=FAST)],
+                     preset="tiny", mode="write", log_level="WARNING", proxy_args=("--request-timeout-s", "60"))
+    c.start(timeout_s=300)
+    yield c
+    c.stop()
+
+
+def transfers(client: httpx.Client, cluster: LocalCluster) -> tuple[float, float]:
+    """READs decode posted and WRITEs prefill rank 0 posted, so far."""
+    return (metric(client, cluster.by_name("decode0").url, 'kvxfer_transfers_total{op="read"}'),
+            metric(client, cluster.by_name("prefill0").url, 'kvxfer_transfers_total{op="write"}'))
+
+
+@pytest.mark.parametrize("mode", ["read", "write"])
+@pytest.mark.parametrize("forgery", ["victim_block_ids", "made_up_transfer_id"])
+def test_forged_parameters_are_refused_before_any_transfer(request, mode, forgery, want):
+    """Another request's blocks, or a transfer id the producer never issued: decode refuses the
+    parameters (their MAC) before it reads or asks for a push, so no transfer is posted on either
+    side; both genuine requests still load."""
+    cluster = request.getfixturevalue("cluster" if mode == "read" else "write_cluster")
+    with httpx.Client(timeout=60) as client:
+        victim, forged = prefill_only(client, cluster), prefill_only(client, cluster)
+        genuine = dict(forged)
+        if forgery == "victim_block_ids":
+            forged["block_ids"] = victim["block_ids"]
+        else:
+            forged["request_id"] = "f" * 32
+        before = transfers(client, cluster)
+        reply = decode_with(client, cluster, forged)
+        assert reply.status_code == 502 and "fail their MAC check" in reply.json()["error"]["message"], reply.text
+        assert transfers(client, cluster) == before
+        for params in (victim, genuine):
+            ok = decode_with(client, cluster, params)
+            assert ok.status_code == 200 and ok.json()["choices"][0]["token_ids"] == want, ok.text
+
+
+def test_write_from_a_killed_or_restarted_producer_fails_clearly(write_cluster, want):
+    """WRITE: the producer SIGKILLed after prefill, or restarted (new boot epoch): the request
+    ends with a typed error within its deadline, naming a restart where there was one; then
+    requests work again (decode handshakes with the new epoch) and no block stays held."""
+    with httpx.Client(timeout=60) as client:
+        assert through_proxy(client, write_cluster).status_code == 200  # handshakes cached
+        params = prefill_only(client, write_cluster)
+        write_cluster.restart("prefill0")
+        reply = decode_with(client, write_cluster, params)
+        assert reply.status_code == 502 and "restarted" in reply.json()["error"]["message"], reply.text
+        params = prefill_only(client, write_cluster)
+        write_cluster.kill("prefill0")
+        started = time.monotonic()
+        reply = decode_with(client, write_cluster, params)
+        assert reply.status_code == 502 and reply.json()["error"]["type"] == "kv_load_failed", reply.text
+        assert time.monotonic() - started < 20, "the failure must come within the deadline"
+        write_cluster.restart("prefill0")
+        ok = through_proxy(client, write_cluster)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["token_ids"] == want, ok.text
+        decode = write_cluster.by_name("decode0").url
+        deadline = time.monotonic() + 30
+        while blocks_in_use(client, decode) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert blocks_in_use(client, decode) == 0

@@ -31,15 +31,12 @@ def examples() -> list[m.Message]:
     rid = m.new_request_id()
     return [
         m.HandshakeRequest(engine=engine_info(role=m.Role.DECODE)),
-        m.HandshakeReply(engine=engine_info()),
-        m.TransferDone(request_id=rid, consumer_rank=1),
-        m.TransferDone(request_id=rid, consumer_rank=0, status=m.Status.ERROR, error_kind="timeout", error_message="late"),
-        m.LeaseRenew(request_ids=[rid, m.new_request_id()], consumer_rank=3),
-        m.LeaseRenewed(renewed=[rid], unknown=("gone",)),
+        m.HandshakeReply(engine=engine_info(), params_key=b"k" * 32),
+        m.LeaseRenew(request_ids=[rid, m.new_request_id()]),
+        m.LeaseRenewed(renewed=[rid], unknown=("gone",), expires_unix_ms=1_700_000_000_000),
         m.Abort(request_id=rid, reason="client went away"),
-        m.Claim(request_id=rid, block_ids=[3, 1, 4], num_tokens=40),
+        m.Abort(request_id=rid, reason="late", error_kind="timeout"),
         m.WriteRequest(request_id=rid, decode_rank=1, block_ids=[5, 9, 2]),
-        m.WriteDone(request_id=rid, producer_rank=0),
         m.Ack(request_id=rid),
         m.ErrorReply(kind="lease", message="request expired"),
         m.Ping(nonce=42),
@@ -77,8 +74,8 @@ def test_appended_field_is_ignored_by_an_old_peer() -> None:
 
 
 def test_missing_field_with_default_is_filled_for_an_old_peer() -> None:
-    old = {"t": "done", "protocol_version": 1, "request_id": "ab", "consumer_rank": 2}
-    assert m.decode(msgspec.msgpack.encode(old)) == m.TransferDone(request_id="ab", consumer_rank=2)
+    old = {"t": "abort", "protocol_version": m.PROTOCOL_VERSION, "request_id": "ab"}
+    assert m.decode(msgspec.msgpack.encode(old)) == m.Abort(request_id="ab", reason="", error_kind="")
 
 
 def test_unknown_tag_is_an_error_and_its_version_can_still_be_read() -> None:
@@ -123,7 +120,7 @@ def test_deep_nesting_is_a_decode_error_not_a_recursion_error() -> None:
 def test_notification_is_a_compact_versioned_array() -> None:
     notif = m.XferNotif(request_id="a" * 32, rank=3)
     data = m.encode_notif(notif)
-    assert msgspec.msgpack.decode(data) == [m.PROTOCOL_VERSION, "a" * 32, 3, "ok", ""]
+    assert msgspec.msgpack.decode(data) == [m.PROTOCOL_VERSION, "a" * 32, 3, "ok", "", "done"]
     assert len(data) < 48
     assert m.decode_notif(data) == notif
     with pytest.raises(msgspec.DecodeError):
@@ -151,10 +148,12 @@ def test_transfer_params_round_trip_as_json_with_binding() -> None:
         m.decode_params(m.encode_params(params).replace(b"[1,2,3]", b"[-1,2,3]"))
 
 
-def test_claim_from_a_peer_that_does_not_state_tp_size_decodes_with_none():
-    """Claim.tp_size was appended with a default: an older consumer's Claim still decodes."""
-    old = msgspec.msgpack.encode({"t": "claim", "protocol_version": m.PROTOCOL_VERSION,
-                                   "request_id": "r" * 32, "block_ids": [1, 2], "num_tokens": 20})
-    claim = m.decode(old)
-    assert isinstance(claim, m.Claim) and claim.tp_size is None
-    assert m.decode(m.encode(m.Claim(request_id="r", block_ids=[1], num_tokens=1, tp_size=2))).tp_size == 2
+def test_version_1_messages_are_refused_with_their_version_readable():
+    """Version 2 retired Claim, TransferDone and WriteDone: a version 1 peer's message does not
+    decode, and the server can still read which version it speaks to say so (field by field at
+    handshake, `compat`)."""
+    old = msgspec.msgpack.encode({"t": "claim", "protocol_version": 1, "request_id": "r" * 32,
+                                  "block_ids": [1, 2], "num_tokens": 20})
+    with pytest.raises(msgspec.DecodeError, match="claim"):
+        m.decode(old)
+    assert m.probe_version(old) == 1

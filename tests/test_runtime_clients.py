@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from kvxfer.agents.sidechannel import ClientConfig
-from kvxfer.daemons.rank_setup import ClientCache
+from kvxfer.agents.sidechannel import ClientCache, ClientConfig
 
 
 def test_client_cache_keeps_at_most_capacity_and_evicts_the_least_recently_used():

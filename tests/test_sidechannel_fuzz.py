@@ -173,12 +173,10 @@ STATUS = st.sampled_from(m.Status)
 MESSAGES: st.SearchStrategy[m.Message] = st.one_of(
     st.builds(m.HandshakeRequest, engine=engines()),
     st.builds(m.HandshakeReply, engine=engines()),
-    st.builds(m.TransferDone, request_id=RIDS, consumer_rank=RANKS, status=STATUS, error_kind=st.text(max_size=8)),
-    st.builds(m.LeaseRenew, request_ids=st.lists(RIDS, max_size=4), consumer_rank=RANKS),
+    st.builds(m.LeaseRenew, request_ids=st.lists(RIDS, max_size=4)),
     st.builds(m.LeaseRenewed, renewed=st.lists(RIDS, max_size=3)),
-    st.builds(m.Abort, request_id=RIDS, reason=st.text(max_size=20)),
+    st.builds(m.Abort, request_id=RIDS, reason=st.text(max_size=20), error_kind=st.text(max_size=8)),
     st.builds(m.WriteRequest, request_id=RIDS, decode_rank=RANKS, block_ids=st.lists(st.integers(0, 2**31 - 1), max_size=8)),
-    st.builds(m.WriteDone, request_id=RIDS, producer_rank=RANKS, status=STATUS),
     st.builds(m.Ack, request_id=RIDS),
     st.builds(m.ErrorReply, kind=st.text(max_size=8), message=st.text(max_size=20)),
     st.builds(m.Ping, nonce=st.integers(0, 2**63 - 1)),
@@ -246,13 +244,13 @@ def corpus() -> list[bytes]:
     return [
         m.encode(m.HandshakeRequest(engine=msgspec.structs.replace(engine, role=m.Role.DECODE))),
         m.encode(LOCAL),
-        m.encode(m.TransferDone(request_id=m.new_request_id(), consumer_rank=1, status=m.Status.ERROR, error_kind="x")),
+        m.encode(m.Abort(request_id=m.new_request_id(), reason="failed", error_kind="timeout")),
         m.encode(m.LeaseRenew(request_ids=[m.new_request_id() for _ in range(3)])),
         m.encode(m.Abort(request_id="r", reason="gone")),
         m.encode(m.WriteRequest(request_id="r", decode_rank=1, block_ids=list(range(40)))),
-        m.encode(m.WriteDone(request_id="r", producer_rank=0)),
         m.encode(m.Ping(nonce=rng.getrandbits(63))),
         m.encode_notif(m.XferNotif(request_id="r", rank=0)),
+        m.encode_notif(m.XferNotif(request_id="r", rank=1, status=m.Status.ERROR, kind=m.NotifKind.PUSHED)),
     ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,15 +17,7 @@ import torch
 
 from kvxfer.agents import messages as m
 from kvxfer.agents.calibrate import SMALL_PROBE_BYTES, Probe, calibrate, num_small_probes
-from kvxfer.agents.messages import (
-    EngineInfo,
-    Mode,
-    RegionInfo,
-    Role,
-    XferNotif,
-    decode_notif,
-    encode_notif,
-)
+from kvxfer.agents.messages import EngineInfo, Mode, RegionInfo, Role
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import (
     AgentConfig,
@@ -83,7 +76,6 @@ class TransferSummary:
     num_bytes: int = 0
     num_descriptors: int = 0
     seconds: float = 0.0
-    plan_seconds: float = 0.0
     peers: list[str] = field(default_factory=list)
 
     @property
@@ -123,24 +115,24 @@ class Endpoint:
                           regions=[region], modes=modes,
                           staging=self.staging.info() if self.staging is not None else None)
 
-    def read(self, request_id: str, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> TransferSummary:
-        """Pull every leg into our blocks `local_ids`; the producer of each leg is notified."""
-        return self._run(Op.READ, request_id, legs, local_ids, num_tokens)
+    def read(self, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> TransferSummary:
+        """Pull every leg into our blocks `local_ids` (no notification: the caller confirms)."""
+        return self._run(Op.READ, legs, local_ids, num_tokens, b"")
 
-    def write(self, request_id: str, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> TransferSummary:
-        """Push our blocks `local_ids` into each leg's blocks; each consumer is notified."""
-        return self._run(Op.WRITE, request_id, legs, local_ids, num_tokens)
+    def write(self, request_id: str, legs: list[Leg], local_ids: np.ndarray, num_tokens: int, *,
+              notif: bytes) -> TransferSummary:
+        """Push our blocks `local_ids` into each leg's blocks; each peer gets `notif` once its
+        bytes landed."""
+        return self._run(Op.WRITE, legs, local_ids, num_tokens, notif)
 
-    def _run(self, op: Op, request_id: str, legs: list[Leg], local_ids: np.ndarray,
-             num_tokens: int) -> TransferSummary:
+    def _run(self, op: Op, legs: list[Leg], local_ids: np.ndarray, num_tokens: int,
+             notif: bytes) -> TransferSummary:
         summary = TransferSummary(Mode.READ if op is Op.READ else Mode.WRITE)
-        notif = encode_notif(XferNotif(request_id=request_id, rank=self.identity.tp_rank))
         started = time.perf_counter()
         posted: list[Transfer] = []
         try:
             for leg in legs:
                 posted.append(self._post(op, leg, local_ids, num_tokens, notif))
-            summary.plan_seconds = time.perf_counter() - started
             num_bytes = sum(x.num_bytes for x in posted)
             stats = self.agent.wait(posted, timeout_s=self.deadline.seconds(num_bytes))
         except KvxferError:
@@ -166,7 +158,7 @@ class Endpoint:
     # ---- staged (gather, one descriptor, scatter) ------------------------------------------------
 
     def write_staged(self, request_id: str, leg: Leg, local_ids: np.ndarray, num_tokens: int,
-                     remote_offset: int) -> TransferSummary:
+                     remote_offset: int, *, notif: bytes) -> TransferSummary:
         """Push our part of `leg` into the peer's staging slots at `remote_offset`; the peer
         scatters it when notified."""
         remote = leg.peer.info.staging
@@ -177,7 +169,6 @@ class Endpoint:
         plan = self.peers.plan(leg.peer, leg.heads)
         key = ("gather", leg.peer.engine_id, leg.peer.boot_epoch, leg.peer.rank, leg.heads)
         part = self.staging.parts(key, [plan], local_ids, num_tokens, self.tensors, to_slot=True)
-        notif = encode_notif(XferNotif(request_id=request_id, rank=self.identity.tp_rank))
         num_bytes, _ = send_part(
             self.agent, self.staging, part, peer_agent=leg.peer.agent_name, remote=remote,
             remote_offset=remote_offset, notif=notif, timeout_s=self.deadline.seconds(sum(part.sizes)))
@@ -210,19 +201,6 @@ class Endpoint:
         return calibrate(self.agent, probe, self.staging.device, probe_bytes=size, small_bytes=SMALL_PROBE_BYTES,
                          num_small=num_small_probes(size, most=512))
 
-    def collect_notifs(self) -> list[XferNotif]:
-        """Notifications from peers that finished a transfer with us (also drives NIXL progress
-        when there is no progress thread). Malformed ones are logged and dropped."""
-        out = []
-        for peer, payload in self.agent.collect_notifs():
-            try:
-                out.append(decode_notif(payload))
-            except Exception as err:  # a peer's bytes: never let them crash the poll loop
-                log.warning("dropping malformed notification from %s: %s", peer, err)
-                if self.metrics is not None:
-                    self.metrics.observe_failure("malformed")
-        return out
-
     def close(self) -> None:
         self.peers.close()
         self.agent.close()
@@ -234,4 +212,13 @@ class Endpoint:
         self.close()
 
 
-__all__ = ["DeadlinePolicy", "Endpoint", "Identity", "Leg", "TransferError", "TransferSummary"]
+def shaped_ids(desc: CacheDesc, block_ids: Sequence[int] | np.ndarray, num_tokens: int, *,
+               skip_blocks: int = 0) -> np.ndarray:
+    """The blocks holding a request's `num_tokens` tokens after `skip_blocks`, shaped as the
+    layout indexes them: `[n]`, or `[2, n]` (K pages, V pages) for separate K/V pages."""
+    ids = np.asarray(block_ids, dtype=np.int64)
+    pages = slice(skip_blocks, skip_blocks + -(-num_tokens // desc.block_size))
+    return ids.reshape(2, -1)[:, pages] if desc.separate_kv_pages else ids[pages]
+
+
+__all__ = ["DeadlinePolicy", "Endpoint", "Identity", "Leg", "TransferError", "TransferSummary", "shaped_ids"]

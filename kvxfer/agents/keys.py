@@ -63,14 +63,17 @@ def generate_keypair() -> KeyPair:
 class KeyConfig:
     """Key material of one side-channel endpoint.
 
-    A server needs `own` and `allowed_client_keys` (an empty allow-list refuses every client). A
-    client needs `own` (its public key must be on the server's allow-list) and
-    `server_public_key`.
+    A server needs `own` and `allowed_client_keys` (an empty allow-list refuses every client), or
+    `admit_any_client`: then every client is admitted, still encrypted and still authenticated as
+    a key, and what it may do is decided by capabilities it presents (the drop-in mode of the vLLM
+    connector; docs/security.md). A client needs `own` (its public key must be allowed by the
+    server) and `server_public_key`.
     """
 
     own: KeyPair
     server_public_key: bytes | None = None
     allowed_client_keys: frozenset[bytes] = frozenset()
+    admit_any_client: bool = False
 
     def __post_init__(self) -> None:
         if self.server_public_key is not None:
@@ -82,7 +85,7 @@ class KeyConfig:
         return (
             f"KeyConfig(public={self.own.public.decode()}, server_public_key="
             f"{self.server_public_key.decode() if self.server_public_key else None}, "
-            f"num_allowed_client_keys={len(self.allowed_client_keys)})"
+            f"num_allowed_client_keys={len(self.allowed_client_keys)}, admit_any_client={self.admit_any_client})"
         )
 
 
@@ -159,3 +162,24 @@ def load_allowed_keys(paths: Iterable[Path]) -> frozenset[bytes]:
         files = sorted(path.glob(f"*{PUBLIC_SUFFIX}")) if path.is_dir() else [path]
         keys.update(load_public_key(p) for p in files)
     return frozenset(keys)
+
+
+def instance_keypair(directory: Path, name: str) -> KeyPair:
+    """The key pair every process of one instance shares, made by whichever comes first: written
+    to a private file of this process, then linked to `NAME.key_secret` (a link fails if another
+    process won; its pair is then read). Nothing secret leaves the machine or the user."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(f"{directory}: must be owned by this user with mode 0700 to hold instance keys")
+    final = directory / f"{name}{SECRET_SUFFIX}"
+    if not final.exists():
+        mine = directory / f".{name}.{os.getpid()}{SECRET_SUFFIX}"
+        _write_private(mine, generate_keypair().secret.decode() + "\n", 0o600)
+        try:
+            os.link(mine, final)
+        except FileExistsError:
+            pass
+        finally:
+            mine.unlink()
+    return load_keypair(final)

@@ -16,10 +16,18 @@ Schema-evolution rules (read before changing anything here):
 4. Anything else (changed meaning of a field, a required new field) bumps `PROTOCOL_VERSION`;
    peers refuse each other at handshake, field by field (`kvxfer.agents.compat`).
 
+Version 2 (the one-protocol release) retired what nothing sent or read (`Claim`, `WriteDone`,
+`TransferDone`, `EngineInfo.read_gbps/write_gbps`, `TransferParams.lease_expires_s`) and gave each
+message one meaning: `Abort` ends a lease early (the consumer gave up or needs nothing), the
+NIXL notification `XferNotif(kind=DONE)` from every consumer rank confirms it, `LeaseRenew` is the
+heartbeat, `WriteRequest` asks one producer rank for one push.
+
 Security: request ids are `new_request_id()` (128 random bits). Everything that acts on a
-request (`TransferDone`, `LeaseRenew`, `Abort`, `WriteRequest`) is attributed by the server to the
-authenticated CURVE key of the connection it arrived on, never to a field inside the message, and
-a producer honours it only when that key matches the request's `Binding` (docs/security.md).
+request (`LeaseRenew`, `Abort`, `WriteRequest`) is attributed by the server to the authenticated
+CURVE key of the connection it arrived on, never to a field inside the message, and a producer
+honours it only when that key matches the request's `Binding`. Transfer parameters carry a MAC
+(`kvxfer.agents.capability`) that a consumer rank checks with the key its producer gave it at
+handshake, so a READ needs no round trip to refuse forged parameters (docs/security.md).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import msgspec
 
 from kvxfer.layouts import CacheDesc
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 T = TypeVar("T")
 
 # Bounds that keep a hostile message from asking for absurd work; decoding refuses values outside.
@@ -47,6 +55,8 @@ Text = Annotated[str, msgspec.Meta(max_length=4096)]
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 BlockIds = Annotated[list[Count], msgspec.Meta(max_length=1 << 20)]
 Metadata = Annotated[bytes, msgspec.Meta(max_length=16 << 20)]
+SecretKey = Annotated[bytes, msgspec.Meta(max_length=64)]
+Mac = Annotated[str, msgspec.Meta(max_length=64)]
 
 
 def new_request_id() -> str:
@@ -108,8 +118,6 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     agent_metadata: Metadata  # NIXL agent metadata, so the peer can load_remote_agent
     regions: Annotated[list[RegionInfo], msgspec.Meta(max_length=64)]
     modes: Annotated[tuple[Mode, ...], msgspec.Meta(max_length=8)] = (Mode.READ,)
-    read_gbps: float | None = None  # measured or expected bandwidth per mode, if known
-    write_gbps: float | None = None
     staging: StagingInfo | None = None  # None: no staged transfers with this rank
 
 
@@ -133,45 +141,31 @@ class HandshakeRequest(_Base, frozen=True, kw_only=True, tag="hs"):
 
 class HandshakeReply(_Base, frozen=True, kw_only=True, tag="hs_ok"):
     engine: EngineInfo
-
-
-class TransferDone(_Base, frozen=True, kw_only=True, tag="done"):
-    """The consumer read (READ mode) what it needed of `request_id` from the producer, or failed."""
-
-    request_id: RequestId
-    consumer_rank: Rank
-    status: Status = Status.OK
-    error_kind: ShortStr = ""
-    error_message: Text = ""
+    # The key this consumer checks transfer parameters bound to it with (`capability`); sent
+    # only over the authenticated, encrypted channel, derived per consumer identity.
+    params_key: SecretKey = b""
+    # Set when the producer also grants unbound requests (insecure mode): their parameters' key.
+    unbound_params_key: SecretKey = b""
 
 
 class LeaseRenew(_Base, frozen=True, kw_only=True, tag="renew"):
     """Heartbeat: keep these requests' blocks held a while longer."""
 
     request_ids: Annotated[list[RequestId], msgspec.Meta(max_length=4096)]
-    consumer_rank: Rank = 0
 
 
 class LeaseRenewed(_Base, frozen=True, kw_only=True, tag="renewed"):
     renewed: Annotated[list[RequestId], msgspec.Meta(max_length=4096)]
     unknown: Annotated[tuple[RequestId, ...], msgspec.Meta(max_length=4096)] = ()  # expired or never held
+    expires_unix_ms: U64 = 0  # the renewed leases now end then (producer's wall clock)
 
 
 class Abort(_Base, frozen=True, kw_only=True, tag="abort"):
+    """The consumer ends the lease now: it failed (`error_kind`), or needs nothing more."""
+
     request_id: RequestId
     reason: Text = ""
-
-
-class Claim(_Base, frozen=True, kw_only=True, tag="claim"):
-    """Before it reads, a consumer asks the producer to confirm that these transfer parameters
-    are genuine: the lease is held, bound to the asking peer, over exactly these blocks and tokens,
-    at the producer's TP size (which decides the ranks and heads the consumer reads).
-    Parameters travel through clients and proxies; a forged block list must never be read."""
-
-    request_id: RequestId
-    block_ids: BlockIds
-    num_tokens: Count
-    tp_size: TpSize | None = None  # the producer TP size the parameters name (None: not stated)
+    error_kind: ShortStr = ""
 
 
 class WriteRequest(_Base, frozen=True, kw_only=True, tag="write"):
@@ -190,16 +184,8 @@ class WriteRequest(_Base, frozen=True, kw_only=True, tag="write"):
     not_after_unix: float | None = None
 
 
-class WriteDone(_Base, frozen=True, kw_only=True, tag="write_done"):
-    request_id: RequestId
-    producer_rank: Rank
-    status: Status = Status.OK
-    error_kind: ShortStr = ""
-    error_message: Text = ""
-
-
 class Ack(_Base, frozen=True, kw_only=True, tag="ack"):
-    """Generic success reply for messages that need no data back (TransferDone, Abort, WriteDone)."""
+    """Generic success reply for messages that need no data back (Abort, WriteRequest)."""
 
     request_id: ShortStr = ""
 
@@ -222,13 +208,10 @@ class Pong(_Base, frozen=True, kw_only=True, tag="pong"):
 Message = (
     HandshakeRequest
     | HandshakeReply
-    | TransferDone
     | LeaseRenew
     | LeaseRenewed
     | Abort
-    | Claim
     | WriteRequest
-    | WriteDone
     | Ack
     | ErrorReply
     | Ping
@@ -276,17 +259,20 @@ def probe_version(data: bytes) -> int | None:
         return None
 
 
-class XferNotif(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
-    """Payload of a NIXL notification: compact (a msgpack array), versioned, typed.
+class NotifKind(Enum):
+    PUSHED = "pushed"  # producer rank -> consumer rank: its WRITE into the consumer landed (or failed)
+    DONE = "done"  # consumer rank -> every producer rank: it has what it needed of the request
 
-    Sent by the side that finished a transfer to the other side's agent. Rules as above.
-    """
+
+class XferNotif(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """Payload of a NIXL notification: compact (a msgpack array), versioned, typed. Rules as above."""
 
     protocol_version: int = PROTOCOL_VERSION
     request_id: RequestId
     rank: Rank  # the sender's TP rank
     status: Status = Status.OK
     error_kind: ShortStr = ""
+    kind: NotifKind = NotifKind.DONE
 
 
 _notif_decoder = msgspec.msgpack.Decoder(XferNotif)
@@ -303,9 +289,10 @@ def decode_notif(data: bytes) -> XferNotif:
 class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
     """What a producer hands back (through the proxy, as JSON) so a consumer can fetch a request.
 
-    The request id is the capability; `binding` says which consumer may use it. A third party
-    that learns these parameters still has to authenticate with the bound CURVE key to act on
-    them, and the producer's side channel refuses anyone else (`sidechannel.check_binding`).
+    `binding` says which consumer may use them, `mac` proves the producer issued exactly these
+    fields for that consumer (`kvxfer.agents.capability`: the consumer checks it locally, before
+    any byte moves). A third party that learns them still has to authenticate with the bound
+    CURVE key to act on them, and the producer's side channel refuses anyone else.
     """
 
     protocol_version: Count = PROTOCOL_VERSION  # bounded: parameters arrive as JSON from HTTP clients
@@ -318,7 +305,12 @@ class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
     binding: Binding = Binding()
     num_tokens: Count = 0
     first_token_id: Count | None = None  # the token prefill sampled; decode continues from it
-    lease_expires_s: float = 0.0  # seconds the producer holds the blocks without a renewal
+    lease_s: float = 0.0  # the producer holds the blocks this long past the last renewal
+    expires_unix_ms: U64 = 0  # when the lease ends unless renewed (producer's wall clock)
+    mac: Mac = ""  # capability.sign: HMAC over every field above, with the binding's key
+    # The producer's CURVE public key (Z85), for consumers given none up front (the vLLM
+    # connector's drop-in mode); a wrong one fails the side channel's handshake.
+    producer_key: ShortStr = ""
 
 
 _params_decoder = msgspec.json.Decoder(TransferParams)

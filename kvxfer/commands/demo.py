@@ -100,8 +100,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{matched}/{len(rows)} answers equal the single-process run token for token "
           f"(prefill TP {args.prefill_tp} -> decode TP {args.decode_tp}, {args.mode}, {args.device})")
     if args.json:
-        print(json.dumps({"requests": rows, "matched": matched, "total": len(rows)}))
+        print(json.dumps({"requests": rows, "matched": matched, "total": len(rows), **transfer_figures(rows)}))
     return 0 if matched == len(rows) and rows else 1
+
+
+def transfer_figures(rows: list[dict]) -> dict:
+    """The first request's transfer alone (it meets its peers), percentiles over the rest."""
+    times = [r["transfer_ms"] for r in rows]
+    rest = sorted(times[1:]) or times
+    return {"first_transfer_ms": times[0] if times else 0.0,
+            "transfer_ms_p50": percentile(rest, 50), "transfer_ms_p99": percentile(rest, 99)}
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (0.0 for none)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[int(rank) - 1]
 
 
 def reference_tokens(args: argparse.Namespace, prompts: list[str]) -> list[list[int]]:

@@ -1,6 +1,7 @@
 """The decode service: loads a request's KV from the prefill service named in its transfer
-parameters (READ: every decode rank pulls its heads; WRITE: decode allocates, prefill pushes),
-tells prefill it is done, then generates.
+parameters (READ: every decode rank pulls its heads; WRITE: decode allocates, prefill pushes;
+each decode rank talks to its own prefill ranks, kvxfer.agents.consumer), then generates.
+While a request waits, its lease is renewed (`Heartbeat`).
 
 A load that fails (prefill gone or restarted, deadline, refused handshake) ends the request with
 a typed `kv_load_failed` error (HTTP 502) and frees its blocks on both sides; it never hangs.
@@ -15,28 +16,19 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 from kvxfer.agents import messages as m
+from kvxfer.agents.heartbeat import Heartbeat
 from kvxfer.agents.nixl_agent import MemKind
 from kvxfer.daemons import api
-from kvxfer.daemons.commands import (
-    AwaitPush,
-    Connect,
-    Decode,
-    Moved,
-    Pull,
-    Reserve,
-    Reserved,
-    Token,
-    Unreserve,
-)
+from kvxfer.daemons.commands import Decode, Load, Moved, Token
 from kvxfer.daemons.config import Mode, TransferPath
+from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S
 from kvxfer.daemons.prefill import tokenize
 from kvxfer.daemons.service import Service
-from kvxfer.errors import ConfigError, KvxferError, LoadFailed, PeerGoneError, TransferTimeout
+from kvxfer.errors import ConfigError, KvxferError, LoadFailed
 from kvxfer.planning import map_tp
-from kvxfer.planning.cost import Path, choose
+from kvxfer.planning.cost import FabricCosts, Path, choose
 
 log = logging.getLogger(__name__)
-NOTIFY_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +42,17 @@ class DecodeService(Service):
     def __init__(self, config, **kwargs) -> None:
         super().__init__(config, **kwargs)
         self._announced: dict[tuple[str, int], tuple[Mode, Path]] = {}
-        self._push_until: dict[str, float] = {}  # request id -> wall clock a push may still land by
+        self._costs: dict[tuple[str, int], FabricCosts | None] = {}  # per producer (engine, epoch)
+        self.heartbeat: Heartbeat | None = None
+
+    def start(self) -> None:
+        super().start()
+        self.heartbeat = Heartbeat(self.runtime.leases)
+
+    def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+        super().close()
 
     def identity(self) -> dict:
         keys = self.runtime.keys
@@ -77,55 +79,66 @@ class DecodeService(Service):
         return params, token_ids
 
     def load(self, params: m.TransferParams, ids: list[int]) -> api.TransferStats:
-        """Move the request's KV into `ids` (engine thread). Raises LoadFailed."""
+        """Move the request's KV into `ids` (engine thread): every decode rank loads its share
+        from its own producer ranks at once. Raises LoadFailed."""
         started = time.perf_counter()
-        client = self.runtime.client_for(params.side_channel)
+        plan = TransferPlan(self.config.mode if self.config.mode is not Mode.AUTO else Mode.READ, Path.DIRECT, "")
+        not_after = time.time() + self._push_start_s(params)
         try:
-            self.check_alive(client, params)
-            client.request(m.Claim(request_id=params.request_id, block_ids=params.block_ids,
-                                   num_tokens=params.num_tokens, tp_size=params.tp_size),
-                           timeout_s=NOTIFY_TIMEOUT_S)
-            self.call(Connect(params))
             plan = self.plan_transfer(params)
-            if plan.mode is Mode.READ:
-                moved = self.call(Pull(params, ids))
-            else:
-                offsets = self._reserve(params, ids) if plan.path is Path.STAGED else None
-                if plan.path is Path.STAGED and offsets is None:
-                    plan = TransferPlan(Mode.WRITE, Path.DIRECT, "no free staging slot on every rank")
-                moved = self._pushed(client, params, ids, offsets)
-            client.request(m.TransferDone(request_id=params.request_id, consumer_rank=0),
-                           timeout_s=NOTIFY_TIMEOUT_S)
+            moved = self.call(Load(params, ids, m.Mode(plan.mode.value), plan.path is Path.STAGED,
+                                   self.heartbeat.valid_until_ms(params), not_after))
         except KvxferError as err:
-            self.metrics.transfer.observe_failure(err.kind)
-            self._tell_failed(client, params, err)
-            until = self._push_until.pop(params.request_id, 0.0)
-            raise LoadFailed(f"loading KV of {params.request_id[:8]} from {params.engine_id}: {err}",
-                             err.kind, max(0.0, until - time.time())) from None
-        self._push_until.pop(params.request_id, None)
+            raise self._failed(params, plan, err, not_after) from None
+        finally:
+            self.heartbeat.untrack(params.request_id)
         seconds = time.perf_counter() - started
-        num_bytes = sum(r.num_bytes for r in moved if isinstance(r, Moved))
-        descriptors = sum(r.num_descriptors for r in moved if isinstance(r, Moved))
+        replies = [r for r in moved if isinstance(r, Moved)]
+        num_bytes = sum(r.num_bytes for r in replies)
+        descriptors = sum(r.num_descriptors for r in replies)
+        path = Path.STAGED if replies and all(r.staged for r in replies) else Path.DIRECT
+        if plan.path is Path.STAGED and path is Path.DIRECT:
+            log.info("request %s: moved directly (no staging slot on every rank)", params.request_id[:8])
         self.metrics.request_bytes.inc(num_bytes)
         self.metrics.request_descriptors.inc(descriptors)
         self.metrics.transfer_seconds.observe(seconds)
-        self.metrics.transfer_path.labels(path=plan.path.value, op=plan.mode.value).inc()
-        return api.TransferStats(mode=plan.mode.value, path=plan.path.value, bytes=num_bytes, descriptors=descriptors,
+        self.metrics.transfer_path.labels(path=path.value, op=plan.mode.value).inc()
+        return api.TransferStats(mode=plan.mode.value, path=path.value, bytes=num_bytes, descriptors=descriptors,
                                  transfer_ms=seconds * 1e3, gbps=num_bytes / seconds / 1e9 if seconds else 0.0,
                                  peers=len(map_tp(self.runtime.engine.model_config.num_kv_heads, params.tp_size,
-                                                   self.config.tp).assignments))
+                                                  self.config.tp).assignments))
 
-    def check_alive(self, client, params: m.TransferParams) -> None:
-        """One round trip to prefill rank 0: a restarted prefill (new boot epoch) lost the KV these
-        parameters point to, so say so now instead of reading through a stale agent."""
-        pong = client.request(m.Ping(), timeout_s=NOTIFY_TIMEOUT_S)
-        if not isinstance(pong, m.Pong):
-            raise PeerGoneError(f"prefill {params.engine_id} answered {type(pong).__name__} to a ping")
-        if (pong.engine_id, pong.boot_epoch) != (params.engine_id, params.boot_epoch):
-            raise PeerGoneError(
-                f"prefill {params.engine_id} at epoch {params.boot_epoch} is gone: "
-                f"{params.side_channel} is now {pong.engine_id} at epoch {pong.boot_epoch} (restarted; the "
-                f"request's KV was lost with it)")
+    def _push_start_s(self, params: m.TransferParams) -> float:
+        """How long producers may take to start a push: a decode rank waits for a staging slot up
+        to its deadline, then asks with one side-channel call."""
+        per_rank = self.runtime.consumer.expected_bytes(params, params.num_tokens)
+        return self.runtime.endpoint.deadline.seconds(per_rank) + REQUEST_TIMEOUT_S
+
+    def _failed(self, params: m.TransferParams, plan: TransferPlan, err: KvxferError, not_after: float) -> LoadFailed:
+        """The typed error of a failed load, after telling every producer rank to end the lease.
+        A WRITE's blocks stay out of the pool until no push started in time can land."""
+        err = self.runtime.consumer.explain(params, err)
+        self.metrics.transfer.observe_failure(err.kind)
+        self.runtime.leases.abort(params, reason=str(err), error_kind=err.kind)
+        quarantine = 0.0
+        if plan.mode is Mode.WRITE:
+            push_s = self.runtime.endpoint.deadline.seconds(self.runtime.consumer.expected_bytes(params, params.num_tokens))
+            quarantine = max(0.0, not_after + push_s - time.time())
+        return LoadFailed(f"loading KV of {params.request_id[:8]} from {params.engine_id}: {err}", err.kind, quarantine)
+
+    def _calibrated(self, params: m.TransferParams) -> FabricCosts | None:
+        """Handshake and calibrate against a producer once per boot epoch (rank 0)."""
+        key = (params.engine_id, params.boot_epoch)
+        if key not in self._costs:
+            self.runtime.consumer.links(params)
+            try:
+                costs = self.runtime.consumer.calibrate(params)
+            except KvxferError as err:  # the rule-based choice still works; say why it is used
+                log.warning("calibration against %s failed, choosing transfers by rule: %s", params.engine_id, err)
+                costs = None
+            self._costs = {k: v for k, v in self._costs.items() if k[0] != params.engine_id}  # old epochs
+            self._costs[key] = costs
+        return self._costs[key]
 
     def plan_transfer(self, params: m.TransferParams) -> TransferPlan:
         """How this request's KV moves. With costs calibrated against the producer (at its first
@@ -135,12 +148,12 @@ class DecodeService(Service):
         runtime = self.runtime
         if self.config.mode is Mode.READ:
             return TransferPlan(Mode.READ, Path.DIRECT, "--mode read")
+        costs = self._calibrated(params)
         stage = self.config.transfer_path is not TransferPath.DIRECT and runtime.can_stage(params)
         if self.config.transfer_path is TransferPath.STAGED:
             path = Path.STAGED if stage else Path.DIRECT
             return self._announce(params, TransferPlan(Mode.WRITE, path, "--transfer-path staged"
                                                        + ("" if stage else " (does not fit a slot: direct)")))
-        costs = runtime.costs.get((params.engine_id, params.boot_epoch))
         if costs is None:
             vram = runtime.endpoint.mem is MemKind.VRAM
             mode = Mode.WRITE if self.config.mode is Mode.WRITE or vram else Mode.READ
@@ -151,7 +164,7 @@ class DecodeService(Service):
         allowed = [(Path.DIRECT, True)] + ([(Path.STAGED, True)] if stage else [])
         if self.config.mode is Mode.AUTO:
             allowed.append((Path.DIRECT, False))
-        choice = choose(costs, num_bytes=runtime.expected_bytes(params) * self.config.tp,
+        choice = choose(costs, num_bytes=runtime.consumer.expected_bytes(params, params.num_tokens) * self.config.tp,
                         descriptors=runtime.direct_descriptors(params), allowed=tuple(allowed))
         for c in choice.candidates:
             self.metrics.estimate_seconds.labels(path=c.path.value, op="write" if c.write else "read").set(c.seconds)
@@ -171,71 +184,13 @@ class DecodeService(Service):
             log.debug("request %s: %s %s, by %s", params.request_id[:8], plan.path.value, plan.mode.value, plan.why)
         return plan
 
-    def _reserve(self, params: m.TransferParams, ids: list[int]) -> list[list[int]] | None:
-        """Every decode rank's staging offsets (per source), or None (and nothing held) when a
-        rank cannot stage the request now (no slot freed in time: back-pressure, then direct)."""
-        try:
-            replies = self.call(Reserve(params, ids))
-        except KvxferError as err:  # a rank failed; the others may hold a slot
-            self._unreserve(params.request_id, 0.0)
-            if isinstance(err, TransferTimeout):
-                log.info("request %s: no staging slot freed in time (%s): moving it directly",
-                         params.request_id[:8], err)
-                return None
-            raise
-        offsets = [r.offsets for r in replies if isinstance(r, Reserved)]
-        if len(offsets) == len(replies) and all(offsets):
-            return offsets
-        self._unreserve(params.request_id, 0.0)
-        return None
-
-    def _unreserve(self, request_id: str, delay_s: float) -> None:
-        """Give every rank's staging slot back (after `delay_s`). Called while another error is
-        on its way: a rank that cannot answer is logged, not allowed to replace that error."""
-        try:
-            self.call(Unreserve(request_id, delay_s))
-        except KvxferError as err:
-            log.warning("request %s: giving staging slots back failed: %s", request_id[:8], err)
-
-    def _pushed(self, client, params: m.TransferParams, ids: list[int], offsets: list[list[int]] | None) -> list:
-        """WRITE: ask the producer to push into every decode rank (its blocks, or its staging
-        slot), then wait for all of it. A staged request that fails keeps its slots away from
-        other requests until no late write can land in them."""
-        timeout_s = self.runtime.push_timeout(params.num_tokens)
-        not_after = time.time() + NOTIFY_TIMEOUT_S * self.config.tp + timeout_s
-        # A push that starts by not_after ends within its own deadline: until then a failed
-        # request's blocks (direct) or staging slot (staged) stay out of the pool.
-        if offsets is None:
-            self._push_until[params.request_id] = not_after + timeout_s
-        try:
-            for rank in range(self.config.tp):
-                client.request(m.WriteRequest(request_id=params.request_id, decode_rank=rank,
-                                              block_ids=ids, decode_engine_id=self.config.engine_id,
-                                              decode_tp=self.config.tp,
-                                              staging_offsets=offsets[rank] if offsets else None,
-                                              not_after_unix=not_after),
-                               timeout_s=NOTIFY_TIMEOUT_S)
-            return self.call(AwaitPush(params, timeout_s, staged=offsets is not None))
-        except KvxferError:
-            if offsets is not None:
-                self._unreserve(params.request_id, max(0.0, not_after + timeout_s - time.time()))
-            raise
-
-    def _tell_failed(self, client, params: m.TransferParams, err: KvxferError) -> None:
-        """Best effort: let prefill free the request's blocks now instead of at lease expiry."""
-        try:
-            client.request(m.TransferDone(request_id=params.request_id, consumer_rank=0, status=m.Status.ERROR,
-                                          error_kind=err.kind, error_message=str(err)[:4000]),
-                           timeout_s=1.0)
-        except KvxferError as notify_err:
-            log.info("could not tell prefill that %s failed: %s", params.request_id[:8], notify_err)
-
     async def generate(self, request: api.CompletionRequest) -> AsyncIterator[tuple[int, api.TransferStats | None]]:
         """Yields (token, stats-once-at-start). Frees the request's blocks when done or cancelled."""
         params, token_ids = self.prepare(request)
         num_cached = len(token_ids)
         ids = self.allocate(num_cached + request.max_tokens)
         quarantine_s = 0.0
+        self.heartbeat.track(params)  # from arrival: a request queued behind others keeps its lease
         try:
             try:
                 stats = await self.run(lambda: self.load(params, ids))
@@ -252,6 +207,7 @@ class DecodeService(Service):
                 token = reply.token
                 yield token, None
         finally:
+            self.heartbeat.untrack(params.request_id)
             if quarantine_s > 0:
                 self._free_later(ids, quarantine_s, params.request_id)
             else:

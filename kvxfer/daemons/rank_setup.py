@@ -1,54 +1,19 @@
 """What a service rank is built from: its engine configuration (cache sized to the GPU's free
-memory), the fingerprint peers compare at handshake, its collective backend, its side-channel
-address, and the bounded cache of side-channel clients it talks to producers with.
-`runtime.RankRuntime` builds itself from a `RankSetup`."""
+memory and its staging area), the fingerprint peers compare at handshake and its collective
+backend. `runtime.build_runtime` builds a rank from a `RankSetup`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
-from kvxfer.agents.sidechannel import ClientConfig, SideChannelClient
 from kvxfer.agents.staged_transfer import PROBE_BYTES, StagingConfig
 from kvxfer.daemons.config import ServeConfig
 from kvxfer.engine.config import CacheConfig, EngineConfig, load_model_config, preset
 from kvxfer.errors import ConfigError
 
-MAX_SIDE_CHANNEL_CLIENTS = 64  # distinct producer addresses a rank keeps a client for
 SLOT_ALIGN = 4096  # every staging slot starts on a page: the GPU copies move 16-byte vectors
-
-
-class ClientCache:
-    """Side-channel clients by address, at most `capacity`: the least recently used one is closed
-    when a new address comes. Addresses come from transfer parameters, which HTTP clients send;
-    without a bound every forged address would keep a client object forever."""
-
-    def __init__(self, config: ClientConfig, capacity: int = MAX_SIDE_CHANNEL_CLIENTS) -> None:
-        self.config = config
-        self.capacity = capacity
-        self._clients: OrderedDict[str, SideChannelClient] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, address: str) -> SideChannelClient:
-        with self._lock:
-            client = self._clients.pop(address, None) or SideChannelClient(address, self.config)
-            self._clients[address] = client
-            evicted = [self._clients.popitem(last=False)[1] for _ in range(len(self._clients) - self.capacity)]
-        for old in evicted:
-            old.close()
-        return client
-
-    def __len__(self) -> int:
-        return len(self._clients)
-
-    def close(self) -> None:
-        with self._lock:
-            clients, self._clients = list(self._clients.values()), OrderedDict()
-        for client in clients:
-            client.close()
 
 
 def engine_config(config: ServeConfig) -> EngineConfig:
@@ -106,12 +71,6 @@ def collective_backend(config: ServeConfig) -> str:
     import torch
 
     return "nccl" if torch.cuda.device_count() >= config.tp else "gloo"
-
-
-def side_channel_address(base: str, rank: int) -> str:
-    """Rank r of a service listens on the base port + r."""
-    host, _, port = base.rpartition(":")
-    return f"{host}:{int(port) + rank}"
 
 
 @dataclass(frozen=True)

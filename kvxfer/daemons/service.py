@@ -23,7 +23,7 @@ from kvxfer.daemons.bus import Bus
 from kvxfer.daemons.commands import Command, Described, Reply, command_encoder, reply_decoder
 from kvxfer.daemons.config import ServeConfig
 from kvxfer.daemons.rank_setup import RankSetup
-from kvxfer.daemons.runtime import RankRuntime
+from kvxfer.daemons.runtime import RankRuntime, build_runtime
 from kvxfer.daemons.worker import worker_main
 from kvxfer.engine.tokenizer import byte_level_tokenizer
 from kvxfer.errors import ConfigError, KvxferError
@@ -92,8 +92,7 @@ class Service:
             setup = RankSetup(self.config, 0, self.boot_epoch, f"tcp://127.0.0.1:{free_port()}")
             self.bus.spawn(worker_main, lambda r: (RankSetup(self.config, r, self.boot_epoch, setup.dist_init),
                                                    self.log_level), range(1, self.config.tp))
-            self.runtime = RankRuntime(setup, metrics=self.metrics.transfer)
-            self.runtime.service_handler = self.handle_service_message
+            self.runtime = build_runtime(setup, metrics=self.metrics.transfer, on_release=self.on_lease_end)
             workers = self.bus.gather(STARTUP_TIMEOUT_S)
             local = self.runtime.execute(_describe())
             self.ranks = [local, *workers]
@@ -190,9 +189,8 @@ class Service:
         engine = self.runtime.engine
         return engine.config.cache.num_blocks - engine.allocator.num_free
 
-    def handle_service_message(self, peer: Any, msg: Any) -> Any:
-        """Rank-0 side-channel messages beyond handshakes (leases, pushes): prefill overrides."""
-        return None
+    def on_lease_end(self, held: Any, outcome: Any) -> None:
+        """A lease of rank 0's producer ended (prefill frees the request's blocks)."""
 
 
 def _describe():

@@ -10,7 +10,7 @@ import signal
 from kvxfer.daemons.bus import Failed, serve_commands
 from kvxfer.daemons.commands import Described, command_decoder, command_encoder
 from kvxfer.daemons.rank_setup import RankSetup
-from kvxfer.daemons.runtime import RankRuntime
+from kvxfer.daemons.runtime import build_runtime
 from kvxfer.errors import KvxferError
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ def worker_main(setup: RankSetup, log_level: str, conn: mpc.Connection) -> None:
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s rank{setup.rank} %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 owns shutdown; Ctrl-C reaches the group
     try:
-        runtime = RankRuntime(setup)
+        runtime = build_runtime(setup)
     except KvxferError as err:
         conn.send_bytes(command_encoder.encode(Failed(kind=err.kind, message=str(err))))
         return

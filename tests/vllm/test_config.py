@@ -38,16 +38,13 @@ def test_producer_and_consumer_settings():
 @pytest.mark.parametrize(("extra", "role", "match"), [
     ({"side_channel_prot": 1}, "kv_producer", "unknown key.*side_channel_prot"),
     ({}, "kv_both", "kv_both"),
-    (PRODUCER_KEYS, "kv_producer", "side_channel_port: required"),
+    ({**PRODUCER_KEYS, "side_channel_port": 0}, "kv_producer", "side_channel_port=0: outside"),
     ({"insecure_plaintext": True, "side_channel_host": "10.0.0.5", "side_channel_port": 1},
      "kv_producer", "only on loopback"),
     ({**CONSUMER_KEYS, "mode": "auto"}, "kv_consumer", "mode='auto'"),
     ({**CONSUMER_KEYS, "lease_s": 2, "transfer_deadline_s": 5}, "kv_consumer", "lease_s=2.0 must exceed"),
     ({**CONSUMER_KEYS, "lease_s": "soon"}, "kv_consumer", "lease_s='soon': expected a float"),
-    ({"curve_secret_key": PRODUCER.secret.decode(), "side_channel_port": 1}, "kv_producer",
-     "a kv_producer needs the consumers' public keys"),
-    ({"curve_secret_key": CONSUMER.secret.decode()}, "kv_consumer", "a kv_consumer needs the producers'"),
-    ({"curve_server_key": "short"}, "kv_consumer", "no key pair"),
+    ({"curve_server_key": PRODUCER.public.decode()}, "kv_consumer", "strict mode, which needs this consumer's key pair"),
     ({**CONSUMER_KEYS, "curve_server_key": "x" * 39}, "kv_consumer", "curve_server_key: not a Z85"),
     ({"side_channel_port": 1, "advertise_host": "0.0.0.0", "insecure_plaintext": True}, "kv_producer",
      "wildcard"),
@@ -55,6 +52,25 @@ def test_producer_and_consumer_settings():
 def test_settings_errors_name_the_key(extra, role, match):
     with pytest.raises(ConfigError, match=match):
         parse(extra, role)
+
+
+def test_drop_in_needs_no_extra_config(tmp_path, monkeypatch):
+    """No keys at all: still CURVE. A producer's key pair is made once per instance (its
+    scheduler and workers read the same file) and admits any consumer; a consumer pins nothing
+    and takes the producer's key from each request's parameters."""
+    from kvxfer.integrations.vllm import config as cfg
+
+    monkeypatch.setattr(cfg, "INSTANCE_KEY_DIR", tmp_path / "keys")  # not the machine's /tmp
+    producer, again = parse({}), parse({})
+    assert producer.keys is not None and producer.keys.admit_any_client and producer.side_channel_port == 5700
+    assert producer.keys.own == again.keys.own  # the instance's processes agree
+    assert parse({}).producer_key == producer.keys.own.public.decode() and producer.grants_unbound
+    other = parse_config({}, role="kv_producer", engine_id="e2", default_fingerprint="x")
+    assert other.keys.own != producer.keys.own
+    consumer = parse({}, role="kv_consumer")
+    assert consumer.keys is not None and consumer.keys.server_public_key is None
+    strict = parse({**PRODUCER_KEYS, "side_channel_port": 5600})
+    assert not strict.keys.admit_any_client and strict.producer_key == "" and not strict.grants_unbound
 
 
 def _params(**changes) -> TransferParams:

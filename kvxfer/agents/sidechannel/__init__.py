@@ -17,6 +17,7 @@ Hostile input never stops the server: a frame it cannot parse is counted (`Serve
 """
 
 from kvxfer.agents.sidechannel.client import ClientConfig, SideChannelClient, raise_for_reply
+from kvxfer.agents.sidechannel.clients import ClientCache, Target, producer_target, rank_address
 from kvxfer.agents.sidechannel.common import (
     CALL_ID_BYTES,
     DEFAULT_HOST,
@@ -29,6 +30,7 @@ from kvxfer.agents.sidechannel.server import Handler, ServerConfig, ServerStats,
 __all__ = [
     "CALL_ID_BYTES",
     "DEFAULT_HOST",
+    "ClientCache",
     "ClientConfig",
     "Handler",
     "PeerInfo",
@@ -36,7 +38,10 @@ __all__ = [
     "ServerStats",
     "SideChannelClient",
     "SideChannelServer",
+    "Target",
     "check_binding",
     "key_fingerprint",
+    "producer_target",
     "raise_for_reply",
+    "rank_address",
 ]

@@ -55,8 +55,6 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         check_security(self.keys, self.insecure, who="side channel client")
-        if self.keys is not None and self.keys.server_public_key is None:
-            raise ConfigError("side channel client: keys.server_public_key is required with CURVE")
 
 
 @dataclass
@@ -78,6 +76,9 @@ class SideChannelClient:
     """
 
     def __init__(self, address: str, config: ClientConfig, *, context: Ctx | None = None):
+        if config.keys is not None and config.keys.server_public_key is None:
+            raise ConfigError(f"side channel client for {address}: no server key (none configured, and the "
+                              f"request named none)")
         self.address = address
         self.config = config
         self._ctx = context or zmq.Context.instance()

@@ -219,7 +219,8 @@ class SideChannelServer:
                 self._drain(sock)
 
     def _answer_zap(self, zap: Sock) -> None:
-        """One ZAP request (RFC 27): admit CURVE clients whose key is on the allow-list."""
+        """One ZAP request (RFC 27): admit CURVE clients whose key is on the allow-list (any key
+        with `admit_any_client`)."""
         frames = zap.recv_multipart()
         allowed, user_id, address = self._zap_verdict(frames)
         request_id = frames[1] if len(frames) > 1 else b""
@@ -238,7 +239,7 @@ class SideChannelServer:
         if domain != ZAP_DOMAIN or len(client_key) != 32 or self.config.keys is None:
             return False, b"", address.decode("ascii", "replace")
         key = z85.encode(client_key)
-        allowed = key in self.config.keys.allowed_client_keys
+        allowed = self.config.keys.admit_any_client or key in self.config.keys.allowed_client_keys
         return allowed, (key if allowed else b""), address.decode("ascii", "replace")
 
     def _drain(self, sock: Sock, max_batch: int = 256) -> None:

@@ -6,33 +6,45 @@ Keys of `kv_connector_extra_config` (all optional unless said):
 
 | key | meaning | default |
 | --- | --- | --- |
-| `side_channel_host` | where a producer's side channel listens | `127.0.0.1` |
-| `side_channel_port` | producer: TP rank r listens on port + r (required for producers) | - |
+| `side_channel_host` | where a producer's side channel listens | this host's address (its hostname's) |
+| `side_channel_port` | producer: TP rank r listens on port + r | 5700 |
 | `advertise_host` | the host consumers dial (when listening on a wildcard) | side_channel_host |
 | `mode` | `read` (consumer pulls) or `write` (producer pushes) | `read` |
-| `lease_s` | producer holds a request's blocks at most this long | 30 |
+| `lease_s` | producer holds a request's blocks at most this long without a renewal | 30 |
 | `transfer_deadline_s` | slack of each transfer's deadline (plus bytes / expected_gbps) | 5 |
 | `expected_gbps` | pessimistic bandwidth for deadlines | 0.5 |
 | `handshake_timeout_s` | side-channel calls | 10 |
-| `curve_secret_key` / `curve_secret_key_file` | this instance's CURVE key pair | - |
-| `curve_server_key` / `curve_server_key_file` | consumer: the producers' public key | - |
-| `curve_allowed_keys` / `curve_allowed_keys_dir` | producer: consumers' public keys | - |
-| `insecure_plaintext` | no CURVE (loopback only, for experiments) | false |
+| `curve_secret_key` / `curve_secret_key_file` | this instance's CURVE key pair (strict mode) | made per instance |
+| `curve_server_key` / `curve_server_key_file` | consumer: pin the producers' public key (strict) | from each request |
+| `curve_allowed_keys` / `curve_allowed_keys_dir` | producer: admit only these consumers (strict) | any consumer |
+| `insecure_plaintext` | no CURVE at all (loopback only, for experiments) | false |
 | `model_fingerprint` | overrides the fingerprint derived from the model's shape | - |
 | `nixl_progress_thread` | NIXL's own progress thread instead of polling | false |
+
+With no keys at all (the drop-in mode) the side channel is still CURVE-encrypted and the producer
+still authenticated: each producer instance makes its key pair at start (`instance_keypair`, one
+file its processes share), its public key travels in `kv_transfer_params`, and it admits any
+consumer that presents signed parameters. Pre-shared keys pin both sides (the strict mode).
+Threat model of each: docs/security.md.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
+import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from kvxfer.agents.capability import Signer, master_secret
 from kvxfer.agents.keys import (
     KeyConfig,
     KeyPair,
+    generate_keypair,
+    instance_keypair,
     load_allowed_keys,
     load_keypair,
     load_public_key,
@@ -50,6 +62,8 @@ _KNOWN_KEYS = frozenset({
 })
 _WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
 _DEADLINE = Deadline()  # transfer_deadline_s and expected_gbps default to its fields
+DEFAULT_SIDE_CHANNEL_PORT = 5700  # vLLM's own NixlConnector defaults to 5600
+INSTANCE_KEY_DIR = Path(tempfile.gettempdir()) / f"kvxfer-{os.getuid()}"  # 0700: instance key pairs
 
 
 class ConnectorRole(Enum):
@@ -68,7 +82,7 @@ class ConnectorConfig:
     engine_id: str
     mode: TransferMode = TransferMode.READ
     side_channel_host: str = "127.0.0.1"
-    side_channel_port: int = 0
+    side_channel_port: int = DEFAULT_SIDE_CHANNEL_PORT
     advertise_host: str = "127.0.0.1"
     lease_s: float = 30.0
     transfer_deadline_s: float = _DEADLINE.slack_s
@@ -82,6 +96,17 @@ class ConnectorConfig:
     def side_channel_address(self, rank: int) -> str:
         return f"tcp://{self.advertise_host}:{self.side_channel_port + rank}"
 
+    @property
+    def producer_key(self) -> str:
+        """The public key consumers learn from `kv_transfer_params` (drop-in mode), else ""."""
+        keys = self.keys
+        return keys.own.public.decode() if keys is not None and keys.admit_any_client else ""
+
+    @property
+    def grants_unbound(self) -> bool:
+        """Requests bound to no consumer are usable (insecure, or any consumer admitted)."""
+        return self.keys is None or self.keys.admit_any_client
+
 
 def parse_config(extra: dict[str, Any], *, role: str | None, engine_id: str,
                  default_fingerprint: str) -> ConnectorConfig:
@@ -94,15 +119,12 @@ def parse_config(extra: dict[str, Any], *, role: str | None, engine_id: str,
                           f"'kv_consumer' (decode); 'kv_both' is not supported")
     connector_role = ConnectorRole(role)
     insecure = _flag(extra, "insecure_plaintext")
-    host = str(extra.get("side_channel_host", "127.0.0.1"))
+    host = str(extra.get("side_channel_host") or this_host())
     advertise = str(extra.get("advertise_host", host))
     if advertise in _WILDCARD_HOSTS:
         raise ConfigError(f"advertise_host={advertise!r}: consumers cannot dial a wildcard; set "
                           f"advertise_host to this machine's address")
-    port = _number(extra, "side_channel_port", 0, lo=0, hi=65535, kind=int)
-    if connector_role is ConnectorRole.PRODUCER and port == 0:
-        raise ConfigError("side_channel_port: required for a kv_producer (TP rank r listens on "
-                          "side_channel_port + r)")
+    port = _number(extra, "side_channel_port", DEFAULT_SIDE_CHANNEL_PORT, lo=1, hi=65535, kind=int)
     if insecure and not is_loopback(host):
         raise ConfigError(f"insecure_plaintext: only on loopback, but side_channel_host={host!r}; "
                           f"use CURVE keys")
@@ -117,7 +139,7 @@ def parse_config(extra: dict[str, Any], *, role: str | None, engine_id: str,
         transfer_deadline_s=_number(extra, "transfer_deadline_s", _DEADLINE.slack_s, lo=0.01),
         expected_gbps=_number(extra, "expected_gbps", _DEADLINE.expected_gbps, lo=1e-6),
         handshake_timeout_s=_number(extra, "handshake_timeout_s", 10.0, lo=0.01),
-        keys=None if insecure else _keys(extra, connector_role),
+        keys=None if insecure else _keys(extra, connector_role, engine_id),
         insecure=insecure,
         model_fingerprint=str(extra.get("model_fingerprint") or default_fingerprint),
         nixl_progress_thread=_flag(extra, "nixl_progress_thread"),
@@ -158,29 +180,44 @@ def _number(extra: dict[str, Any], key: str, default: float, *, lo: float,
     return value
 
 
-def _keys(extra: dict[str, Any], role: ConnectorRole) -> KeyConfig:
-    """CURVE material: a key pair always; producers need an allow-list, consumers the server key."""
-    hint = "(create keys with `kvxfer keys generate`, or set insecure_plaintext on loopback)"
-    own = _own_pair(extra, hint)
+def _keys(extra: dict[str, Any], role: ConnectorRole, engine_id: str) -> KeyConfig:
+    """CURVE material. Strict: pre-shared keys (a producer's allow-list, a consumer's pinned
+    producer key). Drop-in: a producer's own pair made per instance, any consumer admitted; a
+    consumer's pair made per process, the producer's key taken from each request."""
+    own = _own_pair(extra)
     if role is ConnectorRole.PRODUCER:
         allowed = _allowed(extra)
-        if not allowed:
-            raise ConfigError(f"curve_allowed_keys / curve_allowed_keys_dir: a kv_producer needs the "
-                              f"consumers' public keys {hint}")
-        return KeyConfig(own=own, allowed_client_keys=allowed)
+        pair = own or instance_keypair(INSTANCE_KEY_DIR, _key_name(engine_id))
+        return KeyConfig(own=pair, allowed_client_keys=allowed, admit_any_client=not allowed)
     server = _server_key(extra)
-    if server is None:
-        raise ConfigError(f"curve_server_key / curve_server_key_file: a kv_consumer needs the "
-                          f"producers' public key {hint}")
-    return KeyConfig(own=own, server_public_key=server)
+    if server is not None and own is None:
+        raise ConfigError("curve_server_key: pinning the producers' key is the strict mode, which needs this "
+                          "consumer's key pair on their allow-list too: give curve_secret_key or "
+                          "curve_secret_key_file (create keys with `kvxfer keys generate`)")
+    return KeyConfig(own=own or generate_keypair(), server_public_key=server)
 
 
-def _own_pair(extra: dict[str, Any], hint: str) -> KeyPair:
+def _key_name(engine_id: str) -> str:
+    """A file name for the instance's key from vLLM's engine id (a uuid unless set)."""
+    safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in engine_id)[:48]
+    return f"producer-{safe}-{hashlib.sha256(engine_id.encode()).hexdigest()[:8]}"
+
+
+def this_host() -> str:
+    """The address this host's name resolves to: a pod's IP on Kubernetes; set
+    `side_channel_host` where consumers reach the host by another address."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _own_pair(extra: dict[str, Any]) -> KeyPair | None:
     if extra.get("curve_secret_key_file"):
         return load_keypair(Path(str(extra["curve_secret_key_file"])))
     if extra.get("curve_secret_key"):
         return KeyPair.from_secret(str(extra["curve_secret_key"]), what="curve_secret_key")
-    raise ConfigError(f"curve_secret_key / curve_secret_key_file: CURVE is on and no key pair is set {hint}")
+    return None
 
 
 def _allowed(extra: dict[str, Any]) -> frozenset[bytes]:
@@ -204,3 +241,10 @@ def model_fingerprint(architecture: str, fields: dict[str, object]) -> str:
     attention (not the path, not the weights). Readable prefix, hash of every field."""
     digest = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:12]
     return f"{architecture}-{digest}"
+
+
+def signer_of(config: ConnectorConfig, boot_epoch: int) -> Signer:
+    """The producer instance's signer: its scheduler signs parameters, its workers hand out the
+    keys that check them, each deriving the same secret (kvxfer.agents.capability)."""
+    secret = config.keys.own.secret if config.keys is not None else None
+    return Signer(master_secret(secret, engine_id=config.engine_id, boot_epoch=boot_epoch))

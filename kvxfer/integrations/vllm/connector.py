@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,12 @@ class KvxferConnector(KVConnectorBase_V1):
         if self._scheduler is None:
             raise ConfigError("KvxferConnector: scheduler method called on a worker instance")
         return self._scheduler
+
+    def on_new_request(self, request: Request) -> None:
+        self._sched().arrived(request)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._sched().loads_finished(set(connector_output.finished_recving or ()))
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         return self._sched().num_new_matched_tokens(request, num_computed_tokens)

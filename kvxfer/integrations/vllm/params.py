@@ -85,6 +85,7 @@ class LoadJob:
     local_ids: tuple[int, ...]
     skip_tokens: int
     num_tokens: int
+    valid_until_ms: int = 0  # the lease's latest end the scheduler's heartbeat knows (0: the params')
 
 
 @dataclass(frozen=True)

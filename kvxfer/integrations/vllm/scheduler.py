@@ -3,10 +3,13 @@
 It decides, per request, what the workers do, and hands that over in the step's metadata:
 - consumer: a request arriving with a producer's `kv_transfer_params` is loaded asynchronously
   (`get_num_new_matched_tokens` answers "all prompt tokens not cached locally, async"), into the
-  blocks vLLM allocates (`update_state_after_alloc`) -> a LoadJob.
+  blocks vLLM allocates (`update_state_after_alloc`) -> a LoadJob. From the moment vLLM first
+  shows it the request, queued or not, until the load is handed to the workers, its lease is
+  renewed (kvxfer.agents.heartbeat): a request that waits longer than the lease keeps its KV.
 - producer: a request sent with `do_remote_decode` keeps its blocks after it finishes
-  (`request_finished` returns True) -> a SendJob; the workers free them, through vLLM, once every
-  consumer rank confirmed or the lease expired (`get_finished` on the worker side).
+  (`request_finished` returns True) -> a SendJob with parameters signed for their consumer; the
+  workers free them, through vLLM, once every consumer rank confirmed, the consumer aborted or
+  the lease expired (`get_finished` on the worker side).
 No transfer, layout or planning work happens here.
 """
 
@@ -14,11 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kvxfer.agents.heartbeat import Heartbeat, LeaseClient
 from kvxfer.agents.messages import TransferParams, new_request_id
-from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole
+from kvxfer.agents.sidechannel import ClientCache, ClientConfig
+from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole, signer_of
 from kvxfer.integrations.vllm.params import (
     LoadJob,
     ReleaseJob,
@@ -61,14 +67,37 @@ class SchedulerSide:
         self.boot_epoch = boot_epoch
         self._jobs = StepJobs()
         self._loading: set[str] = set()  # consumer requests whose load was handed to workers
+        self._renewing: dict[str, str] = {}  # vLLM request id -> transfer id its heartbeat renews
+        self._signer = signer_of(config, boot_epoch) if config.role is ConnectorRole.PRODUCER else None
+        self._heartbeat: Heartbeat | None = None
+        if config.role is ConnectorRole.CONSUMER:
+            clients = ClientCache(ClientConfig(keys=config.keys, insecure=config.insecure))
+            self._heartbeat = Heartbeat(LeaseClient(clients, timeout_s=config.handshake_timeout_s))
 
     # -- consumer ------------------------------------------------------------------------------
+
+    def arrived(self, request: Request) -> None:
+        """vLLM has the request, queued or not: keep its producer's lease alive from now on."""
+        if self.config.role is ConnectorRole.CONSUMER and request.request_id not in self._renewing:
+            params = consumer_params(request.kv_transfer_params)
+            if params is not None:
+                self._heartbeat.track(params)
+                self._renewing[request.request_id] = params.request_id
+
+    def loads_finished(self, req_ids: set[str]) -> None:
+        """The workers loaded (or failed to load) these requests: their leases need no renewal."""
+        for req_id in req_ids:
+            transfer_id = self._renewing.pop(req_id, None)
+            if transfer_id is not None:
+                self._heartbeat.untrack(transfer_id)
 
     def num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         if self.config.role is not ConnectorRole.CONSUMER or request.request_id in self._loading:
             return 0, False
-        if consumer_params(request.kv_transfer_params) is None:
+        params = consumer_params(request.kv_transfer_params)
+        if params is None:
             return 0, False
+        self.arrived(request)  # vLLM versions without `on_new_request` show requests first here
         count = len(request.prompt_token_ids or ()) - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
@@ -79,7 +108,9 @@ class SchedulerSide:
         if params is None:
             return
         self._loading.add(request.request_id)
+        valid_until = self._heartbeat.valid_until_ms(params)
         if num_external_tokens == 0:
+            self.loads_finished({request.request_id})
             self._jobs.releases.append(ReleaseJob(request.request_id, params, "prompt cached locally"))
             return
         needed = num_blocks_for(num_external_tokens, self.block_size)
@@ -88,7 +119,7 @@ class SchedulerSide:
         log.info("kvxfer request=%s: loading %d tokens (%d cached) from %s", request.request_id,
                  num_external_tokens, skip, params.engine_id)
         self._jobs.loads.append(LoadJob(request.request_id, params, tuple(local_ids), skip,
-                                        num_external_tokens))
+                                        num_external_tokens, valid_until))
 
     # -- both ------------------------------------------------------------------------------------
 
@@ -99,6 +130,7 @@ class SchedulerSide:
         return self._producer_finished(request, block_ids)
 
     def _consumer_finished(self, request: Request) -> None:
+        self.loads_finished({request.request_id})
         if request.request_id in self._loading:
             self._loading.discard(request.request_id)
             return
@@ -115,7 +147,7 @@ class SchedulerSide:
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return False, None  # aborted or failed: nothing to hand over
         keys = self.config.keys
-        params = TransferParams(
+        params = self._signer.sign(TransferParams(
             engine_id=self.config.engine_id,
             boot_epoch=self.boot_epoch,
             request_id=new_request_id(),
@@ -125,8 +157,11 @@ class SchedulerSide:
             binding=binding_for(request.kv_transfer_params,
                                 keys.allowed_client_keys if keys else frozenset()),
             num_tokens=request.num_prompt_tokens,
-            lease_expires_s=self.config.lease_s,
-        )
+            lease_s=self.config.lease_s,
+            # the workers start the lease a step later: this end is the earlier, safe one
+            expires_unix_ms=int((time.time() + self.config.lease_s) * 1e3),
+            producer_key=self.config.producer_key,
+        ))
         self._jobs.sends.append(SendJob(request.request_id, params))
         return True, producer_reply(params)
 

@@ -1,10 +1,10 @@
 """The worker half of the connector (one per vLLM worker process, i.e. per TP rank).
 
 `register` describes vLLM's cache tensors with a kvxfer layout and builds this rank's transfer
-endpoint (NIXL agent, registered memory, peers); a producer also starts its side-channel server.
-Transfers never run on vLLM's thread: jobs from the scheduler go to one service thread, which runs
-loads one at a time, drives NIXL (notifications, lease expiry, queued writes), and leaves results
-for `transfer_results`, which vLLM polls every step.
+endpoint and its protocol role (kvxfer.agents.producer or .consumer, the same the daemons run):
+a producer listens on its side channel and holds finished requests under leases; a consumer loads
+requests from its producer ranks. Loads never run on vLLM's thread: they go to a service thread,
+and their results wait for `transfer_results`, which vLLM polls every step.
 """
 
 from __future__ import annotations
@@ -12,27 +12,33 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from kvxfer.agents import messages as m
+from kvxfer.agents.capability import identity_of_peer
+from kvxfer.agents.consumer import Consumer, Load
 from kvxfer.agents.endpoint import DeadlinePolicy, Endpoint, Identity
+from kvxfer.agents.heartbeat import LeaseClient
+from kvxfer.agents.leases import Outcome
 from kvxfer.agents.messages import Role
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig, Threading
-from kvxfer.agents.sidechannel import ClientConfig, ServerConfig, SideChannelServer
-from kvxfer.errors import KvxferError, LayoutError
-from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole, TransferMode
-from kvxfer.integrations.vllm.consumer import Consumer, ConsumerSettings
+from kvxfer.agents.producer import Held, Producer
+from kvxfer.agents.sidechannel import ClientCache, ClientConfig, ServerConfig
+from kvxfer.errors import IncompatiblePeerError, KvxferError, LayoutError
+from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole, TransferMode, signer_of
 from kvxfer.integrations.vllm.params import LoadJob, ReleaseJob, SendJob
-from kvxfer.integrations.vllm.producer import Producer
 from kvxfer.integrations.vllm.stats import KvxferStats
 from kvxfer.layouts import CacheDesc, describe_shape
 from kvxfer.planning import heads_of_rank
 
 log = logging.getLogger(__name__)
 
-_IDLE_MIN_S, _IDLE_MAX_S = 0.0005, 0.01  # service thread's sleep when there is nothing to do
+_IDLE_S = 0.01  # the service thread's wait for a job
 
 
 @dataclass(frozen=True)
@@ -73,20 +79,30 @@ def describe_caches(kv_caches: dict[str, torch.Tensor], rank: RankInfo) -> tuple
     return tensors, desc
 
 
+def check_whole_blocks(producer: m.EngineInfo, name: str, ours: CacheDesc) -> None:
+    """vLLM's CPU attention kernel orders tokens inside a K or V half of a block its own way:
+    whole (block, head) regions move correctly, parts of blocks do not. Measured through the
+    `packed` strides: producer block_size 64 -> consumer 128 gave wrong tokens; 64 -> 64 and
+    128 -> 128 gave exact ones. So vLLM CPU caches pair only at equal block sizes."""
+    theirs = producer.regions[0].desc
+    if ours.layout == theirs.layout == "packed" and ours.block_size != theirs.block_size:
+        raise IncompatiblePeerError(name, [("caches[0].block_size", ours.block_size, theirs.block_size)])
+
+
 class WorkerSide:
     def __init__(self, config: ConnectorConfig, rank: RankInfo) -> None:
         self.config = config
         self.rank = rank
         self.metrics = TransferMetrics()
-        self.endpoint: Endpoint | None = None
-        self.producer: Producer | None = None
-        self.consumer: Consumer | None = None
-        self._server: SideChannelServer | None = None
+        self._nixl = threading.RLock()
         self._jobs: queue.Queue[LoadJob | ReleaseJob] = queue.Queue()
         self._lock = threading.Lock()
         self._results = Results()
         self._stats = KvxferStats()
         self._stop = threading.Event()
+        self._role: Producer | Consumer | None = None
+        self._leases: LeaseClient | None = None
+        self._endpoint: Endpoint | None = None
         self._thread: threading.Thread | None = None
 
     # -- setup and teardown ----------------------------------------------------------------------
@@ -99,29 +115,35 @@ class WorkerSide:
                             r.tp_size, r.tp_rank, cfg.model_fingerprint)
         threading_mode = Threading.PROGRESS_THREAD if cfg.nixl_progress_thread else Threading.APP_POLL
         agent = AgentConfig(name=f"kvxfer-{cfg.engine_id}-{r.tp_rank}-{r.boot_epoch:x}", threading=threading_mode)
-        self.endpoint = Endpoint(identity, tensors, desc, agent_config=agent, metrics=self.metrics,
-                                 deadline=DeadlinePolicy(cfg.transfer_deadline_s, cfg.expected_gbps))
+        self._endpoint = Endpoint(identity, tensors, desc, agent_config=agent, metrics=self.metrics,
+                                  deadline=DeadlinePolicy(cfg.transfer_deadline_s, cfg.expected_gbps))
         log.info("kvxfer %s rank %d/%d: %d layers of %s %s (%s), heads [%d, %d) of %d", cfg.role.value,
                  r.tp_rank, r.tp_size, desc.num_layers, r.layout, desc.shape, desc.dtype,
                  desc.first_head, desc.first_head + desc.num_heads, desc.total_heads)
-        if producer:
-            self._start_producer()
-        else:
-            self.consumer = Consumer(self.endpoint, ConsumerSettings(
-                ClientConfig(keys=cfg.keys, insecure=cfg.insecure), cfg.handshake_timeout_s,
-                write=cfg.mode is TransferMode.WRITE))
+        self._role = self._producer(self._endpoint) if producer else self._consumer(self._endpoint)
         self._thread = threading.Thread(target=self._serve, name="kvxfer-worker", daemon=True)
         self._thread.start()
 
-    def _start_producer(self) -> None:
-        assert self.endpoint is not None
+    def _producer(self, endpoint: Endpoint) -> Producer:
         cfg = self.config
-        self.producer = Producer(self.endpoint, lease_s=cfg.lease_s, metrics=self.metrics)
-        server = ServerConfig(host=cfg.side_channel_host, port=cfg.side_channel_port + self.rank.tp_rank,
-                              keys=cfg.keys, insecure=cfg.insecure, engine_id=cfg.engine_id,
-                              boot_epoch=self.rank.boot_epoch)
-        self._server = SideChannelServer(server, self.producer.handle)
-        self._server.start()
+        role = Producer(endpoint, signer=signer_of(cfg, self.rank.boot_epoch), lease_s=cfg.lease_s,
+                        metrics=self.metrics, on_release=self._sent, nixl_lock=self._nixl, shared_blocks=True,
+                        grant_unbound=cfg.grants_unbound)
+        role.start(ServerConfig(host=cfg.side_channel_host, port=cfg.side_channel_port + self.rank.tp_rank,
+                                keys=cfg.keys, insecure=cfg.insecure, engine_id=cfg.engine_id,
+                                boot_epoch=self.rank.boot_epoch))
+        return role
+
+    def _consumer(self, endpoint: Endpoint) -> Consumer:
+        cfg = self.config
+        clients = ClientCache(ClientConfig(keys=cfg.keys, insecure=cfg.insecure))
+        self._leases = LeaseClient(clients, timeout_s=cfg.handshake_timeout_s)
+        public = cfg.keys.own.public.decode() if cfg.keys is not None else None
+        modes = (m.Mode.WRITE,) if cfg.mode is TransferMode.WRITE else (m.Mode.READ,)
+        return Consumer(endpoint, clients=clients, leases=self._leases, nixl_lock=self._nixl,
+                        identity=identity_of_peer(public, cfg.engine_id),
+                        handshake_timeout_s=cfg.handshake_timeout_s, request_timeout_s=cfg.handshake_timeout_s,
+                        modes=modes, check_producer=lambda info, name: check_whole_blocks(info, name, endpoint.region.desc))
 
     def shutdown(self) -> None:
         """Stop serving, then release NIXL; a failure here is logged, never raised into vLLM's
@@ -129,9 +151,10 @@ class WorkerSide:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        for name, close in (("side channel", self._server and self._server.stop),
-                            ("consumer", self.consumer and self.consumer.close),
-                            ("endpoint", self.endpoint and self.endpoint.close)):
+        role = self._role
+        for name, close in (("producer", isinstance(role, Producer) and role.stop),
+                            ("consumer", isinstance(role, Consumer) and role.close),
+                            ("endpoint", self._endpoint and self._endpoint.close)):
             try:
                 if close:
                     close()
@@ -141,20 +164,20 @@ class WorkerSide:
     # -- vLLM's thread ---------------------------------------------------------------------------
 
     def submit(self, sends: list[SendJob], loads: list[LoadJob], releases: list[ReleaseJob]) -> None:
+        if sends and not isinstance(self._role, Producer):
+            raise KvxferError("a kv_consumer got a request to hold blocks for a consumer")
         for job in sends:
-            if self.producer is None:
-                raise KvxferError("a kv_consumer got a request to hold blocks for a consumer")
-            self.producer.hold(job)
+            p = job.params
+            self._role.hold(Held(p.request_id, tuple(p.block_ids), p.num_tokens, p.binding, tag=job.req_id))
+            log.info("kvxfer holding request=%s (transfer %s) for %.0f s", job.req_id, p.request_id, p.lease_s)
         for item in (*loads, *releases):
             self._jobs.put(item)
 
     def transfer_results(self) -> Results:
         with self._lock:
             results, self._results = self._results, Results()
-        if self.producer is not None:
-            results.sending = self.producer.take_finished()
-            if results.sending:
-                self._stats.record_leases_ended(len(results.sending))
+        if results.sending:
+            self._stats.record_leases_ended(len(results.sending))
         return results
 
     def take_stats(self) -> KvxferStats | None:
@@ -164,51 +187,50 @@ class WorkerSide:
             stats, self._stats = self._stats, KvxferStats()
         return stats
 
+    def _sent(self, held: Held, outcome: Outcome) -> None:
+        """A producer lease ended: vLLM may free the request's blocks."""
+        log.info("kvxfer lease of request=%s (transfer %s) ended: %s", held.tag, held.transfer_id, outcome.value)
+        with self._lock:
+            self._results.sending.add(str(held.tag))
+
     # -- service thread --------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        idle = _IDLE_MIN_S
         while not self._stop.is_set():
             try:
-                busy = self._step()
-            except Exception:  # the thread must outlive any bug in one step
+                job = self._jobs.get(timeout=_IDLE_S)
+            except queue.Empty:
+                continue
+            try:
+                if isinstance(job, ReleaseJob):
+                    self._release(job)
+                else:
+                    self._load(job)
+            except Exception:  # the thread must outlive any bug in one job
                 log.exception("kvxfer service step failed")
-                busy = False
-            idle = _IDLE_MIN_S if busy else min(idle * 2, _IDLE_MAX_S)
-            if not busy:
-                self._stop.wait(idle)
 
-    def _step(self) -> bool:
-        busy = self.producer.poll() if self.producer is not None else False
-        try:
-            job = self._jobs.get_nowait()
-        except queue.Empty:
-            return busy
-        if isinstance(job, ReleaseJob):
-            assert self.consumer is not None
-            self.consumer.release(job.params, job.reason)
-        else:
-            self._load(job)
-        return True
+    def _release(self, job: ReleaseJob) -> None:
+        """The producer's KV will not be read: rank 0 ends the lease on every producer rank."""
+        if self.rank.tp_rank == 0 and self._leases is not None:
+            self._leases.abort(job.params, reason=job.reason)
 
     def _load(self, job: LoadJob) -> None:
-        assert self.consumer is not None
+        consumer = self._role
+        if not isinstance(consumer, Consumer):
+            raise KvxferError("a kv_producer got a request to load")
         log.info("kvxfer loading request=%s: %d tokens after %d cached, from %s", job.req_id,
                  job.num_tokens, job.skip_tokens, job.params.engine_id)
+        write = self.config.mode is TransferMode.WRITE and job.skip_tokens == 0
+        local = np.asarray(job.local_ids, dtype=np.int64)
+        push_s = consumer.endpoint.deadline.seconds(consumer.expected_bytes(job.params, job.num_tokens))
         try:
-            summary = self.consumer.load(job)
+            loaded = consumer.load(Load(job.params, local, job.num_tokens, job.skip_tokens,
+                                        m.Mode.WRITE if write else m.Mode.READ, valid_until_ms=job.valid_until_ms,
+                                        not_after_unix=time.time() + consumer.request_timeout_s + push_s))
         except Exception as err:  # noqa: BLE001 (a load's failure is reported, never raised)
-            error = err if isinstance(err, KvxferError) else KvxferError(f"internal: {type(err).__name__}: {err}")
-            log.error("kvxfer load failed request=%s producer=%s kind=%s: %s", job.req_id,
-                      job.params.engine_id, error.kind, error)
-            self.metrics.observe_failure(error.kind)
-            with self._lock:  # reported first: telling the producer may wait on a dead peer
-                self._stats.record_failure(error.kind)
-                self._results.recving.add(job.req_id)
-                self._results.failed.add(job.req_id)
-                self._results.failed_blocks.update(job.local_ids)
-            self.consumer.fail(job.params, error)
+            self._failed(job, consumer, err)
             return
+        summary = loaded.summary
         log.info("kvxfer loaded request=%s from %s: %d tokens, %d bytes, %d descriptors, %.1f ms (%s)",
                  job.req_id, ",".join(summary.peers), job.num_tokens, summary.num_bytes,
                  summary.num_descriptors, summary.seconds * 1e3, summary.mode.value)
@@ -216,3 +238,17 @@ class WorkerSide:
             self._stats.record_load(num_bytes=summary.num_bytes, num_descriptors=summary.num_descriptors,
                                     seconds=summary.seconds)
             self._results.recving.add(job.req_id)
+
+    def _failed(self, job: LoadJob, consumer: Consumer, err: Exception) -> None:
+        error = err if isinstance(err, KvxferError) else KvxferError(f"internal: {type(err).__name__}: {err}")
+        error = consumer.explain(job.params, error)
+        log.error("kvxfer load failed request=%s producer=%s kind=%s: %s", job.req_id,
+                  job.params.engine_id, error.kind, error)
+        self.metrics.observe_failure(error.kind)
+        with self._lock:  # reported first: telling the producer may wait on a dead peer
+            self._stats.record_failure(error.kind)
+            self._results.recving.add(job.req_id)
+            self._results.failed.add(job.req_id)
+            self._results.failed_blocks.update(job.local_ids)
+        if self._leases is not None:
+            self._leases.abort(job.params, reason=str(error), error_kind=error.kind)

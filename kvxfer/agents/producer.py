@@ -1,0 +1,404 @@
+"""The producer role of the transfer protocol: one per producer (prefill) rank, driven alike by
+the daemons' prefill ranks and the vLLM connector's producer workers.
+
+A producer rank holds each finished request under a lease bound to one consumer (`hold`), and
+the lease ends exactly once:
+- confirmed: every consumer rank sent a `DONE` notification (after its own transfers finished),
+- aborted: the consumer sent `Abort` (it failed, or needs nothing more),
+- expired: the consumer stopped renewing (`LeaseRenew`, its heartbeat) for `lease_s`.
+The driver learns of each end through `on_release` (the daemons free the blocks on rank 0; vLLM
+reports the request as finished sending). In WRITE mode a consumer rank asks this rank for a push
+(`WriteRequest`); the push runs on this role's own thread, never behind the driver's compute,
+and its notification (`PUSHED`) tells the consumer rank when the bytes landed or why they did not.
+
+Threads: the side-channel server's thread runs `handle` (no NIXL calls); this role's thread runs
+`poll` (every NIXL call: notifications, pushes); the driver's thread calls `hold`. `_lock` guards
+the state they share; the NIXL lock is the driver's, shared with anything else using the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvxfer.agents import messages as m
+from kvxfer.agents.capability import Signer, identity_of_peer
+from kvxfer.agents.compat import check_compatible
+from kvxfer.agents.endpoint import Endpoint, Leg, shaped_ids
+from kvxfer.agents.inbox import Inbox, Notice
+from kvxfer.agents.leases import LeaseTable, Outcome, Released
+from kvxfer.agents.metrics import TransferMetrics
+from kvxfer.agents.peers import Peer
+from kvxfer.agents.sidechannel import PeerInfo, ServerConfig, SideChannelServer, check_binding
+from kvxfer.errors import AuthError, KvxferError, LeaseError, PlanError, TransferTimeout
+from kvxfer.planning import map_tp
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "consumer"  # a lease's one logical consumer; its ranks are tallied in `_Lease`
+EARLY_TTL_S = 60.0  # notifications and push requests that beat their `hold` wait this long
+EARLY_MAX = 4096  # for at most this many requests
+_IDLE_MIN_S, _IDLE_MAX_S = 20e-6, 2e-3
+
+
+@dataclass(frozen=True)
+class Held:
+    """One request as a producer rank holds it."""
+
+    transfer_id: str
+    block_ids: tuple[int, ...]  # the request's blocks (allocator ids), in token order
+    num_tokens: int
+    binding: m.Binding
+    tag: object = None  # the driver's own handle of the request (vLLM's request id)
+
+
+Release = Callable[[Held, Outcome], None]
+
+
+@dataclass
+class _Lease:
+    held: Held
+    confirmed: set[int] = field(default_factory=set)  # consumer ranks that sent DONE
+
+
+@dataclass(frozen=True)
+class _ConsumerRank:
+    """A consumer rank as its handshake (authenticated by CURVE) described it."""
+
+    info: m.EngineInfo
+    peer: PeerInfo
+    identity: str
+
+
+@dataclass(frozen=True)
+class _Push:
+    held: Held
+    ask: m.WriteRequest
+    consumer: _ConsumerRank
+
+
+class Producer:
+    def __init__(self, endpoint: Endpoint, *, signer: Signer, lease_s: float, metrics: TransferMetrics,
+                 on_release: Release, nixl_lock: threading.RLock, shared_blocks: bool = False,
+                 grant_unbound: bool = False) -> None:
+        self.endpoint = endpoint
+        self.rank = endpoint.identity.tp_rank
+        self.tp_size = endpoint.identity.tp_size
+        self.signer = signer
+        self.info = endpoint.info()  # precomputed: the server thread never calls NIXL
+        self.metrics = metrics
+        self._leases = LeaseTable(ttl_s=lease_s, metrics=metrics)
+        self._on_release = on_release
+        # vLLM's prefix cache shares blocks between requests: leases then hold none exclusively.
+        self._shared_blocks = shared_blocks
+        # Unbound requests (no consumer named) are usable by any admitted consumer that holds
+        # their parameters: without CURVE always; with it only where the server admits any key.
+        self._grant_unbound = grant_unbound
+        self._nixl_lock = nixl_lock
+        self._inbox = Inbox(endpoint.agent, lock=nixl_lock, metrics=metrics)
+        self._lock = threading.Lock()
+        self._held: dict[str, _Lease] = {}
+        self._consumers: dict[str, _ConsumerRank] = {}  # NIXL agent name -> consumer rank
+        self._by_rank: dict[tuple[str, int], _ConsumerRank] = {}  # (engine id, rank) -> consumer rank
+        self._early: dict[str, tuple[float, list[Notice | tuple[PeerInfo, m.WriteRequest]]]] = {}
+        self._pushes: deque[_Push] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._server: SideChannelServer | None = None
+
+    @property
+    def lease_s(self) -> float:
+        return self._leases.ttl_s
+
+    @property
+    def num_held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self, server: ServerConfig) -> None:
+        """Listen on the side channel and start this role's thread."""
+        self._thread = threading.Thread(target=self._run, name=f"kvxfer-producer-r{self.rank}", daemon=True)
+        self._thread.start()
+        self._server = SideChannelServer(server, self.handle)
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # -- the driver's thread ------------------------------------------------------------------------
+
+    def hold(self, held: Held) -> int:
+        """Start the lease of a finished request; returns when it ends unless renewed (unix ms)."""
+        with self._lock:
+            owned = () if self._shared_blocks else held.block_ids
+            self._leases.acquire(held.transfer_id, owned, [CONSUMER], now=time.monotonic())
+            self._held[held.transfer_id] = _Lease(held)
+            early = self._early.pop(held.transfer_id, (0.0, []))[1]
+        log.debug("rank %d holds %s (%d blocks) for %.0f s", self.rank, held.transfer_id[:8],
+                  len(held.block_ids), self.lease_s)
+        for event in early:
+            if isinstance(event, Notice):
+                self._released(self._confirm(event))
+            else:
+                self._answer_early_write(*event)
+        return int((time.time() + self.lease_s) * 1e3)
+
+    def drop(self, transfer_id: str, why: str) -> bool:
+        """End a lease now on the driver's own account (the request failed before anyone was
+        told of it). False if none was held."""
+        with self._lock:
+            if transfer_id not in self._held:
+                return False
+            released = self._end_locked(self._leases.abort(transfer_id))
+        log.info("lease of %s dropped on rank %d: %s", transfer_id[:8], self.rank, why)
+        self._released(released)
+        return True
+
+    def sign(self, params: m.TransferParams) -> m.TransferParams:
+        return self.signer.sign(params)
+
+    # -- the side channel's thread ------------------------------------------------------------------
+
+    def handle(self, peer: PeerInfo, msg: m.Message) -> m.Message:
+        match msg:
+            case m.HandshakeRequest():
+                return self._handshake(peer, msg)
+            case m.Abort():
+                self._abort(peer, msg)
+                return m.Ack(request_id=msg.request_id)
+            case m.LeaseRenew():
+                return self._renew(peer, msg)
+            case m.WriteRequest():
+                self._write_request(peer, msg)
+                return m.Ack(request_id=msg.request_id)
+        return m.ErrorReply(kind="malformed", message=f"a producer rank does not take {type(msg).__name__}")
+
+    def _handshake(self, peer: PeerInfo, msg: m.HandshakeRequest) -> m.Message:
+        reply = m.HandshakeReply(engine=self.info)
+        check_compatible(reply, msg, peer=f"{msg.engine.engine_id}/{msg.engine.tp_rank}")
+        identity = identity_of_peer(peer.public_key, msg.engine.engine_id)
+        consumer = _ConsumerRank(msg.engine, peer, identity)
+        with self._lock:
+            self._consumers[msg.engine.agent_name] = consumer
+            self._by_rank[msg.engine.engine_id, msg.engine.tp_rank] = consumer
+        unbound = self.signer.key_for("") if peer.public_key is None or self._grant_unbound else b""
+        return m.HandshakeReply(engine=self.info, params_key=self.signer.key_for(identity),
+                                unbound_params_key=unbound)
+
+    def _abort(self, peer: PeerInfo, msg: m.Abort) -> None:
+        with self._lock:
+            lease = self._held.get(msg.request_id)
+            if lease is None:
+                return  # already ended: aborts are idempotent
+            self._check_binding(peer, lease.held.binding)
+            released = self._end_locked(self._leases.abort(msg.request_id))
+        log.info("lease of %s ends early on rank %d: %s%s", msg.request_id[:8], self.rank,
+                 f"{msg.error_kind}: " if msg.error_kind else "", msg.reason or "consumer aborted")
+        self._released(released)
+
+    def _renew(self, peer: PeerInfo, msg: m.LeaseRenew) -> m.Message:
+        renewed, unknown = [], []
+        now = time.monotonic()
+        with self._lock:
+            for transfer_id in msg.request_ids:
+                lease = self._held.get(transfer_id)
+                try:
+                    if lease is None:
+                        raise LeaseError(f"request {transfer_id}: not held")
+                    self._check_binding(peer, lease.held.binding)
+                    self._leases.renew(transfer_id, CONSUMER, now=now)
+                    renewed.append(transfer_id)
+                except KvxferError:
+                    unknown.append(transfer_id)
+        return m.LeaseRenewed(renewed=renewed, unknown=tuple(unknown),
+                              expires_unix_ms=int((time.time() + self.lease_s) * 1e3))
+
+    def _write_request(self, peer: PeerInfo, msg: m.WriteRequest) -> None:
+        try:
+            with self._lock:
+                lease = self._held.get(msg.request_id)
+                if lease is None:
+                    self._file_early(msg.request_id, (peer, msg))
+                    return
+                self._admit_push_locked(peer, msg, lease.held)
+        except KvxferError as err:  # the reply carries it; the log and metric say it here too
+            log.warning("push of %s to %s rank %d refused: %s", msg.request_id[:8], msg.decode_engine_id,
+                        msg.decode_rank, err)
+            self.metrics.observe_failure(err.kind)
+            raise
+        self._wake.set()
+
+    def _answer_early_write(self, peer: PeerInfo, msg: m.WriteRequest) -> None:
+        """A push asked for before `hold`: admitted now, or refused with a PUSHED error."""
+        try:
+            self._write_request(peer, msg)
+        except KvxferError as err:
+            consumer = self._by_rank.get((msg.decode_engine_id, msg.decode_rank))
+            if consumer is not None:
+                self._notify(consumer.info.agent_name, msg.request_id, err.kind)
+
+    def _admit_push_locked(self, peer: PeerInfo, msg: m.WriteRequest, held: Held) -> None:
+        """Refuse a push the asking peer may not aim where it aims, or that comes too late."""
+        self._check_binding(peer, held.binding, engine_id=msg.decode_engine_id)
+        consumer = self._by_rank.get((msg.decode_engine_id, msg.decode_rank))
+        if consumer is None or consumer.identity != identity_of_peer(peer.public_key, msg.decode_engine_id):
+            raise AuthError(f"push of {msg.request_id[:8]}: decode {msg.decode_engine_id} rank {msg.decode_rank} "
+                            f"did not handshake with the key that asked for it; refusing")
+        _check_in_time(msg)
+        if not self._targets(consumer.info.tp_size, msg.decode_rank):
+            raise PlanError(f"push of {msg.request_id[:8]}: producer rank {self.rank} holds none of the heads "
+                            f"of decode rank {msg.decode_rank} (decode TP {consumer.info.tp_size})")
+        self._pushes.append(_Push(held, msg, consumer))
+
+    # -- this role's thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        idle = _IDLE_MIN_S
+        while not self._stop.is_set():
+            try:
+                busy = self.poll()
+            except Exception:  # the thread must outlive any bug in one step
+                log.exception("producer rank %d: poll failed", self.rank)
+                busy = False
+            idle = _IDLE_MIN_S if busy else min(idle * 2, _IDLE_MAX_S)
+            if not busy and self._wake.wait(idle):
+                self._wake.clear()
+
+    def poll(self) -> bool:
+        """Drive NIXL, apply confirmations, run queued pushes, expire leases. True if it did work."""
+        arrived = self._inbox.collect()
+        for notice in self._inbox.take_all():
+            if notice.notif.kind is m.NotifKind.DONE:
+                self._released(self._confirm(notice))
+        with self._lock:
+            push = self._pushes.popleft() if self._pushes else None
+            expired = [self._end_locked(r) for r in self._leases.expire(time.monotonic())]
+            self._forget_early_locked()
+        for held in expired:
+            log.warning("lease of %s expired on rank %d before every consumer rank confirmed",
+                        held[0].transfer_id[:8], self.rank)
+            self._released(held)
+        if push is not None:
+            self._push(push)
+        return bool(arrived) or push is not None
+
+    def _confirm(self, notice: Notice) -> tuple[Held, Outcome] | None:
+        transfer_id = notice.notif.request_id
+        with self._lock:
+            lease = self._held.get(transfer_id)
+            consumer = self._consumers.get(notice.agent)
+            if lease is None or consumer is None:
+                self._file_early(transfer_id, notice)
+                return None
+            try:
+                self._check_binding(consumer.peer, lease.held.binding, engine_id=consumer.info.engine_id)
+            except KvxferError as err:
+                log.warning("ignoring a confirmation of %s: %s", transfer_id[:8], err)
+                return None
+            lease.confirmed.add(notice.notif.rank)
+            if not lease.confirmed >= set(range(consumer.info.tp_size)):
+                return None
+            return self._end_locked(self._leases.confirm(transfer_id, CONSUMER, now=time.monotonic()))
+
+    def _push(self, job: _Push) -> None:
+        ask, consumer = job.ask, job.consumer
+        try:
+            _check_in_time(ask)
+            with self._nixl_lock:
+                peer = self.endpoint.peers.admit(consumer.info)
+                if ask.staging_offsets is None:
+                    self._push_direct(job, peer)
+                else:
+                    self._push_staged(job, peer)
+        except KvxferError as err:
+            log.warning("push of %s to %s rank %d failed: %s", ask.request_id[:8], ask.decode_engine_id,
+                        ask.decode_rank, err)
+            self.metrics.observe_failure(err.kind)
+            self._notify(consumer.info.agent_name, ask.request_id, err.kind)
+
+    def _push_direct(self, job: _Push, peer: Peer) -> None:
+        held, ask = job.held, job.ask
+        remote = shaped_ids(peer.region.desc, ask.block_ids, held.num_tokens)
+        legs = [Leg(peer, heads, remote) for heads in self._targets(peer.info.tp_size, ask.decode_rank)]
+        local = shaped_ids(self.endpoint.region.desc, held.block_ids, held.num_tokens)
+        self.endpoint.write(ask.request_id, legs, local, held.num_tokens, notif=self._pushed(ask.request_id))
+
+    def _push_staged(self, job: _Push, peer: Peer) -> None:
+        """Gather each of our parts for the decode rank into one WRITE each, into the slot
+        offsets it reserved (checked against its registered slots area on the way)."""
+        held, ask = job.held, job.ask
+        sources = map_tp(self.endpoint.region.desc.total_heads, self.tp_size, peer.info.tp_size) \
+            .sources_of(ask.decode_rank)
+        if len(ask.staging_offsets) != len(sources):
+            raise PlanError(f"staged push: {len(ask.staging_offsets)} staging offsets for decode rank "
+                            f"{ask.decode_rank}, which has {len(sources)} sources")
+        local = shaped_ids(self.endpoint.region.desc, held.block_ids, held.num_tokens)
+        for source, offset in zip(sources, ask.staging_offsets, strict=True):
+            if source.prefill_rank == self.rank:
+                self.endpoint.write_staged(ask.request_id, Leg(peer, source.heads, local), local,
+                                           held.num_tokens, offset, notif=self._pushed(ask.request_id))
+
+    def _pushed(self, transfer_id: str, error_kind: str = "") -> bytes:
+        status = m.Status.ERROR if error_kind else m.Status.OK
+        return m.encode_notif(m.XferNotif(request_id=transfer_id, rank=self.rank, status=status,
+                                          error_kind=error_kind, kind=m.NotifKind.PUSHED))
+
+    def _notify(self, agent: str, transfer_id: str, error_kind: str) -> None:
+        """Tell a consumer rank its push failed, so it stops waiting now (best effort)."""
+        try:
+            with self._nixl_lock:
+                if agent not in self.endpoint.agent.peers():
+                    return
+                self.endpoint.agent.send_notif(agent, self._pushed(transfer_id, error_kind))
+        except KvxferError as err:
+            log.info("could not tell %s that the push of %s failed: %s", agent, transfer_id[:8], err)
+
+    def _check_binding(self, peer: PeerInfo, binding: m.Binding, *, engine_id: str | None = None) -> None:
+        if self._grant_unbound and not (binding.consumer_key or binding.consumer_engine_id):
+            return
+        check_binding(peer, binding, engine_id=engine_id)
+
+    def _targets(self, consumer_tp: int, decode_rank: int) -> list:
+        mapping = map_tp(self.endpoint.region.desc.total_heads, self.tp_size, consumer_tp)
+        return [a.heads for a in mapping.targets_of(self.rank) if a.decode_rank == decode_rank]
+
+    # -- ending leases ------------------------------------------------------------------------------
+
+    def _end_locked(self, released: Released | None) -> tuple[Held, Outcome] | None:
+        if released is None:
+            return None
+        lease = self._held.pop(released.request_id)
+        return lease.held, released.outcome
+
+    def _released(self, ended: tuple[Held, Outcome] | None) -> None:
+        if ended is not None:
+            log.debug("lease of %s ended on rank %d: %s", ended[0].transfer_id[:8], self.rank, ended[1].value)
+            self._on_release(*ended)
+
+    def _file_early(self, transfer_id: str, event: Notice | tuple[PeerInfo, m.WriteRequest]) -> None:
+        if transfer_id in self._early or len(self._early) < EARLY_MAX:
+            self._early.setdefault(transfer_id, (time.monotonic(), []))[1].append(event)
+
+    def _forget_early_locked(self) -> None:
+        cutoff = time.monotonic() - EARLY_TTL_S
+        for transfer_id in [t for t, (seen, _) in self._early.items() if seen < cutoff]:
+            del self._early[transfer_id]
+
+
+def _check_in_time(ask: m.WriteRequest) -> None:
+    late = time.time() - ask.not_after_unix if ask.not_after_unix is not None else 0.0
+    if late > 0:
+        raise TransferTimeout(f"push of {ask.request_id[:8]} to decode rank {ask.decode_rank}: the consumer "
+                              f"stopped waiting {late:.3f} s ago; refusing to write into memory it may have reused")
