@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 import time
 from collections import OrderedDict
 
@@ -100,9 +101,13 @@ class OnceOnly:
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
         self._seen: OrderedDict[str, float] = OrderedDict()  # id -> wall clock it may be forgotten
+        self._lock = threading.Lock()  # a consumer may load several requests at once
 
     def use(self, params: TransferParams, *, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        with self._lock:
+            self._use(params, time.time() if now is None else now)
+
+    def _use(self, params: TransferParams, now: float) -> None:
         while self._seen and (next(iter(self._seen.values())) < now or len(self._seen) >= self.capacity):
             self._seen.popitem(last=False)
         if params.request_id in self._seen:

@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from kvxfer.agents import messages as m
 from kvxfer.agents.capability import Signer, identity_of_peer
 from kvxfer.agents.compat import check_compatible
@@ -106,6 +108,7 @@ class Producer:
         self._by_rank: dict[tuple[str, int], _ConsumerRank] = {}  # (engine id, rank) -> consumer rank
         self._early: dict[str, tuple[float, list[Notice | tuple[PeerInfo, m.WriteRequest]]]] = {}
         self._pushes: deque[_Push] = deque()
+        self._to_prepare: deque[_ConsumerRank] = deque()  # consumer ranks that just handshook
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -193,6 +196,9 @@ class Producer:
         with self._lock:
             self._consumers[msg.engine.agent_name] = consumer
             self._by_rank[msg.engine.engine_id, msg.engine.tp_rank] = consumer
+            if m.Mode.WRITE in msg.engine.modes:
+                self._to_prepare.append(consumer)
+        self._wake.set()
         unbound = self.signer.key_for("") if peer.public_key is None or self._grant_unbound else b""
         return m.HandshakeReply(engine=self.info, params_key=self.signer.key_for(identity),
                                 unbound_params_key=unbound)
@@ -265,6 +271,9 @@ class Producer:
     # -- this role's thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        device = self.endpoint.tensors[0].device
+        if device.type == "cuda":  # the current device is per thread: pushes gather on the cache's
+            torch.cuda.set_device(device)
         idle = _IDLE_MIN_S
         while not self._stop.is_set():
             try:
@@ -284,15 +293,34 @@ class Producer:
                 self._released(self._confirm(notice))
         with self._lock:
             push = self._pushes.popleft() if self._pushes else None
+            prepare = self._to_prepare.popleft() if self._to_prepare else None
             expired = [self._end_locked(r) for r in self._leases.expire(time.monotonic())]
             self._forget_early_locked()
+        if prepare is not None:
+            self._prepare(prepare)
         for held in expired:
             log.warning("lease of %s expired on rank %d before every consumer rank confirmed",
                         held[0].transfer_id[:8], self.rank)
             self._released(held)
         if push is not None:
             self._push(push)
-        return bool(arrived) or push is not None
+        return bool(arrived) or push is not None or prepare is not None
+
+    def _prepare(self, consumer: _ConsumerRank) -> None:
+        """Before a consumer rank's first push: load its agent and prepare the descriptor lists
+        of the heads we push it, here on this role's thread instead of inside that push."""
+        started = time.perf_counter()
+        info = consumer.info
+        try:
+            with self._nixl_lock:
+                peer = self.endpoint.peers.admit(info)
+                for heads in self._targets(info.tp_size, info.tp_rank):
+                    self.endpoint.peers.prepared(peer, heads)
+        except KvxferError as err:  # the push will say so again, with its request
+            log.warning("could not prepare pushes to %s rank %d: %s", info.engine_id, info.tp_rank, err)
+            return
+        log.info("rank %d prepared pushes to %s rank %d (agent, descriptor lists) in %.1f ms", self.rank,
+                 info.engine_id, info.tp_rank, (time.perf_counter() - started) * 1e3)
 
     def _confirm(self, notice: Notice) -> tuple[Held, Outcome] | None:
         transfer_id = notice.notif.request_id

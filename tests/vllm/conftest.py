@@ -84,8 +84,13 @@ def server(spec: ServerSpec, logs: Path) -> Iterator[VllmServer]:
         running.stop()
 
 
-def connector_config(role: str, curve: dict[str, object], **extra: object) -> dict[str, object]:
-    """`--kv-transfer-config` of a KvxferConnector instance, CURVE keys given inline."""
+def connector_config(role: str, curve: dict[str, object] | None = None, **extra: object) -> dict[str, object]:
+    """`--kv-transfer-config` of a KvxferConnector instance: drop-in (`curve` None: no
+    kv_connector_extra_config at all unless `extra`), or strict with CURVE keys given inline."""
+    if curve is None:
+        config: dict[str, object] = {"kv_connector": "KvxferConnector",
+                                     "kv_connector_module_path": "kvxfer.integrations.vllm", "kv_role": role}
+        return {**config, "kv_connector_extra_config": extra} if extra else config
     producer, consumer = curve["producer"], curve["consumer"]
     if role == "kv_producer":
         keys = {"curve_secret_key": producer.secret.decode(),
@@ -98,15 +103,15 @@ def connector_config(role: str, curve: dict[str, object], **extra: object) -> di
             "kv_role": role, "kv_connector_extra_config": {**keys, **extra}}
 
 
-def producer_spec(model: Path, name: str, curve: dict[str, object], *, tp: int = 1) -> ServerSpec:
-    # A generous lease: on a loaded 2-core machine a consumer may start its load many seconds
-    # after the producer finished (expiry itself is tested in tests/test_leases.py).
+def producer_spec(model: Path, name: str, curve: dict[str, object] | None, *, tp: int = 1) -> ServerSpec:
+    """A producer; `curve` None: the drop-in configuration (nothing but the connector's name)."""
     return ServerSpec(model=model, name=name, extra_args=["--tensor-parallel-size", str(tp)],
-                      kv_transfer_config=connector_config("kv_producer", curve, lease_s=120))
+                      kv_transfer_config=connector_config("kv_producer", curve))
 
 
-def consumer_spec(model: Path, name: str, curve: dict[str, object], *, tp: int = 1,
+def consumer_spec(model: Path, name: str, curve: dict[str, object] | None, *, tp: int = 1,
                   mode: str = "read", policy: str = "fail") -> ServerSpec:
-    config = {**connector_config("kv_consumer", curve, mode=mode), "kv_load_failure_policy": policy}
+    extra = {"mode": mode} if mode != "read" else {}
+    config = {**connector_config("kv_consumer", curve, **extra), "kv_load_failure_policy": policy}
     return ServerSpec(model=model, name=name, extra_args=["--tensor-parallel-size", str(tp)],
                       kv_transfer_config=config)

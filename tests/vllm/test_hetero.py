@@ -1,4 +1,4 @@
-"""Heterogeneous TP and WRITE: a TP 2 producer (one KV head per rank) pushes into a TP 1 consumer
+"""Heterogeneous TP and WRITE, in the strict configuration (pre-shared CURVE keys): a TP 2 producer (one KV head per rank) pushes into a TP 1 consumer
 in WRITE mode; a request whose prompt prefix the consumer already holds loads only the rest,
 falling back to READ from both producer ranks. Tokens must equal the plain instance's. Then the
 producer is killed after a prefill: this consumer's kv_load_failure_policy is `recompute`, so the

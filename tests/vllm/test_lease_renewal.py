@@ -18,11 +18,11 @@ LEASE_S = 3.0
 BLOCKER_TOKENS = 600  # the one running slot is busy this long (well over LEASE_S on 2 cores)
 
 
-def test_request_queued_past_the_lease_still_loads(models, logs, curve, plain_tokens):
-    cons = consumer_spec(models["a"], "consumer-queued", curve)
+def test_request_queued_past_the_lease_still_loads(models, logs, plain_tokens):
+    cons = consumer_spec(models["a"], "consumer-queued", None)
     cons.extra_args += ["--max-num-seqs", "1"]  # one running request: the next one queues
     prod = ServerSpec(model=models["a"], name="producer-short-lease", kv_transfer_config=connector_config(
-        "kv_producer", curve, lease_s=LEASE_S, transfer_deadline_s=1))
+        "kv_producer", lease_s=LEASE_S, transfer_deadline_s=1))
     with server(cons, logs) as consumer, server(prod, logs) as producer:
         prompt = PROMPTS[1]
         first = producer.complete(prompt, max_tokens=1, kv_transfer_params={"do_remote_decode": True})

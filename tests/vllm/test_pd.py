@@ -1,5 +1,6 @@
-"""Producer and consumer vLLM instances with KvxferConnector (TP 1 each, READ, CURVE), driven like
-vLLM's two-step P/D proxy. Greedy decoding must give exactly the plain instance's tokens, and must
+"""Producer and consumer vLLM instances with KvxferConnector in its drop-in configuration (TP 1
+each, READ, no kv_connector_extra_config: still CURVE, keys made per instance), driven like vLLM's
+two-step P/D proxy. Greedy decoding must give exactly the plain instance's tokens, and must
 not when the producer's weights differ (so the consumer really decodes from transferred KV)."""
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ from kvxfer.integrations.vllm.testing import ServerError, VllmServer, prefill_th
 
 
 @pytest.fixture(scope="module")
-def consumer(models: dict[str, Path], logs: Path, curve: dict[str, object]) -> Iterator[VllmServer]:
+def consumer(models: dict[str, Path], logs: Path) -> Iterator[VllmServer]:
     """One decode instance for this module; a failed load fails the request."""
-    with server(consumer_spec(models["a"], "consumer", curve), logs) as running:
+    with server(consumer_spec(models["a"], "consumer", None), logs) as running:
         yield running
 
 
-def test_pd_tokens_equal_plain_then_producer_killed(models, logs, curve, consumer, plain_tokens):
-    with server(producer_spec(models["a"], "producer-a", curve), logs) as prod:
+def test_pd_tokens_equal_plain_then_producer_killed(models, logs, consumer, plain_tokens):
+    with server(producer_spec(models["a"], "producer-a", None), logs) as prod:
         for prompt in PROMPTS:
             first, second = prefill_then_decode(prod, consumer, prompt, max_tokens=MAX_TOKENS)
             params = first["kv_transfer_params"]
             assert params["do_remote_prefill"] is True and params["tp_size"] == 1, params
+            assert params["producer_key"] and params["mac"], params  # drop-in: CURVE all the same
             assert token_ids(second) == plain_tokens[prompt], prompt
 
         # The producer dies after prefill, before the consumer loads: the consumer's request
@@ -41,8 +43,8 @@ def test_pd_tokens_equal_plain_then_producer_killed(models, logs, curve, consume
     assert token_ids(again) == plain_tokens[PROMPTS[0]]
 
 
-def test_negative_control_other_weights_change_tokens(models, logs, curve, consumer, plain_tokens):
-    with server(producer_spec(models["b"], "producer-b", curve), logs) as prod:
+def test_negative_control_other_weights_change_tokens(models, logs, consumer, plain_tokens):
+    with server(producer_spec(models["b"], "producer-b", None), logs) as prod:
         got = {p: token_ids(prefill_then_decode(prod, consumer, p, max_tokens=MAX_TOKENS)[1])
                for p in PROMPTS}
     same = [p[:40] for p in PROMPTS if got[p] == plain_tokens[p]]

@@ -3,8 +3,9 @@
 `register` describes vLLM's cache tensors with a kvxfer layout and builds this rank's transfer
 endpoint and its protocol role (kvxfer.agents.producer or .consumer, the same the daemons run):
 a producer listens on its side channel and holds finished requests under leases; a consumer loads
-requests from its producer ranks. Loads never run on vLLM's thread: they go to a service thread,
-and their results wait for `transfer_results`, which vLLM polls every step.
+requests from its producer ranks. Loads never run on vLLM's thread: they go to a few service
+threads (several loads in flight), and their results wait for `transfer_results`, which vLLM
+polls every step.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from kvxfer.planning import heads_of_rank
 
 log = logging.getLogger(__name__)
 
-_IDLE_S = 0.01  # the service thread's wait for a job
+_IDLE_S = 0.01  # a service thread's wait for a job
+LOADS_IN_FLIGHT = 4  # service threads: a load that waits (a handshake, a push) does not hold up others
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class WorkerSide:
         self._role: Producer | Consumer | None = None
         self._leases: LeaseClient | None = None
         self._endpoint: Endpoint | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- setup and teardown ----------------------------------------------------------------------
 
@@ -121,8 +123,10 @@ class WorkerSide:
                  r.tp_rank, r.tp_size, desc.num_layers, r.layout, desc.shape, desc.dtype,
                  desc.first_head, desc.first_head + desc.num_heads, desc.total_heads)
         self._role = self._producer(self._endpoint) if producer else self._consumer(self._endpoint)
-        self._thread = threading.Thread(target=self._serve, name="kvxfer-worker", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._serve, name=f"kvxfer-worker-{i}", daemon=True)
+                         for i in range(LOADS_IN_FLIGHT)]
+        for thread in self._threads:
+            thread.start()
 
     def _producer(self, endpoint: Endpoint) -> Producer:
         cfg = self.config
@@ -149,8 +153,8 @@ class WorkerSide:
         """Stop serving, then release NIXL; a failure here is logged, never raised into vLLM's
         own shutdown."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        for thread in self._threads:
+            thread.join(10)
         role = self._role
         for name, close in (("producer", isinstance(role, Producer) and role.stop),
                             ("consumer", isinstance(role, Consumer) and role.close),
