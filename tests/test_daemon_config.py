@@ -152,6 +152,7 @@ def test_precedence(argv, env, field, expected):
         (["--nixl-threads", "auto"], {}, "--nixl-threads='auto'"),
         (["--engine-id", "a b"], {}, "--engine-id='a b'"),
         (["--side-channel-host", "0.0.0.0"], {}, "--side-channel-host='0.0.0.0': a wildcard: give --advertise-host"),
+        (["--side-channel-host", "*"], {}, "--side-channel-host='*': a wildcard: give --advertise-host"),
         (["--advertise-host", "0.0.0.0"], {}, "--advertise-host='0.0.0.0': peers cannot connect"),
         (["--side-channel-host", "10.0.0.5"], {}, "--side-channel-host='10.0.0.5': --insecure-plaintext is for loopback only"),
     ],

@@ -9,7 +9,7 @@ from kvxfer.daemons.enums import Mode, TransferPath
 from kvxfer.daemons.resolve import Resolver
 from kvxfer.daemons.settings import ServeConfig
 
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]", "")  # bind addresses nobody can dial
 
 
 def is_loopback(host: str) -> bool:

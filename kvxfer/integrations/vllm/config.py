@@ -50,6 +50,7 @@ from kvxfer.agents.keys import (
     load_public_key,
     parse_key,
 )
+from kvxfer.daemons.checks import WILDCARD_HOSTS
 from kvxfer.daemons.config import is_loopback
 from kvxfer.deadline import Deadline
 from kvxfer.errors import ConfigError
@@ -60,7 +61,6 @@ _KNOWN_KEYS = frozenset({
     "curve_secret_key_file", "curve_server_key", "curve_server_key_file", "curve_allowed_keys",
     "curve_allowed_keys_dir", "insecure_plaintext", "model_fingerprint", "nixl_progress_thread",
 })
-_WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
 _DEADLINE = Deadline()  # transfer_deadline_s and expected_gbps default to its fields
 DEFAULT_SIDE_CHANNEL_PORT = 5700  # vLLM's own NixlConnector defaults to 5600
 INSTANCE_KEY_DIR = Path(tempfile.gettempdir()) / f"kvxfer-{os.getuid()}"  # 0700: instance key pairs
@@ -121,7 +121,7 @@ def parse_config(extra: dict[str, Any], *, role: str | None, engine_id: str,
     insecure = _flag(extra, "insecure_plaintext")
     host = str(extra.get("side_channel_host") or this_host())
     advertise = str(extra.get("advertise_host", host))
-    if advertise in _WILDCARD_HOSTS:
+    if advertise in WILDCARD_HOSTS:
         raise ConfigError(f"advertise_host={advertise!r}: consumers cannot dial a wildcard; set "
                           f"advertise_host to this machine's address")
     port = _number(extra, "side_channel_port", DEFAULT_SIDE_CHANNEL_PORT, lo=1, hi=65535, kind=int)
