@@ -156,8 +156,8 @@ class Progress:
     def __init__(self, total: int) -> None:
         self.console = Console(stderr=True)
         self._bar = rich.progress.Progress(
-            TextColumn("{task.description:<70}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=self.console)
+            BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), console=self.console)  # the words last: they may be cut
         self._task = self._bar.add_task("", total=total)
         self._num_steps = 0
         root = logging.getLogger()
