@@ -251,7 +251,8 @@ class Consumer:
 
     def _confirm(self, params: m.TransferParams, links: list[ProducerLink]) -> None:
         """DONE to every producer rank. One that cannot be told keeps the lease until it expires:
-        the load itself succeeded."""
+        the load itself succeeded. Without a progress thread a notification leaves only when
+        NIXL is driven: drive it now, and `idle` drives it between requests."""
         done = m.encode_notif(m.XferNotif(request_id=params.request_id, rank=self.rank, kind=m.NotifKind.DONE))
         with self._nixl:
             for link in links:
@@ -260,6 +261,12 @@ class Consumer:
                 except KvxferError as err:
                     log.warning("request %s: could not confirm to %s rank %d: %s", params.request_id[:8],
                                 params.engine_id, link.peer.rank, err)
+        self.inbox.collect()
+
+    def idle(self) -> None:
+        """Between loads: drive NIXL (notifications still leaving, connections being set up) and
+        file what arrived."""
+        self.inbox.collect()
 
     def calibrate(self, params: m.TransferParams) -> FabricCosts | None:
         """The cost model's numbers against the first producer rank we read from."""

@@ -21,6 +21,9 @@ from kvxfer.agents.nixl_agent import Backoff, NixlAgent, PollPolicy
 from kvxfer.errors import TransferTimeout, error_class
 
 log = logging.getLogger(__name__)
+# Waiting for a peer's notification: sleep between looks from the start. A spin would take the
+# core the peer (on the same host) needs to do the very work we wait for.
+WAIT_POLICY = PollPolicy(spin_s=0.0, min_sleep_s=20e-6, max_sleep_s=500e-6)
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class Inbox:
         that reports an error raises it (its kind) at once; past `timeout_s`, TransferTimeout
         with `what(missing ranks)`."""
         missing = set(ranks)
-        deadline, backoff = time.monotonic() + timeout_s, Backoff(PollPolicy())
+        deadline, backoff = time.monotonic() + timeout_s, Backoff(WAIT_POLICY)
         while True:
             self.collect()
             for notice in self.take(request_id):

@@ -100,10 +100,6 @@ class PeerTable:
                         self.agent.release_list(dlist)
             self.agent.remove_peer(peer.agent_name)
 
-    def forget_engine(self, engine_id: str) -> None:
-        for key in [k for k in self._peers if k[0] == engine_id]:
-            self.forget(*key)
-
     def plan(self, peer: Peer, heads: HeadRange) -> PairPlan:
         """The pairing of our cache with `peer`'s for `heads` (what a staged transfer needs)."""
         found = peer.pairs.get(heads)

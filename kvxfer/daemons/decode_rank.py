@@ -41,6 +41,9 @@ class DecodeRank(RankRuntime):
         s = loaded.summary
         return Moved(s.num_bytes, s.num_descriptors, s.seconds, loaded.staged)
 
+    def idle(self) -> None:
+        self.consumer.idle()
+
     # ---- rank 0: what the transfer choice needs ----------------------------------------------
 
     def direct_descriptors(self, params: TransferParams) -> int:

@@ -204,6 +204,8 @@ class WorkerSide:
             try:
                 job = self._jobs.get(timeout=_IDLE_S)
             except queue.Empty:
+                if isinstance(self._role, Consumer):
+                    self._role.idle()  # confirmations still leaving, without a progress thread
                 continue
             try:
                 if isinstance(job, ReleaseJob):

@@ -1,0 +1,143 @@
+"""The protocol's two roles (kvxfer.agents.producer, .consumer, .heartbeat) between two real NIXL
+agents and a real side channel in one process, without the daemons around them: the bytes a READ
+or a push moves, how each lease ends, renewals, and refusals before any transfer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgspec
+import pytest
+import torch
+
+from kvxfer.agents import messages as m
+from kvxfer.agents.capability import Signer, identity_of_peer, master_secret
+from kvxfer.agents.consumer import Consumer, Load
+from kvxfer.agents.endpoint import Endpoint, Identity
+from kvxfer.agents.heartbeat import Heartbeat, LeaseClient
+from kvxfer.agents.leases import Outcome
+from kvxfer.agents.metrics import TransferMetrics
+from kvxfer.agents.nixl_agent import AgentConfig
+from kvxfer.agents.producer import Held, Producer
+from kvxfer.agents.sidechannel import ClientCache, ClientConfig, ServerConfig
+from kvxfer.errors import AuthError
+from kvxfer.layouts import describe
+from kvxfer.ports import free_ports
+
+pytestmark = pytest.mark.timeout(120)
+LEASE_S = 1.0
+BLOCK = 16
+
+
+def endpoint(role: m.Role, name: str, fill: float) -> Endpoint:
+    desc = describe("flashinfer-hnd", num_layers=2, num_blocks=16, block_size=BLOCK, num_heads=2, head_dim=8,
+                    dtype="float32")
+    tensors = [torch.full(desc.shape, fill) + torch.rand(desc.shape) for _ in range(desc.num_layers)]
+    identity = Identity(engine_id=name, boot_epoch=1, role=role, tp_size=1, tp_rank=0, model_fingerprint="fp")
+    return Endpoint(identity, tensors, desc, agent_config=AgentConfig(name=f"{name}-agent"))
+
+
+class Pair:
+    """A producer rank and a consumer rank, insecure side channel (CURVE has its own tests)."""
+
+    def __init__(self) -> None:
+        self.released: list[tuple[Held, Outcome]] = []
+        self.ended = threading.Event()
+        lock = threading.RLock()
+        self.prefill = endpoint(m.Role.PREFILL, "prefill0", 1.0)
+        self.producer = Producer(self.prefill, signer=Signer(master_secret(None, engine_id="prefill0", boot_epoch=1)),
+                                 lease_s=LEASE_S, metrics=TransferMetrics(), on_release=self._released, nixl_lock=lock)
+        self.port = free_ports(1)
+        self.producer.start(ServerConfig(port=self.port, insecure=True, engine_id="prefill0", boot_epoch=1))
+        self.decode = endpoint(m.Role.DECODE, "decode0", -1.0)
+        clients = ClientCache(ClientConfig(insecure=True))
+        self.leases = LeaseClient(clients, timeout_s=5.0)
+        self.consumer = Consumer(self.decode, clients=clients, leases=self.leases, nixl_lock=threading.RLock(),
+                                 identity=identity_of_peer(None, "decode0"), handshake_timeout_s=5.0,
+                                 request_timeout_s=5.0)
+        self._stop = threading.Event()
+        self._idle = threading.Thread(target=self._drive, daemon=True)  # what a driver does between loads
+        self._idle.start()
+
+    def _drive(self) -> None:
+        while not self._stop.wait(0.002):
+            self.consumer.idle()
+
+    def _released(self, held: Held, outcome: Outcome) -> None:
+        self.released.append((held, outcome))
+        self.ended.set()
+
+    def hold(self, blocks: list[int], num_tokens: int) -> m.TransferParams:
+        transfer_id = m.new_request_id()
+        binding = m.Binding(consumer_engine_id="decode0")
+        expires = self.producer.hold(Held(transfer_id, tuple(blocks), num_tokens, binding))
+        return self.producer.sign(m.TransferParams(
+            engine_id="prefill0", boot_epoch=1, request_id=transfer_id, block_ids=blocks,
+            side_channel=f"tcp://127.0.0.1:{self.port}", tp_size=1, binding=binding, num_tokens=num_tokens,
+            lease_s=LEASE_S, expires_unix_ms=expires))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._idle.join(5)
+        self.consumer.close()
+        self.producer.stop()
+        self.decode.close()
+        self.prefill.close()
+
+
+@pytest.fixture
+def pair():
+    p = Pair()
+    yield p
+    p.close()
+
+
+def tokens(t: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    return t[block, :, :, :n]  # HND: [blocks, 2, H, block_size, D] -> K and V of n tokens
+
+
+@pytest.mark.parametrize("mode", [m.Mode.READ, m.Mode.WRITE])
+def test_a_load_moves_exactly_the_requests_tokens_and_done_ends_the_lease(pair, mode):
+    params = pair.hold([3, 7], 20)  # a whole block and 4 tokens of the next
+    before = [t.clone() for t in pair.decode.tensors]
+    loaded = pair.consumer.load(Load(params, torch.tensor([5, 9]).numpy(), 20, mode=mode,
+                                     not_after_unix=time.time() + 5))
+    assert loaded.summary.num_bytes >= 20 * 2 * 2 * 8 * 4 * 2  # tokens x K,V x heads x dim x fp32 x layers
+    untouched = [b for b in range(16) if b not in (5, 9)]
+    for src, dst, old in zip(pair.prefill.tensors, pair.decode.tensors, before, strict=True):
+        assert torch.equal(tokens(dst, 5, BLOCK), tokens(src, 3, BLOCK))
+        assert torch.equal(tokens(dst, 9, 4), tokens(src, 7, 4))
+        assert torch.equal(dst[untouched], old[untouched])  # no other block
+    assert pair.ended.wait(5) and pair.released == [(pair.released[0][0], Outcome.CONFIRMED)]
+    assert pair.producer.num_held == 0
+
+
+def test_a_renewed_lease_outlives_its_length_and_expires_once_renewals_stop(pair):
+    params = pair.hold([1], 8)
+    heartbeat = Heartbeat(pair.leases)
+    try:
+        heartbeat.track(params)
+        assert not pair.ended.wait(3 * LEASE_S), "the lease expired although it was renewed"
+        assert heartbeat.valid_until_ms(params) > params.expires_unix_ms
+        heartbeat.untrack(params.request_id)
+        assert pair.ended.wait(3 * LEASE_S)
+        assert pair.released[0][1] is Outcome.EXPIRED
+    finally:
+        heartbeat.close()
+
+
+@pytest.mark.parametrize("mode", [m.Mode.READ, m.Mode.WRITE])
+@pytest.mark.parametrize("forgery", ["block_ids", "request_id", "unsigned"])
+def test_forged_parameters_are_refused_before_any_transfer(pair, mode, forgery):
+    genuine = pair.hold([2, 4], 20)
+    forged = {"block_ids": lambda p: msgspec.structs.replace(p, block_ids=[4, 2]),
+              "request_id": lambda p: msgspec.structs.replace(p, request_id="f" * 32),
+              "unsigned": lambda p: msgspec.structs.replace(p, mac="")}[forgery](genuine)
+    before = [t.clone() for t in pair.decode.tensors]
+    with pytest.raises(AuthError):
+        pair.consumer.load(Load(forged, torch.tensor([5, 9]).numpy(), 20, mode=mode,
+                                not_after_unix=time.time() + 5))
+    assert all(torch.equal(a, b) for a, b in zip(before, pair.decode.tensors, strict=True))
+    assert pair.producer.metrics.value("kvxfer_transfers_total", op="write") == 0
+    assert pair.producer.num_held == 1  # the genuine request is untouched, still held
