@@ -27,13 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"kvxfer.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"kvxfer.commands.{name}":
-                raise
-            continue
-        module.register(sub)
+        # A command that fails to import is a broken install: say so, never drop the command.
+        importlib.import_module(f"kvxfer.commands.{name}").register(sub)
     return parser
 
 

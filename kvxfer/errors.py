@@ -83,17 +83,50 @@ class LeaseError(KvxferError):
     kind = "lease"
 
 
-def error_class(kind: str) -> type[KvxferError]:
-    """The error class whose `kind` is `kind` (KvxferError for an unknown kind): how an error
-    reported by another process (a rank's reply, a peer's ErrorReply) is raised again here."""
+class AllocationError(KvxferError):
+    """Not enough free blocks, or a block freed or released more often than it was taken."""
+
+    kind = "allocation"
+
+
+class LoadFailed(KvxferError):
+    """A decode request's KV could not be loaded; `cause` is the kvxfer error kind behind it."""
+
+    kind = "kv_load_failed"
+
+    def __init__(self, message: str, cause: str, quarantine_s: float = 0.0):
+        super().__init__(message)
+        self.cause = cause
+        self.quarantine_s = quarantine_s  # the blocks may still receive a push until then
+
+
+def _raisable(cls: type[KvxferError]) -> type[KvxferError]:
+    """`cls`, or its nearest parent that takes a message alone. A class with its own constructor
+    (IncompatiblePeerError, LoadFailed) needs more than the message a reply carries; its parent
+    still says the same thing to `except` clauses upstream."""
+    while "__init__" in vars(cls):
+        cls = cls.__mro__[1]
+    return cls
+
+
+def _by_kind() -> dict[str, type[KvxferError]]:
+    found: dict[str, type[KvxferError]] = {}
     pending: list[type[KvxferError]] = [KvxferError]
     while pending:
         cls = pending.pop()
-        if cls.kind == kind:
-            # A class with its own constructor (IncompatiblePeerError) takes more than a message:
-            # raise its parent, which still says the same thing to `except` clauses upstream.
-            while "__init__" in vars(cls):
-                cls = cls.__mro__[1]
-            return cls
+        found[cls.kind] = _raisable(cls)
         pending.extend(cls.__subclasses__())
-    return KvxferError
+    # Kinds of a side-channel ErrorReply that no class carries: the peer could not read our
+    # message, or does not speak our protocol version; either way the pairing failed.
+    found.update(malformed=HandshakeError, version=HandshakeError)
+    return found
+
+
+# The one map from a reported error kind to the class raised again here; every kind above is in it.
+ERROR_CLASSES: dict[str, type[KvxferError]] = _by_kind()
+
+
+def error_class(kind: str) -> type[KvxferError]:
+    """The error class for `kind` (KvxferError for an unknown kind): how an error reported by
+    another process (a rank's reply, a peer's ErrorReply) is raised again here."""
+    return ERROR_CLASSES.get(kind, KvxferError)

@@ -39,7 +39,6 @@ def test_auto_plan_calibrates_and_reports_both_paths():
     assert result["verified"] is True
     assert model["choice"].split("/")[0] == ("staged" if result["plan"] == "staged" else "direct")
     assert set(model["measured_gbps"]) == {"prepped", "staged", "per-block"}
-    assert model["speedup_over_per_block"] == pytest.approx(result["gbps"] / model["measured_gbps"]["per-block"])
     assert "speed-up over per-block" in out.stdout
     assert model["costs"]["per_descriptor_s"] > 0 and model["direct_descriptors"] > 0
 

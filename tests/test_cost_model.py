@@ -32,11 +32,16 @@ def test_choice(costs, num_bytes, descriptors, path, write):
     assert choice.best.seconds == min(c.seconds for c in choice.candidates)
 
 
-def test_staged_h200_request_is_about_2ms_and_100x_faster_than_per_block():
+def test_h200_estimates_agree_with_the_h200_measurements():
+    """docs/benchmarks.md, H200, TP 1 -> 1, 1 GiB: staged 2.03-2.15 ms (500-529 GB/s), the
+    per-block WRITE (16,384 descriptors) 11.2-11.8 GB/s, 43-45x slower. The model's estimates
+    from the NOTES figures above stay within 25 % of those measurements."""
     choice = choose(H200, num_bytes=GIB, descriptors=16384)
     direct_write = next(c for c in choice.candidates if c.path is Path.DIRECT and c.write)
-    assert choice.best.seconds < 2.5e-3
-    assert direct_write.seconds / choice.best.seconds > 40
+    assert choice.best.path is Path.STAGED
+    assert choice.best.seconds == pytest.approx(2.1e-3, rel=0.25)
+    assert direct_write.seconds == pytest.approx(GIB / 11.5e9, rel=0.25)
+    assert direct_write.seconds / choice.best.seconds == pytest.approx(44, rel=0.25)
 
 
 def test_restricted_choices_and_errors():

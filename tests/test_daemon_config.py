@@ -20,6 +20,7 @@ from kvxfer.daemons.config import (
     proxy_config_from_args,
     serve_config_from_args,
 )
+from kvxfer.deadline import Deadline
 from kvxfer.errors import ConfigError
 
 KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a valid Z85 public key (40 characters)
@@ -50,7 +51,7 @@ def test_serve_defaults():
     assert (c.layout, c.block_size, c.num_blocks, c.memory_fraction) == ("flashinfer-hnd", 16, 1024, None)
     assert (c.device, c.dtype, c.host, c.port) == (Device.CPU, "float32", "127.0.0.1", 8200)
     assert (c.side_channel_host, c.side_channel_port, c.advertise_host) == ("127.0.0.1", 5700, "127.0.0.1")
-    assert (c.mode, c.transfer_deadline_s, c.expected_gbps, c.lease_s) == (Mode.AUTO, 5.0, 1.0, 30.0)
+    assert (c.mode, c.deadline, c.lease_s, c.staging_mib, c.staging_slots) == (Mode.AUTO, Deadline(5.0, 0.5), 30.0, 0, 2)
     assert (c.nixl_threads, c.warmup, c.insecure_plaintext, c.curve) == (False, True, True, None)
     assert len(c.engine_id) == 32 and c.engine_id != serve(["decode", *PLAIN]).engine_id
 
@@ -58,6 +59,7 @@ def test_serve_defaults():
 def test_cuda_defaults():
     c = serve(["prefill", *PLAIN, "--device", "cuda"])
     assert (c.dtype, c.num_blocks, c.memory_fraction, c.port, c.side_channel_port) == ("bfloat16", None, 0.9, 8100, 5600)
+    assert c.staging_mib == 1024
 
 
 @pytest.mark.parametrize("slots", [1, 2, 3, 7])
@@ -86,7 +88,7 @@ def test_every_flag_parses_into_its_field(tmp_path):
     assert c.side_channel_ports == (7000, 7001, 7002, 7003)
     assert (c.side_channel_host, c.advertise_host, c.mode, c.lease_s, c.engine_id) == ("10.1.2.3", "node-1", Mode.WRITE, 10.0, "p-0")
     assert (c.nixl_threads, c.warmup) == (True, False)
-    assert c.deadline_s(80 * 10**9) == pytest.approx(4.0)  # 2 s slack + 80 GB at 40 GB/s
+    assert c.deadline == Deadline(2.0, 40.0)
     assert str(c.curve.secret_key_file) == KEYS["--curve-secret-key-file"]
     assert str(c.curve.allowed_keys_dir) == KEYS["--curve-allowed-keys-dir"]
     assert str(c.curve.server_key_file) == KEYS["--curve-server-key-file"]
@@ -104,9 +106,9 @@ def test_env_fallback_for_every_setting():
     c = serve(["prefill"], env)
     got = (c.preset, c.seed, c.tp, c.layout, c.block_size, c.num_blocks, c.host, c.port, c.dtype)
     assert got == ("small", 7, 2, "packed", 8, 64, "0.0.0.0", 9100, "bfloat16")
-    got = (c.side_channel_host, c.side_channel_ports, c.advertise_host, c.mode, c.transfer_deadline_s)
-    assert got == ("127.0.0.2", (6000, 6001), "127.0.0.2", Mode.READ, 1.5)
-    assert (c.expected_gbps, c.lease_s, c.engine_id, c.nixl_threads, c.warmup, c.insecure_plaintext) == (3.0, 9.0, "e1", True, False, True)
+    got = (c.side_channel_host, c.side_channel_ports, c.advertise_host, c.mode, c.deadline)
+    assert got == ("127.0.0.2", (6000, 6001), "127.0.0.2", Mode.READ, Deadline(1.5, 3.0))
+    assert (c.lease_s, c.engine_id, c.nixl_threads, c.warmup, c.insecure_plaintext) == (9.0, "e1", True, False, True)
 
 
 @pytest.mark.parametrize(
@@ -150,6 +152,7 @@ def test_precedence(argv, env, field, expected):
         (["--nixl-threads", "auto"], {}, "--nixl-threads='auto'"),
         (["--engine-id", "a b"], {}, "--engine-id='a b'"),
         (["--side-channel-host", "0.0.0.0"], {}, "--side-channel-host='0.0.0.0': a wildcard: give --advertise-host"),
+        (["--side-channel-host", "*"], {}, "--side-channel-host='*': a wildcard: give --advertise-host"),
         (["--advertise-host", "0.0.0.0"], {}, "--advertise-host='0.0.0.0': peers cannot connect"),
         (["--side-channel-host", "10.0.0.5"], {}, "--side-channel-host='10.0.0.5': --insecure-plaintext is for loopback only"),
     ],
@@ -234,7 +237,6 @@ def test_proxy_defaults_and_lists():
     c = proxy(["--prefill", "http://p0:8100", "http://p1:8100/", "--decode", "http://d0:8200", "--prefill", "https://p2"])
     assert c.prefill_urls == ("http://p0:8100", "http://p1:8100", "https://p2")
     assert (c.decode_urls, c.host, c.port, c.request_timeout_s, c.retry_policy) == (("http://d0:8200",), "127.0.0.1", 8000, 120.0, RetryPolicy.RETRY_ONCE)
-    assert c.retry_policy == "retry-once"
 
 
 def test_proxy_env_fallback():
@@ -284,3 +286,56 @@ def test_load_curve_keys_reads_generated_key_files(tmp_path):
     with pytest.raises(ConfigError, match="no \\*.key files"):
         (tmp_path / "empty").mkdir()
         load_curve_keys(CurveConfig(secret_key=prefill.secret.decode(), allowed_keys_dir=tmp_path / "empty"))
+
+
+def _help_of(add, flag: str) -> str:
+    parser = argparse.ArgumentParser()
+    add(parser)
+    action = next(a for a in parser._actions if flag in a.option_strings)  # no public list of options
+    return action.help or ""
+
+
+def _typed(value: object) -> str:
+    """A value as a user types it on the command line."""
+    value = getattr(value, "value", value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@pytest.mark.parametrize(("flag", "of"), [
+    ("--seed", lambda c: c.seed), ("--tp", lambda c: c.tp), ("--layout", lambda c: c.layout),
+    ("--block-size", lambda c: c.block_size), ("--device", lambda c: c.device), ("--host", lambda c: c.host),
+    ("--side-channel-host", lambda c: c.side_channel_host), ("--mode", lambda c: c.mode),
+    ("--transfer-deadline-s", lambda c: c.deadline.slack_s), ("--expected-gbps", lambda c: c.deadline.expected_gbps),
+    ("--lease-s", lambda c: c.lease_s), ("--nixl-threads", lambda c: c.nixl_threads), ("--warmup", lambda c: c.warmup),
+    ("--staging-slots", lambda c: c.staging_slots), ("--transfer-path", lambda c: c.transfer_path),
+])  # fmt: skip
+def test_serve_help_states_the_default_a_service_gets(flag, of):
+    assert f"(default: {_typed(of(serve(['decode', *PLAIN])))})" in _help_of(add_serve_arguments, flag)
+
+
+@pytest.mark.parametrize(("flag", "of"), [
+    ("--dtype", lambda c: c.dtype), ("--num-blocks", lambda c: c.num_blocks),
+    ("--memory-fraction", lambda c: c.memory_fraction), ("--staging-mib", lambda c: c.staging_mib),
+])  # fmt: skip
+def test_serve_help_states_each_device_s_default(flag, of):
+    got = {device: of(serve(["decode", *PLAIN, "--device", device])) for device in ("cuda", "cpu")}
+    shown = ", ".join(f"{_typed(value)} on {device}" for device, value in got.items() if value is not None)
+    assert f"(default: {shown})" in _help_of(add_serve_arguments, flag)
+
+
+def test_serve_help_states_each_role_s_ports():
+    prefill, decode = serve(["prefill", *PLAIN]), serve(["decode", *PLAIN])
+    assert f"(default: {prefill.port} prefill, {decode.port} decode)" in _help_of(add_serve_arguments, "--port")
+    ports = f"(default: {prefill.side_channel_port} prefill, {decode.side_channel_port} decode)"
+    assert ports in _help_of(add_serve_arguments, "--side-channel-port")
+
+
+@pytest.mark.parametrize(("flag", "of"), [
+    ("--host", lambda c: c.host), ("--port", lambda c: c.port),
+    ("--request-timeout-s", lambda c: c.request_timeout_s), ("--retry-policy", lambda c: c.retry_policy),
+])  # fmt: skip
+def test_proxy_help_states_the_default_a_proxy_gets(flag, of):
+    c = proxy(["--prefill", "http://p:1", "--decode", "http://d:1"])
+    assert f"(default: {_typed(of(c))})" in _help_of(add_proxy_arguments, flag)

@@ -90,19 +90,32 @@ def test_prefill_restarted_old_parameters_fail_clearly_then_rehandshake(cluster,
         assert ok.json()["choices"][0]["token_ids"] == want
 
 
-def test_decode_killed_mid_generation_gives_an_error_not_a_hang(cluster, want):
-    result: dict = {}
+def stream_long_completion(url: str, result: dict) -> tuple[threading.Thread, threading.Event]:
+    """Stream a 2000-token completion from `url` in a thread into `result` (status, body); the
+    event is set once the first chunk arrived (decode is generating), or when the stream ended."""
+    generating = threading.Event()
 
     def stream() -> None:
-        with httpx.Client(timeout=60) as client:
-            with client.stream("POST", f"{cluster.url}/v1/completions",
-                               json={"prompt": PROMPT, "max_tokens": 2000, "stream": True}) as reply:
-                result["status"] = reply.status_code
-                result["body"] = b"".join(reply.iter_raw())
+        try:
+            with httpx.Client(timeout=90) as client, client.stream(
+                    "POST", f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2000, "stream": True}) as reply:
+                result["status"], chunks = reply.status_code, []
+                for chunk in reply.iter_raw():
+                    chunks.append(chunk)
+                    generating.set()
+                result["body"] = b"".join(chunks)
+        finally:
+            generating.set()
 
     thread = threading.Thread(target=stream)
     thread.start()
-    time.sleep(3.0)
+    return thread, generating
+
+
+def test_decode_killed_mid_generation_gives_an_error_not_a_hang(cluster, want):
+    result: dict = {}
+    thread, generating = stream_long_completion(cluster.url, result)
+    assert generating.wait(60) and "body" not in result, "the stream ended before the kill"
     cluster.kill("decode0")
     thread.join(60)
     assert not thread.is_alive(), "the client hung"
@@ -154,16 +167,8 @@ def test_a_single_rank_killed_mid_request_makes_the_service_exit_promptly(tmp_pa
     try:
         decode = tp4.by_name("decode0")
         result: dict = {}
-
-        def stream() -> None:
-            with httpx.Client(timeout=90) as client:
-                with client.stream("POST", f"{tp4.url}/v1/completions",
-                                   json={"prompt": PROMPT, "max_tokens": 2000, "stream": True}) as reply:
-                    result["body"] = b"".join(reply.iter_raw())
-
-        thread = threading.Thread(target=stream)
-        thread.start()
-        time.sleep(3.0)
+        thread, generating = stream_long_completion(tp4.url, result)
+        assert generating.wait(60) and "body" not in result, "the stream ended before the kill"
         workers = rank_pids(decode.proc.pid)[1:]
         assert len(workers) == 3, workers
         os.kill(workers[1], signal.SIGKILL)

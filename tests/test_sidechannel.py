@@ -245,9 +245,10 @@ def test_a_port_in_use_is_a_config_error(server: SideChannelServer, keys: Keys, 
 
 
 def test_a_call_queued_behind_a_slow_one_still_meets_its_deadline(keys: Keys) -> None:
-    release = threading.Event()
+    arrived, release = threading.Event(), threading.Event()
 
     def handler(peer: PeerInfo, msg: m.Message) -> m.Message:
+        arrived.set()
         release.wait(2.0)
         return m.Ack()
 
@@ -255,7 +256,7 @@ def test_a_call_queued_behind_a_slow_one_still_meets_its_deadline(keys: Keys) ->
         results: list[m.Message] = []
         slow = threading.Thread(target=lambda: results.append(client.request(m.Abort(request_id="a"), timeout_s=3.0)))
         slow.start()
-        time.sleep(0.1)
+        assert arrived.wait(5.0)  # the slow call is at the server, so the client is busy with it
         start = time.monotonic()
         with pytest.raises(TransferTimeout, match="behind another call"):
             client.request(m.Ping(), timeout_s=0.2)

@@ -1,8 +1,7 @@
-"""CURVE keys: `kvxfer keys generate`, key files, KeyConfig from flags and environment."""
+"""CURVE keys: `kvxfer keys generate`, key files, what a KeyConfig shows."""
 
 from __future__ import annotations
 
-import argparse
 import stat
 from pathlib import Path
 
@@ -19,14 +18,6 @@ from kvxfer.agents.keys import (
     parse_key,
 )
 from kvxfer.cli import main
-from kvxfer.commands.keys import (
-    ENV_ALLOWED,
-    ENV_PUBLIC,
-    ENV_SECRET,
-    ENV_SERVER,
-    add_key_arguments,
-    key_config_from_args,
-)
 from kvxfer.errors import ConfigError
 
 
@@ -87,41 +78,3 @@ def test_mismatched_pair_is_refused() -> None:
     a, b = generate_keypair(), generate_keypair()
     with pytest.raises(ConfigError, match="does not belong"):
         KeyPair(public=a.public, secret=b.secret)
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_key_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def test_environment_gives_a_server_config(tmp_path: Path) -> None:
-    server, client_a, client_b = generate_keypair(), generate_keypair(), generate_keypair()
-    key_dir = tmp_path / "allowed"
-    key_dir.mkdir()
-    (key_dir / "b.key").write_text(client_b.public.decode() + "\n")
-    env = {ENV_SECRET: server.secret.decode(), ENV_ALLOWED: f"{client_a.public.decode()}, {key_dir}"}
-    config = key_config_from_args(parse([]), env)
-    assert config == KeyConfig(own=server, allowed_client_keys=frozenset({client_a.public, client_b.public}))
-
-
-def test_flags_win_over_environment_and_files_work(tmp_path: Path) -> None:
-    public_path, secret_path = generate(tmp_path, "decode")
-    server = generate_keypair()
-    env = {ENV_SECRET: generate_keypair().secret.decode(), ENV_SERVER: server.public.decode()}
-    config = key_config_from_args(parse(["--curve-secret-key", str(secret_path)]), env)
-    assert config is not None
-    assert config.own.public == load_public_key(public_path)
-    assert config.server_public_key == server.public
-
-
-def test_insecure_flag_gives_no_keys_and_missing_keys_are_an_error() -> None:
-    assert key_config_from_args(parse(["--insecure-side-channel"]), {}) is None
-    with pytest.raises(ConfigError, match=ENV_SECRET):
-        key_config_from_args(parse([]), {})
-
-
-def test_public_key_in_environment_must_match_the_secret() -> None:
-    env = {ENV_SECRET: generate_keypair().secret.decode(), ENV_PUBLIC: generate_keypair().public.decode()}
-    with pytest.raises(ConfigError, match=ENV_PUBLIC):
-        key_config_from_args(parse([]), env)

@@ -26,7 +26,6 @@ from kvxfer.agents.nixl_agent import (
     Op,
     Transfer,
     device_id,
-    transfer_deadline,
 )
 from kvxfer.agents.peers import Peer, PeerTable
 from kvxfer.agents.staged_transfer import (
@@ -38,6 +37,7 @@ from kvxfer.agents.staged_transfer import (
     reserve,
     send_part,
 )
+from kvxfer.deadline import Deadline
 from kvxfer.errors import ConfigError, KvxferError, TransferError
 from kvxfer.layouts import CacheDesc, CacheRegion
 from kvxfer.planning import Fallback, HeadRange, request_indices, request_spans
@@ -56,15 +56,7 @@ class Identity:
     model_fingerprint: str
 
 
-@dataclass(frozen=True)
-class DeadlinePolicy:
-    """A transfer may take `slack_s` plus its bytes at `expected_gbps` (pessimistic)."""
-
-    slack_s: float = 2.0
-    expected_gbps: float = 0.5
-
-    def seconds(self, num_bytes: int) -> float:
-        return transfer_deadline(num_bytes, slack_s=self.slack_s, expected_gbps=self.expected_gbps)
+DeadlinePolicy = Deadline  # the name the daemons and the vLLM worker import
 
 
 @dataclass(frozen=True)
@@ -94,7 +86,7 @@ class TransferSummary:
 class Endpoint:
     def __init__(self, identity: Identity, tensors: list[torch.Tensor], desc: CacheDesc, *,
                  agent_config: AgentConfig, fallback: Fallback = Fallback.NONE,
-                 deadline: DeadlinePolicy = DeadlinePolicy(),
+                 deadline: Deadline = Deadline(),
                  metrics: TransferMetrics | None = None, staging: StagingConfig | None = None) -> None:
         # tensors: one per layer, each shaped desc.shape
         self.identity = identity

@@ -126,13 +126,6 @@ class Backoff:
         self._sleep = min(self._sleep * 2, self._policy.max_sleep_s)
 
 
-def transfer_deadline(num_bytes: int, *, slack_s: float = 2.0, expected_gbps: float = 1.0) -> float:
-    """Seconds a transfer may take: fixed slack plus bytes at a (pessimistic) bandwidth."""
-    if expected_gbps <= 0:
-        raise ConfigError(f"expected_gbps={expected_gbps} must be positive")
-    return slack_s + num_bytes / (expected_gbps * 1e9)
-
-
 @dataclass(frozen=True)
 class XferStats:
     """NIXL's per-transfer telemetry (microseconds) plus what we asked for."""

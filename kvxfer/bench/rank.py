@@ -23,7 +23,6 @@ from kvxfer.agents.nixl_agent import (
     Op,
     Threading,
     quiet_nixl_logs,
-    transfer_deadline,
 )
 from kvxfer.bench import cache as cache_mod
 from kvxfer.bench import initiator, staged
@@ -49,6 +48,7 @@ from kvxfer.bench.messages import (
     Verified,
     Verify,
 )
+from kvxfer.deadline import Deadline
 from kvxfer.errors import ConfigError, KvxferError
 from kvxfer.planning import map_tp
 
@@ -148,8 +148,7 @@ class RankState:
         posted = initiator.post_all(self.cfg, self.agent, op, kind, self.cache, plans, half=half,
                                     notif=b"" if op is Op.READ else ENCODER.encode(strategy))
         num_bytes = sum(x.num_bytes for x in posted.transfers)
-        timeout = transfer_deadline(num_bytes, slack_s=self.cfg.deadline_slack_s,
-                                    expected_gbps=self.cfg.expected_gbps)
+        timeout = Deadline(self.cfg.deadline_slack_s, self.cfg.expected_gbps).seconds(num_bytes)
         stats = self.agent.wait(posted.transfers, timeout_s=timeout)
         end = time.monotonic_ns()
         return RunReport(
@@ -179,8 +178,7 @@ class RankState:
         transfers = staged.send(self.agent, self.cache, parts, self.staging, layer_groups=self.staged_groups,
                                 rank=self.cache.rank, phases=phases)
         num_bytes = sum(x.num_bytes for x in transfers)
-        timeout = transfer_deadline(num_bytes, slack_s=self.cfg.deadline_slack_s,
-                                    expected_gbps=self.cfg.expected_gbps)
+        timeout = Deadline(self.cfg.deadline_slack_s, self.cfg.expected_gbps).seconds(num_bytes)
         stats = self.agent.wait(transfers, timeout_s=timeout)
         phases["written"] = time.monotonic_ns()
         return RunReport(start_ns=start, end_ns=phases["written"], num_bytes=num_bytes, phases_ns=phases,

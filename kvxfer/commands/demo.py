@@ -11,10 +11,13 @@ import json
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
+import rich.progress
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from kvxfer.daemons.cluster import LocalCluster, ServiceSpec
 from kvxfer.layouts import LAYOUTS
@@ -147,18 +150,27 @@ def ask(client: httpx.Client, url: str, prompt: str, want: list[int], max_tokens
 
 
 class Progress:
-    """A one-line progress bar on stderr."""
+    """The demo's steps as a rich progress bar on stderr. While it shows, log records go through
+    its console and print above the bar instead of into its line; `done` puts logging back."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.count, self.started = total, 0, time.monotonic()
+        self.console = Console(stderr=True)
+        self._bar = rich.progress.Progress(
+            BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), console=self.console)  # the words last: they may be cut
+        self._task = self._bar.add_task("", total=total)
+        self._num_steps = 0
+        root = logging.getLogger()
+        self._handlers = root.handlers[:]
+        root.handlers = [RichHandler(console=self.console, show_path=False, log_time_format="%H:%M:%S")]
+        self._bar.start()
 
     def step(self, what: str) -> None:
-        self.count += 1
-        filled = int(24 * (self.count - 1) / self.total)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (24 - filled)}] {self.count - 1}/{self.total} "
-                         f"{time.monotonic() - self.started:5.1f}s {what[:70]:<70}")
-        sys.stderr.flush()
+        """Step `what` begins; the one before it is complete."""
+        self._bar.update(self._task, completed=self._num_steps, description=what[:70])
+        self._num_steps += 1
 
     def done(self) -> None:
-        sys.stderr.write(f"\r[{'#' * 24}] done {time.monotonic() - self.started:5.1f}s{' ' * 80}\n")
-        sys.stderr.flush()
+        self._bar.update(self._task, completed=self._num_steps, description="done")
+        self._bar.stop()
+        logging.getLogger().handlers = self._handlers

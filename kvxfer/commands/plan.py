@@ -10,6 +10,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     mapping = map_tp(geo.kv_heads, geo.prefill_tp, geo.decode_tp)
     prefill = [_rank(geo, "prefill", r, rng, args.random_blocks) for r in range(geo.prefill_tp)]
     decode = [_rank(geo, "decode", r, rng, args.random_blocks) for r in range(geo.decode_tp)]
-    rows, timings = [], {}
+    rows: list[dict[str, Any]] = []
+    timings: dict[str, list[float]] = {}
     for a in mapping.assignments:
         (d_region, d_ids), (p_region, p_ids) = decode[a.decode_rank], prefill[a.prefill_rank]
         plan = pair(d_region, p_region, a.heads, fallback=fallback)

@@ -22,6 +22,6 @@ def run(args: argparse.Namespace) -> int:
 
     config = proxy_config_from_args(args)
     proxy = Proxy(prefill_urls=list(config.prefill_urls), decode_urls=list(config.decode_urls),
-                  request_timeout_s=config.request_timeout_s, retry_policy=config.retry_policy.value)
+                  request_timeout_s=config.request_timeout_s, retry_policy=config.retry_policy)
     uvicorn.run(create_app(proxy), host=config.host, port=config.port, log_level="warning", access_log=False)
     return 0

@@ -24,22 +24,11 @@ from kvxfer.daemons.config import Mode, TransferPath
 from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S
 from kvxfer.daemons.prefill import tokenize
 from kvxfer.daemons.service import Service
-from kvxfer.errors import ConfigError, KvxferError
+from kvxfer.errors import ConfigError, KvxferError, LoadFailed
 from kvxfer.planning import map_tp
 from kvxfer.planning.cost import FabricCosts, Path, choose
 
 log = logging.getLogger(__name__)
-
-
-class LoadFailed(KvxferError):
-    """The request's KV could not be loaded; `cause` is the kvxfer error kind behind it."""
-
-    kind = "kv_load_failed"
-
-    def __init__(self, message: str, cause: str, quarantine_s: float = 0.0):
-        super().__init__(message)
-        self.cause = cause
-        self.quarantine_s = quarantine_s  # the blocks may still receive a push until then
 
 
 @dataclass(frozen=True)

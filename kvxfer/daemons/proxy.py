@@ -25,11 +25,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from kvxfer.agents.messages import Binding
 from kvxfer.daemons import api
+from kvxfer.daemons.enums import RetryPolicy
 
 log = logging.getLogger("kvxfer.proxy")
 
-RETRY_ONCE = "retry-once"
-FAIL = "fail"
 _COOLDOWN_S = 5.0  # a service that failed is skipped this long, unless every service failed
 _IDENTITY_TTL_S = 5.0
 
@@ -79,7 +78,7 @@ class Metrics:
 
 class Proxy:
     def __init__(self, *, prefill_urls: list[str], decode_urls: list[str], request_timeout_s: float,
-                 retry_policy: str = RETRY_ONCE, client: httpx.AsyncClient | None = None):
+                 retry_policy: RetryPolicy = RetryPolicy.RETRY_ONCE, client: httpx.AsyncClient | None = None):
         self.prefill = Pool("prefill", [u.rstrip("/") for u in prefill_urls])
         self.decode = Pool("decode", [u.rstrip("/") for u in decode_urls])
         self.timeout_s = request_timeout_s
@@ -159,7 +158,7 @@ class Proxy:
     async def start(self, request: api.CompletionRequest) -> httpx.Response:
         """Prefill then decode; a failed decode is retried once through a fresh prefill (and
         possibly another decode service) when the policy says so."""
-        attempts = 2 if self.retry_policy == RETRY_ONCE else 1
+        attempts = 2 if self.retry_policy is RetryPolicy.RETRY_ONCE else 1
         for attempt in range(attempts):
             url, binding = await self.consumer()
             prefilled = await self.prefill_once(request, binding)

@@ -14,15 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from kvxfer.engine.config import CacheConfig, ModelConfig
-from kvxfer.errors import KvxferError
+from kvxfer.errors import AllocationError
 from kvxfer.layouts import CacheDesc, Geometry, describe, get_layout
 from kvxfer.planning import HeadRange
-
-
-class AllocationError(KvxferError):
-    """Not enough free blocks, or a block freed or released more often than it was taken."""
-
-    kind = "allocation"
 
 
 class BlockAllocator:

@@ -10,6 +10,7 @@ Only the side channel goes through here; NIXL's own connections do not.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import struct
@@ -56,7 +57,7 @@ class SideChannelRelay:
 
     async def _listen(self) -> None:
         for port in self.ports:
-            server = await asyncio.start_server(lambda r, w, p=port: self._relay(r, w, p),
+            server = await asyncio.start_server(functools.partial(self._relay, port=port),
                                                 self.listen_host, port, reuse_address=True)
             self._servers.append(server)
 

@@ -20,20 +20,10 @@ from kvxfer.errors import (
     ConfigError,
     HandshakeError,
     KvxferError,
-    LayoutError,
-    LeaseError,
     PeerGoneError,
-    PlanError,
-    TransferError,
     TransferTimeout,
+    error_class,
 )
-
-_ERROR_KINDS: dict[str, type[KvxferError]] = {
-    cls.kind: cls
-    for cls in (AuthError, ConfigError, HandshakeError, LayoutError, LeaseError, PlanError,
-                TransferError, TransferTimeout, PeerGoneError)
-}
-_ERROR_KINDS.update({"incompatible": HandshakeError, "malformed": HandshakeError, "version": HandshakeError})
 
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED
@@ -51,8 +41,7 @@ _HANDSHAKE_FAILED = (
 def raise_for_reply(reply: m.Message, *, peer: str) -> m.Message:
     """The reply itself, or the typed error an `ErrorReply` stands for."""
     if isinstance(reply, m.ErrorReply):
-        cls = _ERROR_KINDS.get(reply.kind, KvxferError)
-        raise cls(f"peer {peer} answered {reply.kind}: {reply.message}")
+        raise error_class(reply.kind)(f"peer {peer} answered {reply.kind}: {reply.message}")
     return reply
 
 

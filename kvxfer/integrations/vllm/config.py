@@ -50,7 +50,9 @@ from kvxfer.agents.keys import (
     load_public_key,
     parse_key,
 )
+from kvxfer.daemons.checks import WILDCARD_HOSTS
 from kvxfer.daemons.config import is_loopback
+from kvxfer.deadline import Deadline
 from kvxfer.errors import ConfigError
 
 _KNOWN_KEYS = frozenset({
@@ -59,7 +61,7 @@ _KNOWN_KEYS = frozenset({
     "curve_secret_key_file", "curve_server_key", "curve_server_key_file", "curve_allowed_keys",
     "curve_allowed_keys_dir", "insecure_plaintext", "model_fingerprint", "nixl_progress_thread",
 })
-_WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
+_DEADLINE = Deadline()  # transfer_deadline_s and expected_gbps default to its fields
 DEFAULT_SIDE_CHANNEL_PORT = 5700  # vLLM's own NixlConnector defaults to 5600
 INSTANCE_KEY_DIR = Path(tempfile.gettempdir()) / f"kvxfer-{os.getuid()}"  # 0700: instance key pairs
 
@@ -83,8 +85,8 @@ class ConnectorConfig:
     side_channel_port: int = DEFAULT_SIDE_CHANNEL_PORT
     advertise_host: str = "127.0.0.1"
     lease_s: float = 30.0
-    transfer_deadline_s: float = 5.0
-    expected_gbps: float = 0.5
+    transfer_deadline_s: float = _DEADLINE.slack_s
+    expected_gbps: float = _DEADLINE.expected_gbps
     handshake_timeout_s: float = 10.0
     keys: KeyConfig | None = None  # None exactly when insecure
     insecure: bool = False
@@ -119,7 +121,7 @@ def parse_config(extra: dict[str, Any], *, role: str | None, engine_id: str,
     insecure = _flag(extra, "insecure_plaintext")
     host = str(extra.get("side_channel_host") or this_host())
     advertise = str(extra.get("advertise_host", host))
-    if advertise in _WILDCARD_HOSTS:
+    if advertise in WILDCARD_HOSTS:
         raise ConfigError(f"advertise_host={advertise!r}: consumers cannot dial a wildcard; set "
                           f"advertise_host to this machine's address")
     port = _number(extra, "side_channel_port", DEFAULT_SIDE_CHANNEL_PORT, lo=1, hi=65535, kind=int)
@@ -134,8 +136,8 @@ def parse_config(extra: dict[str, Any], *, role: str | None, engine_id: str,
         side_channel_port=port,
         advertise_host=advertise,
         lease_s=_number(extra, "lease_s", 30.0, lo=0.1),
-        transfer_deadline_s=_number(extra, "transfer_deadline_s", 5.0, lo=0.01),
-        expected_gbps=_number(extra, "expected_gbps", 0.5, lo=1e-6),
+        transfer_deadline_s=_number(extra, "transfer_deadline_s", _DEADLINE.slack_s, lo=0.01),
+        expected_gbps=_number(extra, "expected_gbps", _DEADLINE.expected_gbps, lo=1e-6),
         handshake_timeout_s=_number(extra, "handshake_timeout_s", 10.0, lo=0.01),
         keys=None if insecure else _keys(extra, connector_role, engine_id),
         insecure=insecure,
