@@ -41,6 +41,7 @@ from kvxfer.errors import (
     LeaseError,
     PeerGoneError,
     PlanError,
+    TransferError,
     TransferTimeout,
 )
 from kvxfer.planning import Assignment, map_tp
@@ -105,12 +106,25 @@ class Consumer:
         self.check(params, self.link(params, 0), job.valid_until_ms)  # before meeting other ranks
         links = self.links(params)
         sources = self.sources(params)
-        if job.mode is m.Mode.READ:
-            summary, staged = self._read(job, links, sources), False
-        else:
-            summary, staged = self._pushed(job, links, sources)
+        try:
+            if job.mode is m.Mode.READ:
+                summary, staged = self._read(job, links, sources), False
+            else:
+                summary, staged = self._pushed(job, links, sources)
+        except TransferError:
+            self.forget(params.engine_id)
+            raise
         self._confirm(params, links)
         return Loaded(summary, staged)
+
+    def forget(self, engine_id: str) -> None:
+        """After a failed transfer: meet every rank of that producer again on the next request.
+        A partition longer than UCX's keepalive leaves its endpoints dead at an unchanged boot
+        epoch; a new handshake (and NIXL connection) is what heals it."""
+        for key in [k for k in self._links if k[0] == engine_id]:
+            del self._links[key]
+            with self._nixl:
+                self.endpoint.peers.forget(*key)
 
     def check(self, params: m.TransferParams, link: ProducerLink, valid_until_ms: int) -> None:
         """Refuse forged, foreign or replayed parameters and leases that have ended."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,7 +36,14 @@ from kvxfer.agents.leases import LeaseTable, Outcome, Released
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.peers import Peer
 from kvxfer.agents.sidechannel import PeerInfo, ServerConfig, SideChannelServer, check_binding
-from kvxfer.errors import AuthError, KvxferError, LeaseError, PlanError, TransferTimeout
+from kvxfer.errors import (
+    AuthError,
+    KvxferError,
+    LeaseError,
+    PlanError,
+    TransferError,
+    TransferTimeout,
+)
 from kvxfer.planning import map_tp
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ log = logging.getLogger(__name__)
 CONSUMER = "consumer"  # a lease's one logical consumer; its ranks are tallied in `_Lease`
 EARLY_TTL_S = 60.0  # notifications and push requests that beat their `hold` wait this long
 EARLY_MAX = 4096  # for at most this many requests
+ENDED_MAX = 4096  # leases remembered after their end: a late push request is refused, not filed
 _IDLE_MIN_S, _IDLE_MAX_S = 20e-6, 2e-3
 
 
@@ -107,6 +115,7 @@ class Producer:
         self._consumers: dict[str, _ConsumerRank] = {}  # NIXL agent name -> consumer rank
         self._by_rank: dict[tuple[str, int], _ConsumerRank] = {}  # (engine id, rank) -> consumer rank
         self._early: dict[str, tuple[float, list[Notice | tuple[PeerInfo, m.WriteRequest]]]] = {}
+        self._ended: OrderedDict[str, Outcome] = OrderedDict()  # transfer id -> how its lease ended
         self._pushes: deque[_Push] = deque()
         self._to_prepare: deque[_ConsumerRank] = deque()  # consumer ranks that just handshook
         self._wake = threading.Event()
@@ -236,6 +245,10 @@ class Producer:
             with self._lock:
                 lease = self._held.get(msg.request_id)
                 if lease is None:
+                    ended = self._ended.get(msg.request_id)
+                    if ended is not None:
+                        raise LeaseError(f"push of {msg.request_id[:8]}: its lease on rank {self.rank} has "
+                                         f"ended ({ended.value}); its blocks may hold other data now")
                     self._file_early(msg.request_id, (peer, msg))
                     return
                 self._admit_push_locked(peer, msg, lease.held)
@@ -355,6 +368,9 @@ class Producer:
                         ask.decode_rank, err)
             self.metrics.observe_failure(err.kind)
             self._notify(consumer.info.agent_name, ask.request_id, err.kind)
+            if isinstance(err, TransferError):  # its endpoint may be dead (a long partition): load it anew
+                with self._nixl_lock:
+                    self.endpoint.peers.forget(consumer.info.engine_id, consumer.info.tp_rank)
 
     def _push_direct(self, job: _Push, peer: Peer) -> None:
         held, ask = job.held, job.ask
@@ -410,6 +426,9 @@ class Producer:
         if released is None:
             return None
         lease = self._held.pop(released.request_id)
+        self._ended[released.request_id] = released.outcome
+        while len(self._ended) > ENDED_MAX:
+            self._ended.popitem(last=False)
         return lease.held, released.outcome
 
     def _released(self, ended: tuple[Held, Outcome] | None) -> None:
@@ -418,6 +437,8 @@ class Producer:
             self._on_release(*ended)
 
     def _file_early(self, transfer_id: str, event: Notice | tuple[PeerInfo, m.WriteRequest]) -> None:
+        if transfer_id in self._ended:
+            return  # a confirmation after its lease ended (expired or aborted): nothing to do
         if transfer_id in self._early or len(self._early) < EARLY_MAX:
             self._early.setdefault(transfer_id, (time.monotonic(), []))[1].append(event)
 
