@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from kvxfer.soak.config import CLIENT_ABORT, FAULT_KINDS
+from kvxfer.soak.config import CLIENT_ABORT, fault_kinds
 from kvxfer.soak.faults import FaultEvent
 from kvxfer.soak.load import ABORTED, FAILED, HUNG, OK, UNCLEAR, WRONG, Outcome
 from kvxfer.tables import format_table
@@ -41,7 +41,7 @@ class Report:
 
     def fault_counts(self) -> dict[str, int]:
         counts = Counter(e.kind for e in self.faults)
-        out = {k: counts.get(k, 0) for k in FAULT_KINDS}
+        out = {k: counts.get(k, 0) for k in fault_kinds(self.config.get("hosts", 1))}
         out[CLIENT_ABORT] = self.count(ABORTED)
         return out
 
