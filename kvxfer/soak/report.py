@@ -86,6 +86,8 @@ class Report:
         rows += [["faults injected (client aborts not counted)", len(self.faults), ""]]
         rows += [[f"supervisor restarts: {svc}", n, ""] for svc, n in sorted(self.restarts.items())]
         rows += [["liveness kills (a service wedged)", sum(self.liveness_kills.values()), "must be 0"]]
+        if self.config.get("hosts", 1) > 1:
+            rows += [["hosts (prefill | decode + proxy, UCX over TCP)", self.config["hosts"], ""]]
         rows += [["fault seed / load seed", f"{self.fault_seed} / {self.seed}", ""],
                  ["wall time, s", round(self.seconds, 1), ""]]
         return rows

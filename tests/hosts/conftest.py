@@ -9,10 +9,9 @@ Markers: `hosts` on every test here; `hosts_full` on the long fault tests, which
 from __future__ import annotations
 
 import pytest
+from hostkit import namespaces_or_skip
 
-from kvxfer.hosts import Topology, why_unavailable
-
-_reason: list[str | None] = []
+from kvxfer.hosts import Topology
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,13 +29,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if full:
         config.hook.pytest_deselected(items=full)
         items[:] = [item for item in items if not item.get_closest_marker("hosts_full")]
-
-
-def namespaces_or_skip() -> None:
-    if not _reason:
-        _reason.append(why_unavailable())
-    if _reason[0] is not None:
-        pytest.skip(_reason[0])
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import namespaces_or_skip
+from hostkit import namespaces_or_skip
 
 from kvxfer.hosts import Topology, netns, sweep_stale
 
