@@ -6,8 +6,8 @@ must), and no block or staging slot stays held once leases expire. The `small-gp
 of KV per token) makes a 4,000-token transfer last long enough (64 MiB over TCP) to cut the link
 inside it. Long: `make test-hosts` runs these (marker hosts_full).
 
-A partition that outlasts UCX's keepalive (about 15 s here: UCX_TCP_KEEPIDLE and its probes) has
-UCX declare prefill's endpoint gone; decode must then handshake again. It does not yet (see
+A partition that outlasts UCX's keepalive (between 15 s, which heals, and 30 s, which does not,
+here) has UCX declare prefill's endpoint gone; decode must then handshake again. It does not yet (see
 test_a_partition_that_outlasts_ucx_keepalive_heals, xfail until it does)."""
 
 from __future__ import annotations
