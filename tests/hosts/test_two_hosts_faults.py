@@ -126,9 +126,9 @@ def test_link_down_while_a_lease_is_held(two_hosts, want):
     recovers(two_hosts, want)
 
 
-@pytest.mark.xfail(strict=True, reason="after a partition longer than UCX's keepalive, decode keeps posting to "
-                   "the NIXL remote agent UCX declared disconnected (NIXL_ERR_REMOTE_DISCONNECT, kv_load_failed) "
-                   "instead of handshaking again; every request fails until prefill restarts")
+@pytest.mark.xfail(strict=True, reason="after a partition longer than UCX's keepalive, the side that posts (decode "
+                   "for READ, prefill for WRITE) keeps the NIXL remote agent UCX declared disconnected "
+                   "(NIXL_ERR_REMOTE_DISCONNECT) instead of handshaking again; every request fails until a restart")
 def test_a_partition_that_outlasts_ucx_keepalive_heals(two_hosts, want):
     """30 s cut: the proxy answers a typed error within its own bound meanwhile; after it, new
     requests must be answered again."""
