@@ -98,6 +98,7 @@ class LocalCluster:
             self.services.append(self._service(spec, f"prefill{i}", keys))
         for i, spec in enumerate(self.decode):
             self.services.append(self._service(spec, f"decode{i}", keys))
+        self._check_placement()
         for svc in self.services:
             self._launch(svc)
         self.proxy = self._proxy()
@@ -207,6 +208,12 @@ class LocalCluster:
         if host is not None:
             args += ["--host", "0.0.0.0"]
         return Running(ServiceSpec("proxy"), "proxy", port, 0, args, self.workdir / "proxy.log", host=host)
+
+    def _check_placement(self) -> None:
+        """A host runs at most one service per pool: they take the manifests' fixed ports."""
+        placed = [(s.host.netns, s.spec.role) for s in self.services if s.host is not None]
+        if len(placed) != len(set(placed)):
+            raise ConfigError(f"two services of one pool on one host (they would share ports): {placed}")
 
     def _ports_of(self, spec: ServiceSpec) -> tuple[int, int]:
         """The manifests' ports inside a host of its own (its namespace has nothing else), free
