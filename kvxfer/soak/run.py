@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 
 from kvxfer.daemons.cluster import LocalCluster, Running, ServiceSpec
-from kvxfer.hosts import Topology
+from kvxfer.errors import ConfigError
+from kvxfer.hosts import Topology, why_unavailable
 from kvxfer.soak.config import SoakConfig
 from kvxfer.soak.faults import FaultInjector
 from kvxfer.soak.load import LoadGenerator
@@ -49,6 +50,8 @@ def build_cluster(config: SoakConfig, workdir: Path, topology: Topology | None =
 
 def run_soak(config: SoakConfig) -> Report:
     config.validate()
+    if config.hosts > 1 and (why := why_unavailable()) is not None:  # say so before minutes of setup
+        raise ConfigError(f"soak --hosts {config.hosts}: {why}")
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="kvxfer-soak-"))
     log.info("soak: %d requests at concurrency %d, %d faults, fault seed %d, logs in %s",
              config.num_requests, config.concurrency, config.num_faults, config.fault_seed, workdir)
