@@ -18,6 +18,7 @@ from kvxfer.hosts import Topology, why_unavailable
 from kvxfer.soak.run import scrape
 
 HELD = ("kvxfer_blocks_in_use", "kvxfer_blocks_held")
+PREFILL_TIMEOUT_S = 600.0  # a 2,000-token small-gpu prefill took over 120 s on the shared 2 cores
 POLL_S = 0.0005  # counters are read from /proc, ~50 us: poll fine enough to land inside a transfer
 READY_TIMEOUT_S = 420.0  # a first start on a shared 2-core machine (kernel warmup included)
 _reason: list[str | None] = []
@@ -118,7 +119,8 @@ class Deployment:
         on prefill holds the request's blocks under a lease."""
         info = self.cluster.get(self.decode, "/v1/kvxfer/identity", timeout=10.0).json()
         body = {"prompt": prompt, "max_tokens": max_tokens}
-        reply = self.post(self.prefill, "/v1/completions", {**body, "kvxfer_consumer": {"consumer_key": info["public_key"]}})
+        reply = self.post(self.prefill, "/v1/completions", {**body, "kvxfer_consumer": {"consumer_key": info["public_key"]}},
+                          timeout=PREFILL_TIMEOUT_S)
         assert reply.status_code == 200, reply.text
         return {**body, "kv_transfer_params": reply.json()["kv_transfer_params"]}
 

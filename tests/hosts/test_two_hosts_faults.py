@@ -37,7 +37,7 @@ SETUPS = [
           proxy_timeout_s=20.0),
 ]
 SHORT = [(5 * i) % 1000 + 1 for i in range(100)]
-LONG = [(3 * i) % 1000 + 1 for i in range(2500)]  # 40 MiB of KV
+LONG = [(3 * i) % 1000 + 1 for i in range(2000)]  # 32 MiB of KV
 MAX_TOKENS = 3
 ERROR_BOUND_S = 25.0  # see test_two_hosts.py
 HANDSHAKE_BYTES = 256  # prefill's ZMTP greeting and CURVE WELCOME are out: the handshake is under way
