@@ -1,6 +1,9 @@
 """`kvxfer soak`: the CPU demo topology (prefill TP 2 -> decode TP 4, proxy, CURVE on) under a
 bounded load and random faults: SIGKILL of a prefill or decode rank, service restarts, a rank
 paused past the transfer deadline, side-channel connections reset, clients hanging up mid-stream.
+With --hosts 2, prefill runs on one host and decode and the proxy on another (network namespaces
+joined by a switch, as the Kubernetes manifests start pods, UCX over TCP; needs root), and the
+link between them goes down and up again as one more fault.
 A supervisor restarts services that exit. Prints one table; exits 1 if any answer was wrong, any
 request hung or failed without a clear error, or any block stayed held after leases expired."""
 
@@ -12,7 +15,15 @@ import secrets
 import sys
 from pathlib import Path
 
-from kvxfer.soak.config import DEFAULT_WEIGHTS, FAULT_KINDS, MODES, TRANSFER_PATHS, SoakConfig
+from kvxfer.soak.config import (
+    ALL_FAULT_KINDS,
+    DEFAULT_WEIGHTS,
+    HOSTS,
+    MODES,
+    TRANSFER_PATHS,
+    SoakConfig,
+    fault_kinds,
+)
 
 log = logging.getLogger("kvxfer.soak")
 
@@ -27,8 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-time-s", type=float, default=d.max_time_s, help=f"stop sending after this long (default: {d.max_time_s:.0f})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the load's choices (default: 0)")
     p.add_argument("--fault-seed", type=int, help="seed of the injector's choices (default: random, printed)")
-    p.add_argument("--fault-kinds", nargs="+", choices=FAULT_KINDS, default=list(FAULT_KINDS),
-                   help="faults to choose from (default: all)")
+    p.add_argument("--fault-kinds", nargs="+", choices=ALL_FAULT_KINDS,
+                   help=f"faults to choose from (default: all the topology can take; {', '.join(ALL_FAULT_KINDS[-1:])} "
+                        "needs --hosts 2)")
+    p.add_argument("--hosts", type=int, choices=HOSTS, default=d.hosts,
+                   help="1: every process on loopback; 2: prefill on one host, decode and the proxy on another "
+                        f"(network namespaces; root) (default: {d.hosts})")
+    p.add_argument("--max-link-down-s", type=float, default=d.max_link_down_s,
+                   help=f"a link fault lasts 1 s to this long (default: {d.max_link_down_s})")
     p.add_argument("--min-tokens", type=int, default=d.min_tokens, help=f"fewest tokens per request (default: {d.min_tokens})")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"most tokens per request (default: {d.max_tokens})")
     p.add_argument("--prefill-tp", type=int, default=d.prefill_tp, help=f"prefill TP size (default: {d.prefill_tp})")
@@ -55,10 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> SoakConfig:
     fault_seed = args.fault_seed if args.fault_seed is not None else secrets.randbelow(2**31)
+    kinds = args.fault_kinds or fault_kinds(args.hosts)
     return SoakConfig(
         num_requests=args.requests, concurrency=args.concurrency, max_time_s=args.max_time_s,
         num_faults=args.faults, seed=args.seed, fault_seed=fault_seed,
-        weights={k: DEFAULT_WEIGHTS[k] for k in args.fault_kinds}, min_tokens=args.min_tokens,
+        weights={k: DEFAULT_WEIGHTS[k] for k in kinds}, hosts=args.hosts,
+        max_link_down_s=args.max_link_down_s, min_tokens=args.min_tokens,
         max_tokens=args.max_tokens, prefill_tp=args.prefill_tp, decode_tp=args.decode_tp, preset=args.preset,
         request_timeout_s=args.request_timeout_s, lease_s=args.lease_s,
         transfer_deadline_s=args.transfer_deadline_s, mode=args.mode, staging_mib=args.staging_mib,

@@ -1,6 +1,12 @@
 """A disaggregated deployment on one machine: prefill and decode services and the proxy as
 separate processes on loopback. Used by `kvxfer demo`, the end-to-end tests and the soak.
 
+A service (or the proxy) given a `Host` (kvxfer.hosts: a network namespace with its own address)
+runs inside it as the Kubernetes manifests start a pod: HTTP on every address, the side channel
+bound to the host's address and advertised with it, the manifests' ports, and the host's
+environment (UCX over TCP). Probes and scrapes of such a service are made from inside its host
+(`reach`), as a kubelet probes from the pod's node.
+
 Each service runs `kvxfer serve` in its own process group, so stopping it (or killing it, for
 fault tests) takes its rank processes with it. CURVE keys are generated into the work directory
 unless `insecure` is asked for.
@@ -8,6 +14,7 @@ unless `insecure` is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -16,12 +23,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from kvxfer.agents.keys import generate_keypair, write_keypair
+from kvxfer.daemons.config import DEFAULT_HTTP_PORT, DEFAULT_SIDE_CHANNEL_PORT
 from kvxfer.errors import ConfigError
 from kvxfer.ports import free_ports
+
+if TYPE_CHECKING:
+    from kvxfer.hosts.topology import Host
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +46,7 @@ class ServiceSpec:
     block_size: int = 16
     num_blocks: int = 256
     extra: tuple[str, ...] = ()  # more `kvxfer serve` flags (mode, deadlines, lease...)
+    host: Host | None = None  # None: loopback of this machine
 
 
 @dataclass
@@ -45,10 +58,15 @@ class Running:
     args: list[str]
     log_path: Path
     proc: subprocess.Popen | None = None
+    host: Host | None = None
+
+    @property
+    def address(self) -> str:
+        return self.host.address if self.host is not None else "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.address}:{self.http_port}"
 
 
 @dataclass
@@ -66,6 +84,7 @@ class LocalCluster:
     log_level: str = "INFO"
     proxy_args: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()  # `kvxfer serve` flags for every service (e.g. --dtype)
+    proxy_host: Host | None = None  # None: loopback of this machine
     services: list[Running] = field(default_factory=list)
     proxy: Running | None = None
     _ports: set[int] = field(default_factory=set)
@@ -79,12 +98,10 @@ class LocalCluster:
             self.services.append(self._service(spec, f"prefill{i}", keys))
         for i, spec in enumerate(self.decode):
             self.services.append(self._service(spec, f"decode{i}", keys))
+        self._check_placement()
         for svc in self.services:
             self._launch(svc)
-        port = free_ports(1, self._ports)
-        args = ["proxy", "--port", str(port), "--prefill", *[s.url for s in self.services if s.spec.role == "prefill"],
-                "--decode", *[s.url for s in self.services if s.spec.role == "decode"], *self.proxy_args]
-        self.proxy = Running(ServiceSpec("proxy"), "proxy", port, 0, args, self.workdir / "proxy.log")
+        self.proxy = self._proxy()
         self._launch(self.proxy)
         self.wait_ready(timeout_s=timeout_s)
 
@@ -95,7 +112,7 @@ class LocalCluster:
                 if svc.proc is not None and svc.proc.poll() is not None:
                     raise ConfigError(f"{svc.name} exited with {svc.proc.returncode}:\n{self.tail(svc)}")
                 try:
-                    if httpx.get(f"{svc.url}/ready", timeout=2.0).status_code == 200:
+                    if self.get(svc, "/ready", timeout=2.0).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
@@ -120,6 +137,15 @@ class LocalCluster:
         if self.proxy is None:
             raise ConfigError("cluster not started")
         return self.proxy.url
+
+    def reach(self, svc: Running) -> contextlib.AbstractContextManager[None]:
+        """Where to stand to reach `svc`: inside its host, or here for loopback services."""
+        return svc.host.entered() if svc.host is not None else contextlib.nullcontext()
+
+    def get(self, svc: Running, path: str, *, timeout: float) -> httpx.Response:
+        """GET one of the service's endpoints (/ready, /health, /metrics) from its own host."""
+        with self.reach(svc):
+            return httpx.get(f"{svc.url}{path}", timeout=timeout)
 
     def by_name(self, name: str) -> Running:
         for svc in self.services:
@@ -174,14 +200,39 @@ class LocalCluster:
             (allowed / f"{other}.key").write_bytes((keydir / f"{other}.key").read_bytes())
         return keydir
 
+    def _proxy(self) -> Running:
+        host = self.proxy_host
+        port = DEFAULT_HTTP_PORT["proxy"] if host is not None else free_ports(1, self._ports)
+        args = ["proxy", "--port", str(port), "--prefill", *[s.url for s in self.services if s.spec.role == "prefill"],
+                "--decode", *[s.url for s in self.services if s.spec.role == "decode"], *self.proxy_args]
+        if host is not None:
+            args += ["--host", "0.0.0.0"]
+        return Running(ServiceSpec("proxy"), "proxy", port, 0, args, self.workdir / "proxy.log", host=host)
+
+    def _check_placement(self) -> None:
+        """A host runs at most one service per pool: they take the manifests' fixed ports."""
+        placed = [(s.host.netns, s.spec.role) for s in self.services if s.host is not None]
+        if len(placed) != len(set(placed)):
+            raise ConfigError(f"two services of one pool on one host (they would share ports): {placed}")
+
+    def _ports_of(self, spec: ServiceSpec) -> tuple[int, int]:
+        """The manifests' ports inside a host of its own (its namespace has nothing else), free
+        ports of this machine on loopback."""
+        if spec.host is not None:
+            return DEFAULT_HTTP_PORT[spec.role], DEFAULT_SIDE_CHANNEL_PORT[spec.role]
+        return free_ports(1, self._ports), free_ports(spec.tp, self._ports)
+
     def _service(self, spec: ServiceSpec, name: str, keys: Path | None) -> Running:
-        http_port, side_port = free_ports(1, self._ports), free_ports(spec.tp, self._ports)
+        http_port, side_port = self._ports_of(spec)
         seed = self.decode_seed if spec.role == "decode" and self.decode_seed is not None else self.seed
         model = ["--model", str(self.model_dir)] if self.model_dir else ["--preset", self.preset, "--seed", str(seed)]
         args = ["serve", spec.role, *model, "--tp", str(spec.tp), "--layout", spec.layout,
                 "--block-size", str(spec.block_size), "--num-blocks", str(spec.num_blocks),
                 "--device", self.device, "--port", str(http_port), "--side-channel-port", str(side_port),
                 "--mode", self.mode, "--engine-id", name, *self.extra, *spec.extra]
+        if spec.host is not None:  # as deploy/k8s/base: HTTP on every address, side channel on the pod IP
+            args += ["--host", "0.0.0.0", "--side-channel-host", spec.host.address,
+                     "--advertise-host", spec.host.address]
         if keys is None:
             args.append("--insecure-plaintext")
         else:
@@ -189,13 +240,14 @@ class LocalCluster:
             args += ["--curve-secret-key-file", str(keys / f"{spec.role}.key_secret"),
                      "--curve-allowed-keys-dir", str(keys / f"allowed-by-{spec.role}"),
                      "--curve-server-key-file", str(keys / f"{other}.key")]
-        return Running(spec, name, http_port, side_port, args, self.workdir / f"{name}.log")
+        return Running(spec, name, http_port, side_port, args, self.workdir / f"{name}.log", host=spec.host)
 
     def _launch(self, svc: Running) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(svc.host.env if svc.host else ())}
+        argv = [sys.executable, "-m", "kvxfer.cli", "--log-level", self.log_level, *svc.args]
         with open(svc.log_path, "ab") as out:
             svc.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvxfer.cli", "--log-level", self.log_level, *svc.args],
+                svc.host.command(argv) if svc.host is not None else argv,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)
 

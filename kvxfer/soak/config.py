@@ -18,10 +18,22 @@ RESTART_SERVICE = "restart_service"  # SIGTERM a whole service, start it again
 PAUSE_RANK = "pause_rank"  # SIGSTOP one rank process past the transfer deadline, then SIGCONT
 DROP_SIDE_CHANNEL = "drop_side_channel"  # reset every TCP connection to prefill's side channel
 CLIENT_ABORT = "client_abort"  # a streaming client hangs up mid-stream
+# Only with hosts >= 2 (kvxfer.hosts): the link between prefill's and decode's hosts goes down for
+# a while (silent drops both ways: side channel, NIXL/UCX and the proxy's HTTP to prefill), then up.
+LINK_DOWN = "link_down"
 FAULT_KINDS = (KILL_PREFILL_RANK, KILL_DECODE_RANK, RESTART_SERVICE, PAUSE_RANK, DROP_SIDE_CHANNEL)
-# Killing and restarting costs a restart (tens of seconds on a busy CPU); pauses and drops do not.
+HOST_FAULT_KINDS = (LINK_DOWN,)
+ALL_FAULT_KINDS = FAULT_KINDS + HOST_FAULT_KINDS
+# Killing and restarting costs a restart (tens of seconds on a busy CPU); pauses, drops and link
+# faults do not.
 DEFAULT_WEIGHTS = {KILL_PREFILL_RANK: 1.0, KILL_DECODE_RANK: 1.0, RESTART_SERVICE: 1.0,
-                   PAUSE_RANK: 3.0, DROP_SIDE_CHANNEL: 3.0}
+                   PAUSE_RANK: 3.0, DROP_SIDE_CHANNEL: 3.0, LINK_DOWN: 6.0}
+HOSTS = (1, 2)  # 1: every process on this machine's loopback; 2: prefill and decode hosts
+
+
+def fault_kinds(hosts: int) -> tuple[str, ...]:
+    """The faults a topology can take: link faults need hosts of their own."""
+    return ALL_FAULT_KINDS if hosts > 1 else FAULT_KINDS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +44,8 @@ class SoakConfig:
     num_faults: int = 60  # injected faults (client aborts not counted), spread over the requests
     seed: int = 0  # the load's choices (prompts, lengths, streams, aborts)
     fault_seed: int = 0  # the injector's choices; recorded in the report
-    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    weights: dict[str, float] = field(default_factory=lambda: {k: DEFAULT_WEIGHTS[k] for k in FAULT_KINDS})
+    hosts: int = 1  # 2: prefill on one host, decode and the proxy on another (kvxfer.hosts)
     prefill_tp: int = 2
     decode_tp: int = 4
     preset: str = "tiny-demo"
@@ -50,6 +63,7 @@ class SoakConfig:
     client_slack_s: float = 30.0  # client bound = request_timeout_s + this; past it: hung
     lease_s: float = 6.0
     transfer_deadline_s: float = 2.0
+    max_link_down_s: float = 8.0  # a link fault lasts 1 s to this long (past a lease, by default)
     ready_timeout_s: float = 300.0  # a (re)started service must be ready within this
     workdir: Path | None = None
     log_level: str = "WARNING"
@@ -69,7 +83,11 @@ class SoakConfig:
             (0 <= self.abort_fraction <= 1, f"abort_fraction={self.abort_fraction} outside [0, 1]"),
             (self.lease_s > self.transfer_deadline_s, f"lease_s={self.lease_s} must exceed transfer_deadline_s"),
             (self.num_prompts >= 1 and self.max_prompt_chars >= 1, "need at least one prompt of one character"),
-            (set(self.weights) <= set(FAULT_KINDS), f"unknown fault kinds {sorted(set(self.weights) - set(FAULT_KINDS))}"),
+            (self.hosts in HOSTS, f"hosts={self.hosts} is not one of {', '.join(map(str, HOSTS))}"),
+            (set(self.weights) <= set(fault_kinds(self.hosts)),
+             f"fault kinds {sorted(set(self.weights) - set(fault_kinds(self.hosts)))} not possible with "
+             f"hosts={self.hosts} (possible: {', '.join(fault_kinds(self.hosts))})"),
+            (self.max_link_down_s >= 1.0, f"max_link_down_s={self.max_link_down_s} must be >= 1"),
             (self.num_faults == 0 or sum(self.weights.values()) > 0, "every fault weight is 0"),
             (self.mode in MODES, f"mode={self.mode!r} is not one of {', '.join(MODES)}"),
             (self.transfer_path in TRANSFER_PATHS,

@@ -16,11 +16,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvxfer.soak import config as c
 from kvxfer.soak.procs import alive, rank_pids
 from kvxfer.soak.relay import SideChannelRelay
 from kvxfer.soak.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from kvxfer.hosts import Topology
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +38,12 @@ class FaultEvent:
 
 
 class FaultInjector:
-    def __init__(self, config: c.SoakConfig, supervisor: Supervisor, relay: SideChannelRelay,
-                 progress: Callable[[], int], started: float) -> None:
+    def __init__(self, config: c.SoakConfig, supervisor: Supervisor, relay: SideChannelRelay | None,
+                 progress: Callable[[], int], started: float, topology: Topology | None = None) -> None:
         self.config = config
         self.supervisor = supervisor
-        self.relay = relay
+        self.relay = relay  # loopback: resets go through the relay
+        self.topology = topology  # hosts: resets from inside prefill's host, and link faults
         self.progress = progress  # requests sent so far
         self.started = started
         self.rng = random.Random(config.fault_seed)
@@ -52,6 +57,7 @@ class FaultInjector:
             c.RESTART_SERVICE: self._restart,
             c.PAUSE_RANK: self._pause,
             c.DROP_SIDE_CHANNEL: self._drop,
+            c.LINK_DOWN: self._link_down,
         }
 
     def start(self) -> None:
@@ -134,6 +140,22 @@ class FaultInjector:
         return FaultEvent(at, c.PAUSE_RANK, f"{name} rank {rank} (pid {pids[rank]})", f"stopped {seconds:.1f} s")
 
     def _drop(self) -> FaultEvent:
+        if self.topology is not None:
+            prefill = self.supervisor.cluster.by_name("prefill0")
+            dropped = self.topology.reset_connections(
+                "prefill", ports=range(prefill.side_port, prefill.side_port + prefill.spec.tp))
+            return FaultEvent(self._now(), c.DROP_SIDE_CHANNEL, "prefill0 side channel (all ranks)",
+                              f"{dropped} connections reset from inside the prefill host (ss -K)")
         dropped = self.relay.drop_all()
         return FaultEvent(self._now(), c.DROP_SIDE_CHANNEL, "prefill0 side channel (all ranks)",
                           f"{dropped} sockets reset ({self.relay.num_relayed} connections relayed so far)")
+
+    def _link_down(self) -> FaultEvent:
+        """The prefill host's link down for 1 s to max_link_down_s, then up (always): a partition
+        that may strike a handshake, a transfer, a held lease or the proxy's prefill leg."""
+        seconds = self.rng.uniform(1.0, self.config.max_link_down_s)
+        at, sent = self._now(), self.progress()
+        with self.topology.partitioned("prefill"):
+            self._stop.wait(seconds)
+        return FaultEvent(at, c.LINK_DOWN, "prefill <-> decode hosts",
+                          f"down {seconds:.1f} s (request {sent} sent when it went down)")

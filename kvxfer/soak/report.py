@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from kvxfer.soak.config import CLIENT_ABORT, FAULT_KINDS
+from kvxfer.soak.config import CLIENT_ABORT, fault_kinds
 from kvxfer.soak.faults import FaultEvent
 from kvxfer.soak.load import ABORTED, FAILED, HUNG, OK, UNCLEAR, WRONG, Outcome
 from kvxfer.tables import format_table
@@ -41,7 +41,7 @@ class Report:
 
     def fault_counts(self) -> dict[str, int]:
         counts = Counter(e.kind for e in self.faults)
-        out = {k: counts.get(k, 0) for k in FAULT_KINDS}
+        out = {k: counts.get(k, 0) for k in fault_kinds(self.config.get("hosts", 1))}
         out[CLIENT_ABORT] = self.count(ABORTED)
         return out
 
@@ -86,6 +86,8 @@ class Report:
         rows += [["faults injected (client aborts not counted)", len(self.faults), ""]]
         rows += [[f"supervisor restarts: {svc}", n, ""] for svc, n in sorted(self.restarts.items())]
         rows += [["liveness kills (a service wedged)", sum(self.liveness_kills.values()), "must be 0"]]
+        if self.config.get("hosts", 1) > 1:
+            rows += [["hosts (prefill | decode + proxy, UCX over TCP)", self.config["hosts"], ""]]
         rows += [["fault seed / load seed", f"{self.fault_seed} / {self.seed}", ""],
                  ["wall time, s", round(self.seconds, 1), ""]]
         return rows

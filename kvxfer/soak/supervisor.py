@@ -54,7 +54,7 @@ class Supervisor:
 
     def ready(self, name: str) -> bool:
         try:
-            return httpx.get(f"{self.cluster.by_name(name).url}/ready", timeout=2.0).status_code == 200
+            return self.cluster.get(self.cluster.by_name(name), "/ready", timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -91,7 +91,7 @@ class Supervisor:
         if proc is None or proc.poll() is not None:
             return
         try:
-            healthy = httpx.get(f"{self.cluster.by_name(name).url}/health", timeout=5.0).status_code == 200
+            healthy = self.cluster.get(self.cluster.by_name(name), "/health", timeout=5.0).status_code == 200
         except httpx.HTTPError:
             healthy = False
         if healthy:
