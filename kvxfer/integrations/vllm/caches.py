@@ -86,16 +86,16 @@ class CacheSource:
     head_size: int
     use_mla: bool = False
 
+    def __post_init__(self) -> None:
+        if not self.use_mla and self.backend not in DENSE_BACKENDS + CPU_BACKENDS:
+            raise ConfigError(f"KvxferConnector: attention backend {self.backend} is not supported "
+                              f"(supported: {', '.join(DENSE_BACKENDS + CPU_BACKENDS)}, and MLA backends)")
+
     @property
     def family(self) -> Family:
         if self.use_mla:
             return Family.MLA
-        if self.backend in CPU_BACKENDS:
-            return Family.CPU
-        if self.backend in DENSE_BACKENDS:
-            return Family.DENSE
-        raise ConfigError(f"KvxferConnector: attention backend {self.backend} is not supported (supported: "
-                          f"{', '.join(DENSE_BACKENDS + CPU_BACKENDS)}, and MLA models' backends)")
+        return Family.CPU if self.backend in CPU_BACKENDS else Family.DENSE
 
 
 @dataclass(frozen=True)
