@@ -17,6 +17,10 @@ layers' pages between blocks (cross-layer layouts) are followed. The views are i
 where vLLM's block size exceeds the kernel's, manager block b is kernel blocks b*r .. b*r+r-1
 (`BlockMap`). Anything that fits no layout is refused with a LayoutError naming the backend,
 shape and strides.
+
+The worker calls `describe_vllm_caches` once in `register_kv_caches`: NIXL registers
+`storages` (each allocation once), the region's layer addresses are `layer_addrs`, staging copies
+address `windows`; block ids from vLLM go through `blocks.kernel_ids` before any plan sees them.
 """
 
 from __future__ import annotations
