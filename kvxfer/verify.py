@@ -28,6 +28,12 @@ def block_view(layout: str, cache: torch.Tensor) -> torch.Tensor:
     if layout == "packed":  # [N, H, bs, 2D]: per (block, head) bs K rows, then bs V rows
         n, h, bs, d2 = cache.shape
         return cache.view(n, h, 2, bs, d2 // 2).permute(0, 2, 1, 3, 4)
+    if layout == "kvlast-hnd":  # [N, H, bs, 2D]: per token a K row, then a V row
+        return cache.unflatten(-1, (2, -1)).permute(0, 3, 1, 2, 4)
+    if layout == "kvlast-nhd":  # [N, bs, H, 2D]
+        return cache.unflatten(-1, (2, -1)).permute(0, 3, 2, 1, 4)
+    if layout == "kvlast-hbnd":  # [H, N, bs, 2D]
+        return cache.unflatten(-1, (2, -1)).permute(1, 3, 0, 2, 4)
     if layout == "trtllm-hnd":  # [P, H, bs, D]
         return cache.unsqueeze(1)
     if layout == "trtllm-nhd":  # [P, bs, H, D]

@@ -1,14 +1,19 @@
 """deploy/: every kustomization renders, every object validates against the Kubernetes schemas
 (kubernetes-validate's bundled schemas, offline), and nothing drifts from the CLI: every KVXFER_*
-variable, flag and port in the manifests exists and agrees with kvxfer.daemons.config."""
+variable, flag and port in the manifests exists and agrees with kvxfer.daemons.config. The vLLM
+overlay's pods load KvxferConnector with settings its own parser accepts, with the key files their
+volumes and init container lay out."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
+import json
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,6 +36,8 @@ VENV_KVXFER = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "kvxfer"
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 OVERLAYS = ("cpu-demo", "gpu", "rdma")
 KUSTOMIZATIONS = ("base", *(f"overlays/{name}" for name in OVERLAYS))
+VLLM = "overlays/vllm"  # vLLM pods with KvxferConnector, no kvxfer daemon: tests of its own below
+VLLM_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 K8S_VERSION = "1.32.0"  # the kubectl on the project's machines
 SECRET_NAME = "kvxfer-curve-keys"
 SECRET_KEYS = {"prefill.key", "prefill.key_secret", "decode.key", "decode.key_secret"}
@@ -352,3 +359,166 @@ def _secret_files(deployment: dict, container: dict) -> dict[str, str]:
             assert secret["secretName"] == SECRET_NAME and "items" in secret
             files |= {f"{mount['mountPath']}/{item['path']}": item["key"] for item in secret["items"]}
     return files
+
+
+# -- overlays/vllm ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VllmPod:
+    deployment: dict
+    container: dict
+    flags: dict[str, str]  # `vllm serve` flags, $(VAR) expanded as Kubernetes expands them
+    transfer: dict  # --kv-transfer-config
+
+    @property
+    def tp(self) -> int:
+        return int(self.flags.get("--tensor-parallel-size", "1"))
+
+
+def vllm_pods() -> dict[str, VllmPod]:
+    """component (prefill / decode) -> its vLLM container, flags and kv-transfer-config."""
+    pods = {}
+    for deployment in of_kind(render(VLLM), "Deployment").values():
+        (container,) = _containers(deployment)
+        assert container["command"][:2] == ["vllm", "serve"], container["command"]
+        flags = dict(arg.partition("=")[::2] for arg in container["args"])
+        flags = {k: _expand(v, resolve_env(container)) for k, v in flags.items()}
+        component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+        pods[component] = VllmPod(deployment, container, flags, json.loads(flags["--kv-transfer-config"]))
+    assert set(pods) == set(VLLM_ROLES)
+    return pods
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of container args."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
+
+
+@needs_kubectl
+def test_vllm_overlay_renders_and_validates():
+    objects = render(VLLM)
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    for role in VLLM_ROLES:
+        for kind in ("Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"):
+            assert (kind, f"kvxfer-vllm-{role}") in kinds
+    assert {o["metadata"].get("namespace") for o in objects} == {"kvxfer"}
+    kv = pytest.importorskip("kubernetes_validate")
+    for obj in objects:
+        kv.validate(obj, K8S_VERSION, strict=True)
+
+
+@needs_kubectl
+def test_vllm_pods_load_the_connector_with_settings_it_accepts(tmp_path):
+    """Each pool's kv-transfer-config names KvxferConnector and parses with the connector's own
+    parser, reading the key files exactly where the pod's Secret volumes and init container put
+    them; each side trusts the other's public key, and CURVE is on."""
+    from kvxfer.agents.keys import generate_keypair
+    from kvxfer.integrations.vllm.config import parse_config
+
+    pairs = {role: generate_keypair() for role in VLLM_ROLES}
+    secret = {f"{r}.key": p.public.decode() for r, p in pairs.items()} | \
+             {f"{r}.key_secret": p.secret.decode() for r, p in pairs.items()}
+    for role, pod in vllm_pods().items():
+        transfer = pod.transfer
+        assert (transfer["kv_connector"], transfer["kv_role"]) == ("KvxferConnector", VLLM_ROLES[role])
+        assert importlib.util.find_spec(transfer["kv_connector_module_path"]) is not None
+        root = tmp_path / role
+        _lay_out_pod_files(pod.deployment, secret, root)
+        extra = {k: str(root) + v if k.endswith(("_file", "_dir")) else v
+                 for k, v in transfer["kv_connector_extra_config"].items()}
+        config = parse_config(extra, role=transfer["kv_role"], engine_id="e", default_fingerprint="f")
+        assert not config.insecure and config.keys.own.public == pairs[role].public
+        peer = pairs["decode" if role == "prefill" else "prefill"].public
+        if role == "prefill":
+            assert config.keys.allowed_client_keys == {peer}
+            assert config.side_channel_host == POD_IP and config.advertise_host == POD_IP
+        else:
+            assert config.keys.server_public_key == peer
+            assert transfer["kv_load_failure_policy"] == "recompute"
+
+
+def _lay_out_pod_files(deployment: dict, secret: dict[str, str], root: Path) -> None:
+    """What the pod's containers see under `root`: Secret items of the main container's volumes,
+    and what the init containers' `install -m MODE SRC DST` commands copy from theirs."""
+    spec = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+
+    def mount(container: dict, into: Path) -> None:
+        for m in container["volumeMounts"]:
+            for item in volumes[m["name"]].get("secret", {}).get("items", []):
+                path = into / m["mountPath"].lstrip("/") / item["path"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(secret[item["key"]])
+                path.chmod(volumes[m["name"]]["secret"]["defaultMode"])
+
+    for init in spec.get("initContainers", []):
+        staging = root.parent / f"{root.name}-{init['name']}"
+        mount(init, staging)
+        program, flag, mode, src, dst = init["command"]
+        assert (program, flag) == ("install", "-m")
+        target = root / dst.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(staging / src.lstrip("/"), target)
+        target.chmod(int(mode, 8))
+    mount(_containers(deployment)[0], root)
+
+
+@needs_kubectl
+def test_vllm_ports_probes_and_gpus_agree_with_the_flags():
+    pods = vllm_pods()
+    services = of_kind(render(VLLM), "Service")
+    for role, pod in pods.items():
+        port = int(pod.flags["--port"])
+        extra = pod.transfer["kv_connector_extra_config"]
+        side = {f"side-{r}": extra["side_channel_port"] + r for r in range(pod.tp)} if role == "prefill" else {}
+        assert {p["name"]: p["containerPort"] for p in pod.container["ports"]} == {"http": port} | side
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert pod.container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        annotations = pod.deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(port) and annotations["prometheus.io/path"] == "/metrics"
+        assert pod.container["resources"]["limits"]["nvidia.com/gpu"] == pod.tp
+        service = services[f"kvxfer-vllm-{role}"]
+        assert _selects(service["spec"]["selector"], pod.deployment)
+        assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(port, "http")]
+    for flag in ("--dtype", "--block-size"):  # otherwise the transferred KV is garbage
+        assert pods["prefill"].flags[flag] == pods["decode"].flags[flag], flag
+    assert pods["prefill"].container["command"] == pods["decode"].container["command"]  # the model
+    assert "VLLM_KV_CACHE_LAYOUT" not in resolve_env(pods["decode"].container)  # the connector asks for HND
+
+
+@needs_kubectl
+def test_vllm_side_channels_are_reachable_from_the_peer_pool_only():
+    objects = render(VLLM)
+    deployments, policies = of_kind(objects, "Deployment"), of_kind(objects, "NetworkPolicy")
+    for role, pod in vllm_pods().items():
+        peer = "decode" if role == "prefill" else "prefill"
+        policy = policies[f"kvxfer-vllm-{role}"]["spec"]
+        extra = pod.transfer["kv_connector_extra_config"]
+        ports = tuple(extra.get("side_channel_port", 5600) + r for r in range(pod.tp))
+        reaching = [rule for rule in policy["ingress"] if _covers(rule, ports, pod.container)]
+        assert reaching, f"the {peer} pool cannot reach {role}"
+        for rule in reaching:
+            assert [_selected_component(src, deployments) for src in rule.get("from", [None])] == [peer], rule
+
+
+@needs_kubectl
+def test_vllm_operational_settings():
+    pdbs = of_kind(render(VLLM), "PodDisruptionBudget").values()
+    for pod in vllm_pods().values():
+        spec = pod.deployment["spec"]["template"]["spec"]
+        extra = pod.transfer["kv_connector_extra_config"]
+        assert any(_selects(p["spec"]["selector"]["matchLabels"], pod.deployment) for p in pdbs)
+        assert spec["terminationGracePeriodSeconds"] > extra.get("lease_s", 0) + extra["transfer_deadline_s"]
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+        for container in [pod.container, *spec["initContainers"]]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        tmp = [m for m in pod.container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert tmp and "emptyDir" in volumes[tmp[0]["name"]]
+        # The secret key reaches the main container only as the init container's owner-only copy.
+        for mount in pod.container["volumeMounts"]:
+            keys = {i["key"] for i in volumes[mount["name"]].get("secret", {}).get("items", [])}
+            assert not any(k.endswith("key_secret") for k in keys), mount

@@ -1,6 +1,8 @@
 """Property tests of the planner: applying a plan as memcpy between byte buffers reproduces
 exactly what torch indexing gives, for every layout pair, TP pair, GQA replication, block-size
-ratio and random block ids; destination spans never overlap and every span stays in its region."""
+ratio and random block ids, with dense layers or layers whose blocks interleave (vLLM's
+cross-layer layouts, described from the tensors' strides); destination spans never overlap and
+every span stays in its region."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvxfer.layouts import CacheRegion, describe
+from kvxfer.layouts import CacheRegion, describe, describe_tensor
 from kvxfer.planning import (
     Fallback,
     descriptor_table,
@@ -32,7 +34,11 @@ HEAD_LAYOUTS = [
     "packed",
     "trtllm-hnd",
     "trtllm-nhd",
+    "kvlast-hnd",
+    "kvlast-nhd",
+    "kvlast-hbnd",
 ]
+BLOCK_AXIS = {"flash-attn-hnd": 1, "flash-attn-nhd": 1, "kvlast-hbnd": 1}  # else 0
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 GAP = 64  # bytes between layers in a rank's arena, so an overrun lands in a gap we check
 
@@ -48,10 +54,12 @@ class Rank:
 
 
 def make_rank(layout, *, base, num_layers, num_blocks, block_size, heads, total, head_dim, dtype,
-              contiguous_layers, rng, num_tokens):
+              contiguous_layers, rng, num_tokens, interleaved=False):
     desc = describe(layout, num_layers=num_layers, num_blocks=num_blocks, block_size=block_size,
                     num_heads=heads.size, first_head=heads.start, total_heads=total,
                     head_dim=head_dim, dtype=dtype)
+    if interleaved and not desc.separate_kv_pages:
+        return interleaved_rank(desc, base=base, rng=rng, num_tokens=num_tokens)
     stride = desc.layer_bytes + (0 if contiguous_layers else GAP)
     arena = rng.integers(0, 256, size=num_layers * stride + GAP, dtype=np.uint8)
     tensors = [
@@ -59,13 +67,36 @@ def make_rank(layout, *, base, num_layers, num_blocks, block_size, heads, total,
                          dtype=TORCH_DTYPES[dtype]).view(desc.shape)
         for layer in range(num_layers)
     ]
+    return finish_rank(desc, arena, tensors, base + np.arange(num_layers, dtype=np.uint64) * stride,
+                       rng=rng, num_tokens=num_tokens)
+
+
+def interleaved_rank(dense, *, base, rng, num_tokens):
+    """Every block holds all layers' pages ([num_blocks, num_layers, page]); each layer's tensor is
+    a strided view, described from its own strides."""
+    axis = BLOCK_AXIS.get(dense.layout, 0)
+    phys = (dense.num_blocks, dense.num_layers, *[n for i, n in enumerate(dense.shape) if i != axis])
+    item = dense.item_bytes
+    arena = rng.integers(0, 256, size=int(np.prod(phys)) * item + GAP, dtype=np.uint8)
+    whole = torch.frombuffer(memoryview(arena), dtype=torch.uint8)[: int(np.prod(phys)) * item]
+    whole = whole.view(TORCH_DTYPES[dense.dtype]).view(phys)
+    tensors = [whole[:, layer].movedim(0, axis) for layer in range(dense.num_layers)]
+    t = tensors[0]
+    desc = describe_tensor(dense.layout, tuple(t.shape), tuple(s * item for s in t.stride()),
+                           num_layers=dense.num_layers, dtype=dense.dtype, first_head=dense.first_head,
+                           total_heads=dense.total_heads)
+    offsets = np.array([x.data_ptr() - whole.data_ptr() for x in tensors], dtype=np.uint64)
+    return finish_rank(desc, arena, tensors, base + offsets, rng=rng, num_tokens=num_tokens)
+
+
+def finish_rank(desc, arena, tensors, layer_addrs, *, rng, num_tokens):
+    block_size, num_blocks = desc.block_size, desc.num_blocks
     needed = -(-num_tokens // block_size)
     pages = 2 * needed if desc.separate_kv_pages else needed
     ids = rng.permutation(num_blocks)[:pages]
     if desc.separate_kv_pages:
         ids = ids.reshape(2, needed)
-    region = CacheRegion(desc, base + np.arange(num_layers, dtype=np.uint64) * stride)
-    return Rank(region, arena, tensors, ids)
+    return Rank(CacheRegion(desc, layer_addrs), arena, tensors, ids)
 
 
 def copy_spans(src_spans, dst_spans, arenas):
@@ -106,6 +137,7 @@ def scenarios(draw):
         num_tokens=draw(st.integers(1, 40)),
         extra_blocks=draw(st.integers(0, 5)),
         contiguous_layers=draw(st.booleans()),
+        interleaved=draw(st.booleans()),
         read=draw(st.booleans()),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
@@ -115,7 +147,8 @@ def run_scenario(sc):
     rng = np.random.default_rng(sc["seed"])
     total, n = sc["total"], sc["num_tokens"]
     common = dict(num_layers=sc["num_layers"], total=total, head_dim=sc["head_dim"],
-                  dtype=sc["dtype"], contiguous_layers=sc["contiguous_layers"], rng=rng, num_tokens=n)
+                  dtype=sc["dtype"], contiguous_layers=sc["contiguous_layers"], rng=rng, num_tokens=n,
+                  interleaved=sc.get("interleaved", False))
 
     def ranks(side, tp, layout, block_size, first_index):
         out = []
@@ -182,7 +215,8 @@ def test_prepped_indices_select_the_same_spans(sc):
     mapping = map_tp(total, sc["prefill_tp"], sc["decode_tp"])
     a = mapping.assignments[0]
     common = dict(num_layers=sc["num_layers"], total=total, head_dim=sc["head_dim"], dtype=sc["dtype"],
-                  contiguous_layers=sc["contiguous_layers"], rng=rng, num_tokens=n)
+                  contiguous_layers=sc["contiguous_layers"], rng=rng, num_tokens=n,
+                  interleaved=sc["interleaved"])
     p = make_rank(layouts[0], base=0, num_blocks=2 * -(-n // block_sizes[0]) + 3, block_size=block_sizes[0],
                   heads=heads_of_rank(total, sc["prefill_tp"], a.prefill_rank), **common)
     d = make_rank(layouts[1], base=1 << 40, num_blocks=2 * -(-n // block_sizes[1]) + 3, block_size=block_sizes[1],
@@ -204,6 +238,9 @@ def test_prepped_indices_select_the_same_spans(sc):
         (("packed", "flashinfer-hnd"), 4, (2, 8), (32, 16)),
         (("trtllm-hnd", "flash-attn-nhd"), 4, (4, 4), (8, 16)),
         (("mla", "mla"), 1, (2, 4), (16, 64)),
+        (("kvlast-hnd", "kvlast-hnd"), 4, (1, 2), (16, 32)),
+        (("kvlast-hnd", "kvlast-hbnd"), 4, (2, 1), (32, 16)),
+        (("kvlast-nhd", "packed"), 2, (2, 2), (16, 16)),
     ],
 )
 def test_named_cases(layouts, total, tps, block_sizes):
@@ -211,3 +248,7 @@ def test_named_cases(layouts, total, tps, block_sizes):
         run_scenario(dict(layouts=layouts, total=total, prefill_tp=tps[0], decode_tp=tps[1],
                           block_sizes=block_sizes, num_layers=2, head_dim=4, dtype="float16",
                           num_tokens=37, extra_blocks=3, contiguous_layers=False, read=read, seed=7))
+        run_scenario(dict(layouts=layouts, total=total, prefill_tp=tps[0], decode_tp=tps[1],
+                          block_sizes=block_sizes, num_layers=3, head_dim=4, dtype="float32",
+                          num_tokens=37, extra_blocks=3, contiguous_layers=False, interleaved=True,
+                          read=read, seed=8))

@@ -150,6 +150,24 @@ def validate_desc(desc: CacheDesc, *, who: str = "cache") -> None:
             f"{who}: strides reach byte {last_row + desc.row_bytes} but layer_bytes="
             f"{desc.layer_bytes}"
         )
+    _check_disjoint(desc, who)
+
+
+def _check_disjoint(desc: CacheDesc, who: str) -> None:
+    """No two rows may share a byte: a plan writing one row would overwrite another. Sufficient
+    test: taken by increasing stride, each coordinate must step past everything the finer ones
+    span. Separate-page layouts keep K and V on different pages, so their kv stride is 0."""
+    coords = [("block", desc.block_stride, desc.num_blocks), ("head", desc.head_stride, desc.num_heads),
+              ("token", desc.token_stride, desc.block_size)]
+    if not desc.separate_kv_pages:
+        coords.append(("kv", desc.kv_stride, desc.num_kv))
+    reach = desc.row_bytes
+    for name, stride, extent in sorted((c for c in coords if c[2] > 1), key=lambda c: c[1]):
+        if stride < reach:
+            raise LayoutError(f"{who}: {name}_stride={stride} overlaps rows that span {reach} bytes "
+                              f"(block={desc.block_stride}, kv={desc.kv_stride}, head={desc.head_stride}, "
+                              f"token={desc.token_stride}, row={desc.row_bytes})")
+        reach = stride * (extent - 1) + reach
 
 
 def row_strides(desc: CacheDesc) -> RowStrides:
@@ -170,44 +188,6 @@ def check_block_ids(ids: np.ndarray, desc: CacheDesc, *, who: str) -> np.ndarray
                 f"{who}: block id {bad} outside [0, {desc.num_blocks}) (num_blocks={desc.num_blocks})"
             )
     return ids
-
-
-def block_spans(
-    region: CacheRegion,
-    block_ids: np.ndarray,
-    *,
-    heads: tuple[int, int] | None = None,
-    layers: range | None = None,
-) -> np.ndarray:
-    """Spans covering whole blocks for a head range, one span per (layer, block, K/V) where the
-    heads are contiguous, else one per (layer, block, K/V, head) or finer.
-
-    Order is layer, block, K, V (the interleaved "virtual split": block0.K, block0.V, block1.K...).
-    Returns `(N, 3)` uint64 rows of (address, length, device). Separate-page layouts take block
-    ids of shape [2, n] (K pages, V pages).
-    """
-    desc = region.desc
-    lo, hi = heads if heads is not None else desc.heads
-    if not desc.first_head <= lo < hi <= desc.first_head + desc.num_heads:
-        raise LayoutError(
-            f"head range [{lo}, {hi}) outside this cache's heads [{desc.first_head}, "
-            f"{desc.first_head + desc.num_heads})"
-        )
-    ids_kv = ids_per_kv(check_block_ids(block_ids, desc, who=desc.layout), desc)
-    layer_idx = np.arange(desc.num_layers) if layers is None else np.asarray(layers)
-    s = row_strides(desc)
-    dims = [
-        Dim("head", hi - lo, (s.head,)),
-        Dim("token", desc.block_size, (s.token,)),
-    ]
-    unit, outer = merge_contiguous(dims, desc.row_bytes)
-    # addr: [layers, blocks, kv, *outer extents]
-    base = region.layer_addrs[layer_idx].astype(np.int64)[:, None, None]
-    blk = (ids_kv.T * s.block + np.arange(desc.num_kv) * s.kv)[None, :, :]
-    addr = base + blk + (lo - desc.first_head) * s.head
-    for dim in outer:
-        addr = addr[..., None] + np.arange(dim.extent) * dim.strides[0]
-    return spans_array(addr.reshape(-1), unit, region.device_id)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kvxfer.errors import LayoutError
 from kvxfer.layouts.base import RowStrides
-from kvxfer.layouts.spec import Geometry, LayoutSpec
+from kvxfer.layouts.spec import Geometry, LayoutSpec, axis_strides
 
 
 def _parse(shape: tuple[int, ...]) -> Geometry:
@@ -30,5 +30,6 @@ MLA = LayoutSpec(
     shape=lambda g: (g.num_blocks, g.block_size, g.head_dim),
     parse_shape=_parse,
     strides=_strides,
+    tensor_strides=axis_strides("block", "token", "dim"),
     has_v=False,
 )

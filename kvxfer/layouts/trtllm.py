@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from kvxfer.errors import LayoutError
 from kvxfer.layouts.base import RowStrides
-from kvxfer.layouts.spec import Geometry, LayoutSpec
+from kvxfer.layouts.spec import Geometry, LayoutSpec, axis_strides
 
 
 def _parse(shape: tuple[int, ...], hnd: bool) -> Geometry:
@@ -34,6 +34,7 @@ HND = LayoutSpec(
     shape=lambda g: (g.num_blocks, g.num_heads, g.block_size, g.head_dim),
     parse_shape=lambda s: _parse(s, hnd=True),
     strides=_hnd_strides,
+    tensor_strides=axis_strides("block", "head", "token", "dim"),
     separate_kv_pages=True,
 )
 
@@ -43,5 +44,6 @@ NHD = LayoutSpec(
     shape=lambda g: (g.num_blocks, g.block_size, g.num_heads, g.head_dim),
     parse_shape=lambda s: _parse(s, hnd=False),
     strides=_nhd_strides,
+    tensor_strides=axis_strides("block", "token", "head", "dim"),
     separate_kv_pages=True,
 )

@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvxfer.errors import ConfigError
+from kvxfer.integrations.vllm.caches import CacheSource, required_layout
 from kvxfer.integrations.vllm.config import ConnectorConfig, model_fingerprint, parse_config
 from kvxfer.integrations.vllm.params import LoadJob, ReleaseJob, SendJob
 from kvxfer.integrations.vllm.scheduler import SchedulerSide, boot_epoch_of
@@ -72,14 +73,18 @@ def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> 
     if par.pipeline_parallel_size > 1:
         raise ConfigError(f"KvxferConnector: pipeline parallelism is not supported "
                           f"(pipeline_parallel_size={par.pipeline_parallel_size}); use tensor parallelism")
-    if getattr(par, "decode_context_parallel_size", 1) > 1:
-        raise ConfigError(f"KvxferConnector: decode context parallelism is not supported "
-                          f"(decode_context_parallel_size={par.decode_context_parallel_size})")
+    for kind in ("decode", "prefill"):  # a rank's cache then holds every n-th token of a block
+        size = getattr(par, f"{kind}_context_parallel_size", 1)
+        if size > 1:
+            raise ConfigError(f"KvxferConnector: {kind} context parallelism is not supported "
+                              f"({kind}_context_parallel_size={size}); use tensor parallelism")
     if par.data_parallel_size > 1:
         raise ConfigError(f"KvxferConnector: data parallelism inside one instance is not supported "
                           f"(data_parallel_size={par.data_parallel_size}); run one instance per replica")
     if vllm_config.model_config.use_mla:
-        raise ConfigError("KvxferConnector: MLA models (latent KV cache) are not supported yet")
+        raise ConfigError("KvxferConnector: MLA models are not supported yet: their caches are described "
+                          "(kvxfer.integrations.vllm.caches) and move correctly between processes, but no "
+                          "vLLM run with an MLA model has been tested")
     groups = kv_cache_config.kv_cache_groups
     kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
     if len(groups) != 1 or kinds != ["FullAttentionSpec"]:
@@ -104,14 +109,18 @@ def fingerprint_of(vllm_config: VllmConfig) -> str:
     })
 
 
-def layout_of_platform() -> str:
-    from vllm.platforms import current_platform
+def cache_source_of(vllm_config: VllmConfig) -> CacheSource:
+    """What the worker needs besides vLLM's tensors to describe them; refuses, at start-up, a
+    backend kvxfer does not read and models whose layers use several backends."""
+    from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
 
-    if current_platform.is_cpu():
-        return "packed"  # CPU_ATTN: [num_blocks, H, block_size, 2*D]; per block and head K, then V
-    raise ConfigError(f"KvxferConnector: the {current_platform.device_type} attention backends' cache "
-                      f"layouts are not wired yet (kvxfer.layouts has flashinfer-*/flash-attn-*); only "
-                      f"vLLM's CPU backend is supported and tested")
+    names = sorted({backend.get_name() for backend in get_current_attn_backends(vllm_config)})
+    if len(names) != 1:
+        raise ConfigError(f"KvxferConnector: layers use attention backends {names}; one backend for every "
+                          f"layer is supported")
+    model = vllm_config.model_config
+    return CacheSource(backend=names[0], block_size=vllm_config.cache_config.block_size,
+                       head_size=model.get_head_size(), use_mla=model.use_mla)
 
 
 class KvxferConnector(KVConnectorBase_V1):
@@ -137,7 +146,14 @@ class KvxferConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(config, RankInfo(
                 tp_size=tp_size, tp_rank=get_tensor_model_parallel_rank(),
                 total_kv_heads=vllm_config.model_config.get_total_num_kv_heads(),
-                boot_epoch=epoch, layout=layout_of_platform()))
+                boot_epoch=epoch, cache=cache_source_of(vllm_config)))
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """The cache layout kvxfer asks vLLM for (VLLM_KV_CACHE_LAYOUT still wins): head-major, so
+        a decode rank's heads of a block are one span whatever the two TP sizes."""
+        model = vllm_config.model_config
+        return None if model is None else required_layout(use_mla=model.use_mla)
 
     # -- scheduler side --------------------------------------------------------------------------
 

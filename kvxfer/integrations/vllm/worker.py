@@ -30,12 +30,12 @@ from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig, Threading
 from kvxfer.agents.producer import Held, Producer
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig, ServerConfig
-from kvxfer.errors import IncompatiblePeerError, KvxferError, LayoutError
+from kvxfer.errors import IncompatiblePeerError, KvxferError
+from kvxfer.integrations.vllm.caches import CacheSource, describe_vllm_caches
 from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole, TransferMode, signer_of
 from kvxfer.integrations.vllm.params import LoadJob, ReleaseJob, SendJob
 from kvxfer.integrations.vllm.stats import KvxferStats
-from kvxfer.layouts import CacheDesc, describe_shape
-from kvxfer.planning import heads_of_rank
+from kvxfer.layouts import CacheDesc
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class RankInfo:
     tp_rank: int
     total_kv_heads: int
     boot_epoch: int
-    layout: str  # kvxfer layout of vLLM's per-layer cache tensors on this platform
+    cache: CacheSource  # what vLLM's config says of its caches (backend, block size, head size)
 
 
 @dataclass
@@ -65,20 +65,12 @@ class Results:
 
 
 def describe_caches(kv_caches: dict[str, torch.Tensor], rank: RankInfo) -> tuple[list[torch.Tensor], CacheDesc]:
-    """vLLM's per-layer tensors (in layer order) and the kvxfer description they all share."""
-    tensors = list(kv_caches.values())
-    if not tensors:
-        raise LayoutError("register_kv_caches: vLLM handed no cache tensors")
-    first = tensors[0]
-    for name, t in kv_caches.items():
-        if t.shape != first.shape or t.dtype != first.dtype:
-            raise LayoutError(f"layer {name}: cache {tuple(t.shape)} {t.dtype} differs from "
-                              f"{tuple(first.shape)} {first.dtype}; one shape for every layer is supported")
-    heads = heads_of_rank(rank.total_kv_heads, rank.tp_size, rank.tp_rank)
-    desc = describe_shape(rank.layout, tuple(first.shape), num_layers=len(tensors),
-                          dtype=str(first.dtype).removeprefix("torch."), first_head=heads.start,
-                          total_heads=rank.total_kv_heads)
-    return tensors, desc
+    """Per layer, a uint8 window over vLLM's memory from the layer's first row (what the endpoint
+    registers and addresses; windows of cross-layer layouts overlap), and the description they
+    all share."""
+    caches = describe_vllm_caches(kv_caches, rank.cache, tp_size=rank.tp_size, tp_rank=rank.tp_rank,
+                                  total_kv_heads=rank.total_kv_heads)
+    return caches.windows, caches.desc
 
 
 def check_whole_blocks(producer: m.EngineInfo, name: str, ours: CacheDesc) -> None:
@@ -120,7 +112,7 @@ class WorkerSide:
         self._endpoint = Endpoint(identity, tensors, desc, agent_config=agent, metrics=self.metrics,
                                   deadline=DeadlinePolicy(cfg.transfer_deadline_s, cfg.expected_gbps))
         log.info("kvxfer %s rank %d/%d: %d layers of %s %s (%s), heads [%d, %d) of %d", cfg.role.value,
-                 r.tp_rank, r.tp_size, desc.num_layers, r.layout, desc.shape, desc.dtype,
+                 r.tp_rank, r.tp_size, desc.num_layers, desc.layout, desc.shape, desc.dtype,
                  desc.first_head, desc.first_head + desc.num_heads, desc.total_heads)
         self._role = self._producer(self._endpoint) if producer else self._consumer(self._endpoint)
         self._threads = [threading.Thread(target=self._serve, name=f"kvxfer-worker-{i}", daemon=True)
