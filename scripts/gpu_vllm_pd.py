@@ -164,8 +164,8 @@ def _versions() -> dict[str, str]:
     from vllm.platforms import current_platform
 
     # The platform's name comes from NVML on CUDA: no CUDA context in this (frontend) process.
-    return {"vllm": vllm.__version__, "torch": torch.__version__,
-            "device": current_platform.get_device_name(0), "python": sys.version.split()[0]}
+    return {"vllm": str(vllm.__version__), "torch": str(torch.__version__),
+            "device": str(current_platform.get_device_name(0)), "python": sys.version.split()[0]}
 
 
 async def _generate(engine: Any, msg: Generate, log: Path) -> Generated:
@@ -217,9 +217,9 @@ class InstanceError(Exception):
 class Instance:
     """A running instance process: `generate` one request at a time, `stop` ends its group."""
 
-    def __init__(self, spec: InstanceSpec, request_timeout_s: float) -> None:
+    def __init__(self, spec: InstanceSpec, request_timeout_s: float, ends_at: float) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self.spec, self._timeout = spec, request_timeout_s
+        self.spec, self._timeout, self._ends_at = spec, request_timeout_s, ends_at
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=instance_main, args=(msgspec.msgpack.encode(spec), child),
                                 name=spec.name)
@@ -242,8 +242,9 @@ class Instance:
         return out
 
     def _recv(self, timeout_s: float) -> Message:
+        timeout_s = min(timeout_s, self._ends_at - time.monotonic())  # the whole run's budget first
         try:
-            if not self._conn.poll(timeout_s):
+            if not self._conn.poll(max(timeout_s, 0.0)):
                 raise InstanceError(f"{self.spec.name}: no answer in {timeout_s:.0f} s\n{self.log_tail()}")
             msg = _decoder.decode(self._conn.recv_bytes())
         except (EOFError, OSError) as err:
@@ -289,10 +290,10 @@ def make_prompts(vocab_size: int, num_timing: int, seed: int = 7) -> Prompts:
 
 
 def kvxfer_transfer_config(role: str, form: str, keys: dict[str, Any]) -> dict[str, Any]:
-    """KvxferConnector's kv_transfer_config, the one place it is written. `dropin` is the form the
-    connector is meant to take (nothing but the class, module and role); `curve` and `plaintext`
-    are what it needs today: a side-channel port for the producer, and CURVE keys or an explicit
-    plaintext opt-out."""
+    """KvxferConnector's kv_transfer_config, the one place it is written. `dropin`: nothing but the
+    class, module and role (the producer listens on its default port, its key travels in
+    kv_transfer_params); `curve`: pre-shared CURVE keys on both sides (the strict mode) and a free
+    side-channel port; `plaintext`: no CURVE, loopback only."""
     from kvxfer.ports import free_port
 
     config: dict[str, Any] = {"kv_connector": "KvxferConnector",
@@ -325,6 +326,7 @@ class Setup(msgspec.Struct, frozen=True, kw_only=True):
     log_dir: str
     startup_timeout_s: float
     request_timeout_s: float
+    ends_at: float  # monotonic time by which the run must be printing its JSON (--time-budget)
     kvxfer_form: str
 
     def spec(self, name: str, model: Path, backend: str, transfer: dict[str, Any] | None) -> InstanceSpec:
@@ -352,7 +354,9 @@ class Setup(msgspec.Struct, frozen=True, kw_only=True):
         """A ready instance for a `with` block; its start-up time and versions go into `into`."""
         progress(f"{spec.name}: starting (log {spec.log_path})")
         start = time.monotonic()
-        inst = Instance(spec, self.request_timeout_s)
+        if self.ends_at - time.monotonic() < 15:
+            raise InstanceError(f"{spec.name}: not started, --time-budget spent")
+        inst = Instance(spec, self.request_timeout_s, self.ends_at)
         try:
             ready = inst.wait_ready(self.startup_timeout_s)
             took = time.monotonic() - start
@@ -527,15 +531,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nixl-backends", help="backends with a NixlConnector pair too (default: "
                    "FLASHINFER on cuda, CPU_ATTN on cpu; '' for none)")
     p.add_argument("--skip-kvxfer", action="store_true", help="only plain and NixlConnector runs")
-    p.add_argument("--kvxfer-config", choices=("curve", "plaintext", "dropin"), default="curve",
-                   help="KvxferConnector settings: CURVE keys (today's default), insecure_plaintext on "
-                        "loopback, or none at all (the drop-in form)")
+    p.add_argument("--kvxfer-config", choices=("dropin", "curve", "plaintext"), default="dropin",
+                   help="KvxferConnector settings: none at all (the drop-in form), pre-shared CURVE keys "
+                        "(the strict mode), or insecure_plaintext on loopback")
     p.add_argument("--requests", type=int, help="timed P/D requests per pair (default 20 cuda, 3 cpu)")
     p.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per request")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.2, help="per instance")
     p.add_argument("--startup-timeout", type=float, help="seconds per instance start (default 420 "
                    "cuda, 1800 cpu: a shared 2-core machine takes minutes)")
-    p.add_argument("--request-timeout", type=float, default=180.0, help="seconds per request")
+    p.add_argument("--request-timeout", type=float, default=90.0, help="seconds per request")
+    p.add_argument("--time-budget", type=float, help="seconds for the whole run, after which what is "
+                   "left is skipped and the JSON printed (default 540 on cuda: the GPU machine ends a "
+                   "command after 600 s; none on cpu)")
     p.add_argument("--log-dir", type=Path, help="instance logs (default $OUT/vllm_pd_logs, else a temp dir)")
     p.add_argument("--json", type=Path, help="also write the JSON here (default $OUT/vllm_pd.json if OUT is set)")
     return p.parse_args(argv)
@@ -606,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(device=args.device, gpu_memory_utilization=args.gpu_memory_utilization,
                   log_dir=str(log_dir),
                   startup_timeout_s=args.startup_timeout or (420.0 if args.device == "cuda" else 1800.0),
-                  request_timeout_s=args.request_timeout, kvxfer_form=args.kvxfer_config)
+                  request_timeout_s=args.request_timeout, kvxfer_form=args.kvxfer_config,
+                  ends_at=_T0 + (args.time_budget or (540.0 if args.device == "cuda" else float("inf"))))
     report = Report({"device": args.device, "kvxfer_config": args.kvxfer_config, "max_tokens": args.max_tokens,
                      "timing_prompt_tokens": TIMING_LEN, "check_prompt_tokens": list(CHECK_LENS),
                      "log_dir": str(log_dir), "method": METHOD})

@@ -7,7 +7,7 @@
 # from ../shared/device/make-wheelhouse.sh's .whl/ (only its nixl wheels): carry .whl in this run
 # or an earlier one; it is installed into the same site the first time.
 # Usage, from the repository root:  scripts/gpu_vllm_pd.sh [options of gpu_vllm_pd.py]
-# (e.g. --kvxfer-config dropin once the connector needs no settings; --help lists them).
+# (e.g. --kvxfer-config curve for pre-shared keys; --help lists them).
 set -euo pipefail
 site=${VLLM_SITE:-/root/vllm-site}
 if [ ! -d "$site/vllm" ]; then
