@@ -16,16 +16,10 @@ exactly the steps in which a load finishes). For each attention backend (--backe
 Both connectors use `kv_load_failure_policy: fail` (`recompute` would hide a failed transfer
 behind correct tokens).
 
-Measured per P/D request, medians over --requests distinct prompts of TIMING_LEN tokens:
-  - ttft_ms: decode side, consumer request start to its first output token (in the consumer's
-    process, around AsyncLLM.generate; vLLM's own first_token_latency is reported beside it);
-  - transfer_by_ttft_ms: that TTFT minus a no-transfer baseline, the same prompt sent to the same
-    consumer again without kv_transfer_params (all but its last token then in its prefix cache,
-    so it computes one token, as after a transfer; `baseline_cached_tokens` shows the hit);
-  - transfer_log_ms (kvxfer): the "kvxfer loaded request=... %.1f ms" line of the consumer;
-  - transfer_nixl_ms (nixl): NIXL's own telemetry per transfer, the growth of vLLM's
-    `vllm:nixl_xfer_time_seconds` histogram (sum / count) across the request.
-The first P/D request of a pair (handshake included) is reported on its own, not in the medians.
+Measured per P/D request, medians over --requests distinct prompts of TIMING_LEN tokens, after a
+first request of each pair (handshakes) reported on its own: decode-side TTFT and the transfer
+time, each by the connector's own report and by TTFT minus a no-transfer baseline (METHOD below,
+also in the JSON and in --help).
 
 Prints progress lines with timings, then one JSON object as the last line (also written to
 $OUT/vllm_pd.json when OUT is set); exit status 1 if any check fails or any phase errs.
@@ -513,9 +507,10 @@ def _median(values: Any) -> float | None:
 METHOD = {
     "ttft_ms": "decode side: consumer request start to first output token, in the consumer process "
                "around AsyncLLM.generate (vllm_ttft_ms: vLLM's own first_token_latency)",
-    "transfer_by_ttft_ms": "per request, ttft_ms minus the TTFT of the same prompt sent again to the "
-                           "same consumer without kv_transfer_params (prefix-cache hit of all but the "
-                           "last token: baseline_cached_tokens); median",
+    "baseline_ttft_ms": "the same prompt sent again to the same consumer without kv_transfer_params: "
+                        "all but its last token then come from its prefix cache "
+                        "(baseline_cached_tokens), so it computes one token, as after a transfer",
+    "transfer_by_ttft_ms": "per request, ttft_ms minus baseline_ttft_ms; median",
     "transfer_log_ms": "kvxfer: the consumer's 'kvxfer loaded request=... ms' line; median",
     "transfer_nixl_ms": "nixl: NIXL telemetry per transfer, growth of vLLM's vllm:nixl_xfer_time_seconds "
                         "histogram (sum/count) across the request; median",
@@ -524,8 +519,10 @@ METHOD = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    epilog = "figures:\n" + "\n".join(f"  {k}: {v}" for k, v in METHOD.items())
+    p = argparse.ArgumentParser(description=__doc__, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="%(default)s")
     p.add_argument("--backends", help="attention backends, comma-separated (default: FLASHINFER,"
                    "FLASH_ATTN on cuda; CPU_ATTN on cpu, chosen by vLLM)")
     p.add_argument("--nixl-backends", help="backends with a NixlConnector pair too (default: "
@@ -535,11 +532,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="KvxferConnector settings: none at all (the drop-in form), pre-shared CURVE keys "
                         "(the strict mode), or insecure_plaintext on loopback")
     p.add_argument("--requests", type=int, help="timed P/D requests per pair (default 20 cuda, 3 cpu)")
-    p.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per request")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.2, help="per instance")
+    p.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per request (%(default)s)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.2, help="per instance (%(default)s)")
     p.add_argument("--startup-timeout", type=float, help="seconds per instance start (default 420 "
                    "cuda, 1800 cpu: a shared 2-core machine takes minutes)")
-    p.add_argument("--request-timeout", type=float, default=90.0, help="seconds per request")
+    p.add_argument("--request-timeout", type=float, default=90.0, help="seconds per request (%(default)s)")
     p.add_argument("--time-budget", type=float, help="seconds for the whole run, after which what is "
                    "left is skipped and the JSON printed (default 540 on cuda: the GPU machine ends a "
                    "command after 600 s; none on cpu)")
