@@ -433,9 +433,13 @@ def run_pd(setup: Setup, pair: Pair, models: dict[str, Path], prompts: Prompts, 
         checked = {key: prefill_then_decode(prod, cons, p, max_tokens) for key, p in prompts.check.items()}
         for key, got in checked.items():
             report.tokens(what, key, got.tokens, plain[key])
-        out["first_request"] = _figures([checked[next(iter(checked))]], [])
-        timed = [prefill_then_decode(prod, cons, p, max_tokens) for p in prompts.timing.values()]
-        base = [cons.generate(p, 1) for p in prompts.timing.values()]
+        first_key = next(iter(checked))
+        out["first_request"] = {"prompt_tokens": len(prompts.check[first_key]),
+                                **_figures([checked[first_key]], [])}
+        # Each baseline right after its P/D request: both under the same load of the machine.
+        measured = [(prefill_then_decode(prod, cons, p, max_tokens), cons.generate(p, 1))
+                 for p in prompts.timing.values()]
+        timed, base = [t for t, _ in measured], [b for _, b in measured]
         for key, got in zip(prompts.timing, timed, strict=True):
             report.tokens(what, key, got.tokens, plain[key])
         _check_transferred(report, what, pair.connector, [*checked.values(), *timed])
