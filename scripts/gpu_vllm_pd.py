@@ -254,7 +254,7 @@ class Instance:
             return
         with contextlib.suppress(OSError):
             self._conn.send_bytes(msgspec.msgpack.encode(Stop()))
-        self.proc.join(60)
+        self.proc.join(30)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # leftover engine processes of this instance
         if self.proc.is_alive():
@@ -542,7 +542,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "cuda, 1800 cpu: a shared 2-core machine takes minutes)")
     p.add_argument("--request-timeout", type=float, default=90.0, help="seconds per request (%(default)s)")
     p.add_argument("--time-budget", type=float, help="seconds for the whole run, after which what is "
-                   "left is skipped and the JSON printed (default 540 on cuda: the GPU machine ends a "
+                   "left is skipped and the JSON printed (default 480 on cuda: the GPU machine ends a "
                    "command after 600 s; none on cpu)")
     p.add_argument("--log-dir", type=Path, help="instance logs (default $OUT/vllm_pd_logs, else a temp dir)")
     p.add_argument("--json", type=Path, help="also write the JSON here (default $OUT/vllm_pd.json if OUT is set)")
@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                   log_dir=str(log_dir),
                   startup_timeout_s=args.startup_timeout or (420.0 if args.device == "cuda" else 1800.0),
                   request_timeout_s=args.request_timeout, kvxfer_form=args.kvxfer_config,
-                  ends_at=_T0 + (args.time_budget or (540.0 if args.device == "cuda" else float("inf"))))
+                  ends_at=_T0 + (args.time_budget or (480.0 if args.device == "cuda" else float("inf"))))
     report = Report({"device": args.device, "kvxfer_config": args.kvxfer_config, "max_tokens": args.max_tokens,
                      "timing_prompt_tokens": TIMING_LEN, "check_prompt_tokens": list(CHECK_LENS),
                      "log_dir": str(log_dir), "method": METHOD})
