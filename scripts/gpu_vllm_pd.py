@@ -436,12 +436,15 @@ def run_pd(setup: Setup, pair: Pair, models: dict[str, Path], prompts: Prompts, 
         first_key = next(iter(checked))
         out["first_request"] = {"prompt_tokens": len(prompts.check[first_key]),
                                 **_figures([checked[first_key]], [])}
-        # Each baseline right after its P/D request: both under the same load of the machine.
-        measured = [(prefill_then_decode(prod, cons, p, max_tokens), cons.generate(p, 1))
-                 for p in prompts.timing.values()]
+        # Each baseline right after its P/D request (same machine load), with the same sampling
+        # parameters: only where the KV comes from differs.
+        measured = [(prefill_then_decode(prod, cons, p, max_tokens), cons.generate(p, max_tokens))
+                    for p in prompts.timing.values()]
         timed, base = [t for t, _ in measured], [b for _, b in measured]
         for key, got in zip(prompts.timing, timed, strict=True):
             report.tokens(what, key, got.tokens, plain[key])
+        report.check(f"{what}: baseline (prefix cache) tokens equal plain for every timing prompt",
+                     all(b.tokens == plain[k] for k, b in zip(prompts.timing, base, strict=True)))
         _check_transferred(report, what, pair.connector, [*checked.values(), *timed])
         out["timing"] = _figures(timed, base)
         progress(f"{what}: {json.dumps(out['timing'])}")
