@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import httpx
 
 from kvxfer.agents.keys import generate_keypair, write_keypair
-from kvxfer.daemons.config import DEFAULT_HTTP_PORT, DEFAULT_SIDE_CHANNEL_PORT
+from kvxfer.daemons.enums import Role
+from kvxfer.daemons.settings import PROXY_PORT, ROLE_DEFAULTS
 from kvxfer.errors import ConfigError
 from kvxfer.ports import free_ports
 
@@ -202,7 +203,7 @@ class LocalCluster:
 
     def _proxy(self) -> Running:
         host = self.proxy_host
-        port = DEFAULT_HTTP_PORT["proxy"] if host is not None else free_ports(1, self._ports)
+        port = PROXY_PORT if host is not None else free_ports(1, self._ports)
         args = ["proxy", "--port", str(port), "--prefill", *[s.url for s in self.services if s.spec.role == "prefill"],
                 "--decode", *[s.url for s in self.services if s.spec.role == "decode"], *self.proxy_args]
         if host is not None:
@@ -219,7 +220,8 @@ class LocalCluster:
         """The manifests' ports inside a host of its own (its namespace has nothing else), free
         ports of this machine on loopback."""
         if spec.host is not None:
-            return DEFAULT_HTTP_PORT[spec.role], DEFAULT_SIDE_CHANNEL_PORT[spec.role]
+            defaults = ROLE_DEFAULTS[Role(spec.role)]
+            return defaults.port, defaults.side_channel_port
         return free_ports(1, self._ports), free_ports(spec.tp, self._ports)
 
     def _service(self, spec: ServiceSpec, name: str, keys: Path | None) -> Running:

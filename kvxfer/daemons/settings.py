@@ -22,6 +22,9 @@ def random_engine_id() -> str:
     return uuid.uuid4().hex
 
 
+PROXY_PORT = 8000  # the proxy's HTTP port
+
+
 @dataclass(frozen=True, kw_only=True)
 class DeviceDefaults:
     """The defaults that depend on the device."""
@@ -120,6 +123,6 @@ class ProxyConfig:
     prefill_urls: tuple[str, ...]
     decode_urls: tuple[str, ...]
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = PROXY_PORT
     request_timeout_s: float = 120.0
     retry_policy: RetryPolicy = RetryPolicy.RETRY_ONCE

@@ -26,6 +26,8 @@ from kvxfer.soak.supervisor import Supervisor
 if TYPE_CHECKING:
     from kvxfer.hosts import Topology
 
+from kvxfer.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -146,13 +148,18 @@ class FaultInjector:
                 "prefill", ports=range(prefill.side_port, prefill.side_port + prefill.spec.tp))
             return FaultEvent(self._now(), c.DROP_SIDE_CHANNEL, "prefill0 side channel (all ranks)",
                               f"{dropped} connections reset from inside the prefill host (ss -K)")
-        dropped = self.relay.drop_all()
+        relay = self.relay
+        if relay is None:
+            raise ConfigError("drop_side_channel on one host needs the soak's side-channel relay")
+        dropped = relay.drop_all()
         return FaultEvent(self._now(), c.DROP_SIDE_CHANNEL, "prefill0 side channel (all ranks)",
-                          f"{dropped} sockets reset ({self.relay.num_relayed} connections relayed so far)")
+                          f"{dropped} sockets reset ({relay.num_relayed} connections relayed so far)")
 
     def _link_down(self) -> FaultEvent:
         """The prefill host's link down for 1 s to max_link_down_s, then up (always): a partition
         that may strike a handshake, a transfer, a held lease or the proxy's prefill leg."""
+        if self.topology is None:
+            raise ConfigError("link_down needs two hosts (kvxfer soak --hosts 2)")
         seconds = self.rng.uniform(1.0, self.config.max_link_down_s)
         at, sent = self._now(), self.progress()
         with self.topology.partitioned("prefill"):

@@ -80,7 +80,10 @@ def _drive(config: SoakConfig, cluster: LocalCluster, relay: SideChannelRelay | 
     injector = FaultInjector(config, supervisor, relay, lambda: load.sent, started, topology)
     injector.start()
     try:
-        with cluster.reach(cluster.proxy):  # the clients stand where the proxy is (its host, or here)
+        proxy = cluster.proxy
+        if proxy is None:
+            raise ConfigError("soak: the cluster started no proxy")
+        with cluster.reach(proxy):  # the clients stand where the proxy is (its host, or here)
             outcomes = asyncio.run(load.run())
     finally:
         injector.stop()

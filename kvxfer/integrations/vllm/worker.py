@@ -30,7 +30,7 @@ from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig, Threading
 from kvxfer.agents.producer import Held, Producer
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig, ServerConfig
-from kvxfer.errors import IncompatiblePeerError, KvxferError
+from kvxfer.errors import ConfigError, IncompatiblePeerError, KvxferError
 from kvxfer.integrations.vllm.caches import CacheSource, describe_vllm_caches
 from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole, TransferMode, signer_of
 from kvxfer.integrations.vllm.params import LoadJob, ReleaseJob, SendJob
@@ -70,6 +70,13 @@ def describe_caches(kv_caches: dict[str, torch.Tensor], rank: RankInfo) -> tuple
     all share."""
     caches = describe_vllm_caches(kv_caches, rank.cache, tp_size=rank.tp_size, tp_rank=rank.tp_rank,
                                   total_kv_heads=rank.total_kv_heads)
+    if caches.blocks.blocks_per_block != 1:
+        # Transfer parameters name manager blocks; mapping them to the kernel blocks the views
+        # index (caches.BlockMap) on both sides is not wired into the protocol yet.
+        raise ConfigError(f"KvxferConnector: vLLM block_size={rank.cache.block_size} is "
+                          f"{caches.blocks.blocks_per_block} kernel blocks of {caches.blocks.kernel_block_size} "
+                          f"tokens for {rank.cache.backend}; kvxfer moves whole manager blocks only: set "
+                          f"--block-size {caches.blocks.kernel_block_size}")
     return caches.windows, caches.desc
 
 
