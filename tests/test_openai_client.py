@@ -7,7 +7,6 @@ naming the field). Every answer is checked against a single-process run of the s
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 
 import httpx
 import openai

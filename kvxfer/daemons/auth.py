@@ -28,6 +28,8 @@ API_KEY_VAR = "KVXFER_API_KEY"
 API_KEY_FILE_VAR = "KVXFER_API_KEY_FILE"
 BACKEND_KEY_VAR = "KVXFER_BACKEND_API_KEY"
 BACKEND_KEY_FILE_VAR = "KVXFER_BACKEND_API_KEY_FILE"
+# Variables with no flag of their own name (the key itself, not a file).
+KEY_ONLY_ENV_VARS = (BACKEND_KEY_VAR,)
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 MIN_KEY_CHARS = 8
 _KEY = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: it travels in a header
