@@ -54,7 +54,7 @@ def keys(tmp_path_factory) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, keys):
     cluster = LocalCluster(tmp_path_factory.mktemp("openai"), [ServiceSpec("prefill", num_blocks=64)],
-                           [ServiceSpec("decode", num_blocks=64)], preset=MODEL, log_level="WARNING",
+                           [ServiceSpec("decode", num_blocks=64)] * 2, preset=MODEL, log_level="WARNING",
                            extra=("--api-key-file", str(keys["service_file"])),
                            proxy_args=("--api-key-file", str(keys["client_file"]),
                                        "--backend-api-key-file", str(keys["service_file"])))
@@ -178,3 +178,29 @@ def test_proxy_metrics_time_streams(cluster, client):
         line = next(x for x in metrics.splitlines() if x.startswith(name) and '"/v1/completions"' in x)
         assert float(line.split()[-1]) >= 1, line
     assert 'kvxfer_proxy_requests_total{backend="kvxfer",endpoint="auth",outcome="invalid_api_key"}' in metrics
+
+
+def ok_count(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics").text
+    return sum(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith('kvxfer_requests_total{outcome="ok"}'))
+
+
+def test_balances_over_decode_services_and_routes_around_a_dead_one(cluster, client):
+    """Last in this module: it kills a decode service. Requests alternate between the two;
+    once one is dead every request still succeeds (the proxy skips it, its health check
+    reports it), and the proxy counts the failed attempts by kind."""
+    urls = [cluster.by_name(f"decode{i}").url for i in range(2)]
+    before = [ok_count(u) for u in urls]
+    want = reference(PROMPT, 4)
+    for _ in range(4):
+        assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4).choices[0].token_ids == want
+    assert all(ok_count(u) - b >= 1 for u, b in zip(urls, before, strict=True))
+    cluster.kill("decode1")
+    for _ in range(4):
+        assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4).choices[0].token_ids == want
+    ready = httpx.get(f"{cluster.url}/ready").json()
+    assert ready == {"ready": True, "prefill": 1, "decode": 1}
+    metrics = httpx.get(f"{cluster.url}/metrics").text
+    failed = [x for x in metrics.splitlines() if x.startswith("kvxfer_proxy_backend_errors_total{") and 'pool="decode"' in x]
+    # a request that picked the dead one (decode_unavailable, then the other) or a health check (not_ready)
+    assert failed and {x.split('kind="')[1].split('"')[0] for x in failed} <= {"decode_unavailable", "not_ready"}, failed

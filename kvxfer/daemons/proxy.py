@@ -152,7 +152,7 @@ class Proxy:
                 if ok:
                     pool.mark_ok(url)
                 else:
-                    pool.mark_failed(url)
+                    self._failed(pool, url, "not_ready")
             counts[pool.name] = sum(results)
         return counts
 
