@@ -8,6 +8,7 @@ Clients use any OpenAI client: `OpenAI(base_url="http://HOST:8000/v1", api_key=K
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import uvicorn
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from kvxfer.daemons.proxy import Proxy, create_app
 
     config = proxy_config_from_args(args)
+    # httpx logs every request at INFO: the health checks alone would be two lines a second
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     proxy = Proxy(prefill_urls=list(config.prefill_urls), decode_urls=list(config.decode_urls),
                   request_timeout_s=config.request_timeout_s, retry_policy=config.retry_policy.value,
                   backend=backend_kind_from_args(args, os.environ),

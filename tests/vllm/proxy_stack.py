@@ -31,6 +31,7 @@ from kvxfer.ports import free_port
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 SERVED_MODEL = "tiny"  # ServerSpec's --served-model-name
+START_TIMEOUT_S = 900.0  # a vLLM start: ~1 min on 2 idle cores, several when others run tests
 # vLLM's benchmark client, as `vllm bench serve` runs it.
 _BENCH = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
           "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
@@ -70,7 +71,7 @@ def connector_specs(model: Path, *, name: str = "") -> tuple[ServerSpec, ServerS
 def running(spec: ServerSpec, logs: Path) -> Iterator[VllmServer]:
     server = VllmServer(spec, logs)
     try:
-        server.wait_ready()
+        server.wait_ready(START_TIMEOUT_S)
         yield server
     finally:
         server.stop()
@@ -116,14 +117,20 @@ class ProxyProcess:
 @contextmanager
 def pd_behind_proxy(model: Path, logs: Path) -> Iterator[ProxyProcess]:
     """A producer, a consumer and the proxy in front of them, all ready."""
-    producer_spec, consumer_spec = connector_specs(model)
-    with running(producer_spec, logs) as producer, running(consumer_spec, logs) as consumer:
+    servers = [VllmServer(spec, logs) for spec in connector_specs(model)]  # both start at once
+    try:
+        for server in servers:
+            server.wait_ready(START_TIMEOUT_S)
+        producer, consumer = servers
         proxy = ProxyProcess([producer.url], [consumer.url], logs)
         try:
             proxy.wait_ready()
             yield proxy
         finally:
             proxy.stop()
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def bench(url: str, model: Path, out: Path, *, label: str, num_prompts: int, input_len: int,

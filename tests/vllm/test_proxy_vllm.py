@@ -26,6 +26,9 @@ from kvxfer.integrations.vllm.testing import ServerSpec
 MAX_TOKENS = 12
 MESSAGES = [{"role": "system", "content": "Answer briefly."},
             {"role": "user", "content": "Which cache moves between prefill and decode?"}]
+# The first test pays for three vLLM starts (plain, then producer and consumer), each 1-6 min on
+# 2 busy cores: more than pytest.ini's 600 s per test.
+pytestmark = pytest.mark.timeout(1800)
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
 
 
