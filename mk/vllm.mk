@@ -37,3 +37,13 @@ test-vllm: $(VLLM_STAMP)
 
 vllm-clean:
 	rm -rf $(VLLM_VENV)
+
+# The proxy in front of vLLM (tests/vllm/proxy_stack.py): vLLM's own benchmark client, first
+# against one plain vLLM, then against `kvxfer proxy --backend vllm` over a KvxferConnector
+# producer and consumer; prints TTFT / ITL percentiles (docs/benchmarks.md). ~10 min on 2 cores.
+# The short run is part of `make test-vllm` (tests/vllm/test_proxy_vllm.py).
+BENCH_PROXY_ARGS ?= --num-prompts 64 --input-len 256 --output-len 32 --concurrency 4
+.PHONY: bench-vllm-proxy
+bench-vllm-proxy: $(VLLM_STAMP)
+	mkdir -p out
+	$(VLLM_PY) tests/vllm/proxy_stack.py $(BENCH_PROXY_ARGS) --out out/bench-vllm-proxy

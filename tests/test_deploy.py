@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvxfer.daemons.auth import KEY_ONLY_ENV_VARS, add_api_key_arguments, add_backend_key_arguments
+from kvxfer.daemons.backends import add_backend_arguments
 from kvxfer.daemons.config import (
     CURVE_KEY_ENV_VARS,
     Device,
@@ -41,6 +43,7 @@ VLLM_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 K8S_VERSION = "1.32.0"  # the kubectl on the project's machines
 SECRET_NAME = "kvxfer-curve-keys"
 SECRET_KEYS = {"prefill.key", "prefill.key_secret", "decode.key", "decode.key_secret"}
+API_KEY_SECRET = "kvxfer-api-keys"  # optional: without it the HTTP API is open (docs/security.md)
 PLACEHOLDER_KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # any valid Z85 key
 POD_IP = "10.244.0.7"
 
@@ -62,19 +65,24 @@ def of_kind(objects: tuple[dict, ...], kind: str) -> dict[str, dict]:
 def parser_for(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"kvxfer {command}", exit_on_error=False)
     (add_serve_arguments if command == "serve" else add_proxy_arguments)(parser)
+    add_api_key_arguments(parser)
+    if command == "proxy":
+        add_backend_arguments(parser)
+        add_backend_key_arguments(parser)
     return parser
 
 
 def cli_env_vars(command: str) -> set[str]:
     flags = {f for a in parser_for(command)._actions for f in a.option_strings if f.startswith("--")}
     names = {env_var(f) for f in flags - {"--help", "--no-warmup"}}
-    return names | (set(CURVE_KEY_ENV_VARS) if command == "serve" else set())
+    return names | (set(CURVE_KEY_ENV_VARS) if command == "serve" else set(KEY_ONLY_ENV_VARS))
 
 
 def resolve_env(container: dict, *, pod_name: str = "kvxfer-pod-0", pod_ip: str = POD_IP,
-                secret: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+                secret: dict[str, str] | None = None, api_keys: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
     """The container's environment as a process would see it; downward-API and Secret references
-    are filled with `pod_name`, `pod_ip` and `secret` (default: a placeholder key)."""
+    are filled with `pod_name`, `pod_ip`, `secret` (default: a placeholder key) and `api_keys`
+    (default: no API-key Secret)."""
     env = {}
     for item in container.get("env", []):
         ref = item.get("valueFrom", {})
@@ -84,6 +92,9 @@ def resolve_env(container: dict, *, pod_name: str = "kvxfer-pod-0", pod_ip: str 
             env[item["name"]] = pod_ip
         elif ref.get("fieldRef", {}).get("fieldPath") == "metadata.name":
             env[item["name"]] = pod_name
+        elif ref.get("secretKeyRef", {}).get("name") == API_KEY_SECRET:
+            if api_keys is not None:  # else: the Secret is absent, and so is the variable
+                env[item["name"]] = api_keys[ref["secretKeyRef"]["key"]]
         elif "secretKeyRef" in ref:
             key_ref = ref["secretKeyRef"]
             assert key_ref["name"] == SECRET_NAME and key_ref["key"] in SECRET_KEYS, key_ref
@@ -213,7 +224,8 @@ def test_curve_is_on_and_each_pod_gets_only_its_own_secret(overlay):
             continue
         assert not config.insecure_plaintext and config.curve is not None
         role, peer = config.role.value, ("decode" if config.role is Role.PREFILL else "prefill")
-        secret_refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+        secret_refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]
+                       if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == SECRET_NAME}
         files = _secret_files(deployment, container)
         assert secret_refs == {f"{role}.key_secret"} and set(files.values()) == {f"{peer}.key"}
         assert files[str(config.curve.server_key_file)] == f"{peer}.key"

@@ -11,6 +11,7 @@ import time
 
 import uvicorn
 
+from kvxfer.daemons.auth import NO_KEYS, ApiKeys, add_api_key_arguments, api_keys_from_args
 from kvxfer.daemons.config import Role, ServeConfig, add_serve_arguments, serve_config_from_args
 from kvxfer.errors import KvxferError
 
@@ -22,12 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run a prefill or decode service (one process per TP rank)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(p)
+    add_api_key_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = serve_config_from_args(args)
-    return serve(config, log_level=args.log_level.upper())
+    return serve(config, log_level=args.log_level.upper(), api_keys=api_keys_from_args(args, os.environ))
 
 
 def build_service(config: ServeConfig, *, log_level: str = "INFO"):
@@ -38,13 +40,13 @@ def build_service(config: ServeConfig, *, log_level: str = "INFO"):
     return cls(config, log_level=log_level)
 
 
-def serve(config: ServeConfig, *, log_level: str = "INFO") -> int:
+def serve(config: ServeConfig, *, log_level: str = "INFO", api_keys: ApiKeys = NO_KEYS) -> int:
     """Serve until SIGINT/SIGTERM. HTTP answers at once (/ready says 503 while ranks start);
     a service that cannot start exits with status 1."""
     from kvxfer.daemons.http import create_app
 
     service = build_service(config, log_level=log_level)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host=config.host, port=config.port,
+    server = uvicorn.Server(uvicorn.Config(create_app(service, api_keys=api_keys), host=config.host, port=config.port,
                                            log_level="warning", access_log=False))
     failed = threading.Event()
 

@@ -1,280 +1,294 @@
 """`kvxfer proxy`: the OpenAI-compatible front door of a disaggregated deployment.
 
-For each `/v1/completions` request it asks a prefill service for the prompt's KV (getting transfer
-parameters back), then a decode service to load that KV and generate, relaying the answer (also as
-a stream). It balances round-robin over several services of each kind, skips services that just
-failed, and turns every failure into an HTTP error with a typed body instead of a hang or an empty
-200: prefill down (503), decode load failure (502, or retried once through a fresh prefill when
-the policy says so), deadline (504), bad request (400).
+For each `/v1/completions` or `/v1/chat/completions` request it asks a prefill server for the
+prompt's KV (getting transfer parameters back), then a decode server to load that KV and
+generate, relaying the answer (also as a stream). The servers are kvxfer services or vLLM servers
+with KvxferConnector (`backends.py`). It balances round-robin over several servers of each pool,
+puts servers that just failed or fail their health check last, and turns every failure into an
+OpenAI-shaped error instead of a hang or an empty 200: prefill down (503), decode load failure
+(502, or retried once through a fresh prefill when the policy says so), deadline (504), bad
+request (400 naming the field, the backend's own 4xx relayed as it is).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from kvxfer.agents.messages import Binding
-from kvxfer.daemons import api
+from kvxfer.daemons import api, chat
+from kvxfer.daemons.auth import NO_KEYS, ApiKeys, require_api_keys
+from kvxfer.daemons.backends import BackendKind, Pool, ProxyError, decode_body, make_backend
 from kvxfer.daemons.enums import RetryPolicy
+from kvxfer.daemons.proxy_metrics import ProxyMetrics
 
 log = logging.getLogger("kvxfer.proxy")
 
-_COOLDOWN_S = 5.0  # a service that failed is skipped this long, unless every service failed
-_IDENTITY_TTL_S = 5.0
-
-
-class ProxyError(Exception):
-    """A request the proxy must answer with an error; `kind` is the error body's type."""
-
-    def __init__(self, kind: str, message: str, status: int):
-        super().__init__(message)
-        self.kind, self.status = kind, status
-
-
-@dataclass
-class Pool:
-    """Round-robin over services of one kind, skipping recently failed ones."""
-
-    name: str
-    urls: list[str]
-    _next: itertools.count = field(default_factory=itertools.count)
-    _failed_at: dict[str, float] = field(default_factory=dict)
-
-    def order(self) -> list[str]:
-        """All urls, starting at the next in turn, healthy ones first."""
-        start = next(self._next) % len(self.urls)
-        turn = self.urls[start:] + self.urls[:start]
-        now = time.monotonic()
-        healthy = [u for u in turn if now - self._failed_at.get(u, -1e9) > _COOLDOWN_S]
-        return healthy + [u for u in turn if u not in healthy]
-
-    def mark_failed(self, url: str) -> None:
-        self._failed_at[url] = time.monotonic()
-
-    def mark_ok(self, url: str) -> None:
-        self._failed_at.pop(url, None)
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("kvxfer_proxy_requests", "Completion requests by outcome",
-                                ["outcome"], registry=self.registry)
-        self.latency = Histogram("kvxfer_proxy_request_seconds", "End-to-end request latency",
-                                 registry=self.registry)
-        self.retries = Counter("kvxfer_proxy_retries", "Decode load failures retried through a "
-                               "fresh prefill", registry=self.registry)
+HEALTH_INTERVAL_S = 2.0
+JSON = "application/json"
+_RETRYABLE = ("kv_load_failed", "decode_unavailable", "decode_failed")
+# The endpoints the proxy fronts, and the validation each body gets before it goes anywhere.
+ENDPOINTS = {"/v1/completions": api.decode_request, "/v1/chat/completions": chat.decode_request}
 
 
 class Proxy:
     def __init__(self, *, prefill_urls: list[str], decode_urls: list[str], request_timeout_s: float,
-                 retry_policy: RetryPolicy = RetryPolicy.RETRY_ONCE, client: httpx.AsyncClient | None = None):
+                 retry_policy: RetryPolicy = RetryPolicy.RETRY_ONCE, backend: BackendKind = BackendKind.KVXFER,
+                 backend_api_key: str | None = None, client: httpx.AsyncClient | None = None):
         self.prefill = Pool("prefill", [u.rstrip("/") for u in prefill_urls])
         self.decode = Pool("decode", [u.rstrip("/") for u in decode_urls])
         self.timeout_s = request_timeout_s
         self.retry_policy = retry_policy
+        self.backend = make_backend(backend)
+        self.headers = {"authorization": f"Bearer {backend_api_key}"} if backend_api_key else {}
         self.client = client or httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=5.0))
-        self.metrics = Metrics()
-        self._identities: dict[str, tuple[float, Binding]] = {}
+        self.metrics = ProxyMetrics(backend.value)
 
-    async def consumer(self) -> tuple[str, Binding]:
-        """The next decode service that answers, and the binding that lets it fetch KV."""
+    # ---- one request ----------------------------------------------------------------------------
+
+    async def start(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """Prefill then decode; a failed decode is retried once through a fresh prefill (and
+        possibly another decode server) when the policy says so."""
+        attempts = 2 if self.retry_policy is RetryPolicy.RETRY_ONCE else 1
+        for attempt in range(attempts):
+            url, binding = await self.consumer()
+            started = time.monotonic()
+            prefilled = await self.prefill_once(path, self.backend.prefill_body(body, binding))
+            self.metrics.prefill.labels(self.metrics.backend).observe(time.monotonic() - started)
+            params = prefilled.get("kv_transfer_params")
+            if not params:
+                raise ProxyError("prefill_unavailable", "prefill answered without kv_transfer_params", 502)
+            try:
+                return await self.decode_at(url, path, decode_body(body, params))
+            except ProxyError as err:
+                if err.kind not in _RETRYABLE or attempt == attempts - 1:
+                    raise
+                self.metrics.retries.labels(self.metrics.backend).inc()
+                log.warning("decode failed (%s); retrying through a fresh prefill", err)
+        raise ProxyError("internal", "no attempt was made", 500)
+
+    async def consumer(self) -> tuple[str, Any]:
+        """The next decode server that answers, and what binds the prefill's KV to it."""
         errors = []
         for url in self.decode.order():
-            cached = self._identities.get(url)
-            if cached and time.monotonic() - cached[0] < _IDENTITY_TTL_S:
-                return url, cached[1]
             try:
-                reply = await self.client.get(f"{url}/v1/kvxfer/identity", timeout=5.0)
-                info = reply.json()
-                if reply.status_code != 200 or not info.get("engine_id"):
-                    raise ValueError(f"HTTP {reply.status_code}")
+                return url, await self.backend.bind(self.client, url, self.headers)
             except (httpx.HTTPError, ValueError) as err:
-                self.decode.mark_failed(url)
+                self._failed(self.decode, url, "decode_unavailable")
                 errors.append(f"{url}: {type(err).__name__}: {err}")
-                continue
-            binding = Binding(consumer_key=info["public_key"]) if info.get("public_key") else \
-                Binding(consumer_engine_id=info["engine_id"])
-            self._identities[url] = (time.monotonic(), binding)
-            return url, binding
-        raise ProxyError("decode_unavailable", "no decode service answered: " + "; ".join(errors), 503)
+        raise ProxyError("decode_unavailable", "no decode server answered: " + "; ".join(errors), 503)
 
-    async def prefill_once(self, request: api.CompletionRequest, binding: Binding) -> api.CompletionResponse:
-        body = msgspec.json.encode(msgspec.structs.replace(
-            request, stream=False, kv_transfer_params=None, kvxfer_consumer=binding))
+    async def prefill_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors = []
         for url in self.prefill.order():
             try:
-                reply = await self.client.post(f"{url}/v1/completions", content=body,
-                                               headers={"content-type": "application/json"})
+                reply = await self.client.post(f"{url}{path}", json=body, headers=self.headers)
             except httpx.HTTPError as err:
-                self.prefill.mark_failed(url)
+                self._failed(self.prefill, url, "prefill_unavailable")
                 errors.append(f"{url}: {type(err).__name__}: {err}")
                 continue
             if reply.status_code == 200:
                 self.prefill.mark_ok(url)
-                return api.decode_response(reply.content)
+                return reply.json()
             if reply.status_code < 500 and reply.status_code != 429:  # the request itself is bad
-                raise ProxyError("invalid_request", _error_message(reply), reply.status_code)
-            self.prefill.mark_failed(url)
-            errors.append(f"{url}: HTTP {reply.status_code}: {_error_message(reply)}")
-        raise ProxyError("prefill_unavailable", "no prefill service answered: " + "; ".join(errors), 503)
+                raise _client_error(reply.status_code, reply.content)
+            self._failed(self.prefill, url, "prefill_failed")
+            errors.append(f"{url}: HTTP {reply.status_code}: {_message(reply.content, reply.status_code)}")
+        raise ProxyError("prefill_unavailable", "no prefill server answered: " + "; ".join(errors), 503)
 
-    async def decode_at(self, url: str, request: api.CompletionRequest, params) -> httpx.Response:
+    async def decode_at(self, url: str, path: str, body: dict[str, Any]) -> httpx.Response:
         """Open the decode request at `url`, streaming its body."""
-        body = msgspec.json.encode(msgspec.structs.replace(request, kv_transfer_params=params))
         try:
-            req = self.client.build_request("POST", f"{url}/v1/completions", content=body,
-                                            headers={"content-type": "application/json"})
-            reply = await self.client.send(req, stream=True)
+            request = self.client.build_request("POST", f"{url}{path}", json=body, headers=self.headers)
+            reply = await self.client.send(request, stream=True)
         except httpx.HTTPError as err:
-            self.decode.mark_failed(url)
-            self._identities.pop(url, None)
+            self._failed(self.decode, url, "decode_unavailable")
             raise ProxyError("decode_unavailable", f"{url}: {type(err).__name__}: {err}", 503) from None
         if reply.status_code == 200:
             self.decode.mark_ok(url)
             return reply
         content = await reply.aread()
         await reply.aclose()
-        message = f"{url}: {_error_message_bytes(content, reply.status_code)}"
         if reply.status_code < 500:
-            raise ProxyError("invalid_request", message, reply.status_code)
-        self._identities.pop(url, None)
-        kind = _error_kind(content)
-        if kind not in ("kv_load_failed", "not_ready"):
-            self.decode.mark_failed(url)
-        raise ProxyError("kv_load_failed" if kind == "kv_load_failed" else "decode_failed", message, 502)
+            raise _client_error(reply.status_code, content)
+        self.backend.forget(url)
+        error = api.decode_error(content)
+        kind = "kv_load_failed" if error is not None and error.type == "kv_load_failed" else "decode_failed"
+        self.metrics.backend_error("decode", kind)
+        if error is None or error.type not in ("kv_load_failed", "not_ready"):
+            self.decode.mark_failed(url)  # a failed load is the prefill's or the KV's, not decode's
+        raise ProxyError(kind, f"{url}: {_message(content, reply.status_code)}", 502)
 
-    async def start(self, request: api.CompletionRequest) -> httpx.Response:
-        """Prefill then decode; a failed decode is retried once through a fresh prefill (and
-        possibly another decode service) when the policy says so."""
-        attempts = 2 if self.retry_policy is RetryPolicy.RETRY_ONCE else 1
-        for attempt in range(attempts):
-            url, binding = await self.consumer()
-            prefilled = await self.prefill_once(request, binding)
-            if prefilled.kv_transfer_params is None:
-                raise ProxyError("prefill_unavailable", "prefill answered without kv_transfer_params", 502)
-            try:
-                return await self.decode_at(url, request, prefilled.kv_transfer_params)
-            except ProxyError as err:
-                if err.kind not in _RETRYABLE or attempt == attempts - 1:
-                    raise
-                self.metrics.retries.inc()
-                log.warning("decode failed (%s); retrying through a fresh prefill", err)
-        raise ProxyError("internal", "no attempt was made", 500)
+    def _failed(self, pool: Pool, url: str, kind: str) -> None:
+        pool.mark_failed(url)
+        self.metrics.backend_error(pool.name, kind)
+        if pool is self.decode:
+            self.backend.forget(url)
+
+    # ---- health ---------------------------------------------------------------------------------
+
+    async def check(self, url: str) -> bool:
+        try:
+            reply = await self.client.get(f"{url}{self.backend.ready_path}", timeout=2.0, headers=self.headers)
+            return reply.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def check_all(self) -> dict[str, int]:
+        """Ask every server whether it is ready; a server that is not goes last in its pool."""
+        counts = {}
+        for pool in (self.prefill, self.decode):
+            results = await asyncio.gather(*(self.check(u) for u in pool.urls))
+            for url, ok in zip(pool.urls, results, strict=True):
+                if ok:
+                    pool.mark_ok(url)
+                else:
+                    self._failed(pool, url, "not_ready")
+            counts[pool.name] = sum(results)
+        return counts
+
+    async def health_loop(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def models(self) -> Response:
+        """Decode's /v1/models (every server of a deployment serves one model)."""
+        for url in self.decode.order():
+            with contextlib.suppress(httpx.HTTPError):
+                reply = await self.client.get(f"{url}/v1/models", timeout=5.0, headers=self.headers)
+                if reply.status_code == 200:
+                    return Response(reply.content, media_type=JSON)
+        return _error("decode_unavailable", "no decode server answered /v1/models", 503)
 
 
-_RETRYABLE = ("kv_load_failed", "decode_unavailable", "decode_failed")
+def _client_error(status: int, content: bytes) -> ProxyError:
+    """A backend's 4xx: its own error body goes to the client, as it is."""
+    error = api.decode_error(content)
+    kind = error.type if error is not None else api.INVALID_REQUEST
+    return ProxyError(kind, _message(content, status), status, body=content if error is not None else None)
 
 
-def _error_kind(content: bytes) -> str:
-    try:
-        return msgspec.json.decode(content, type=api.ErrorResponse).error.type
-    except msgspec.MsgspecError:
-        return ""
+def _message(content: bytes, status: int) -> str:
+    error = api.decode_error(content)
+    if error is not None:
+        return error.message
+    return content[:300].decode(errors="replace") or f"HTTP {status}"
 
 
-def _error_message_bytes(content: bytes, status: int) -> str:
-    try:
-        return msgspec.json.decode(content, type=api.ErrorResponse).error.message
-    except msgspec.MsgspecError:
-        return content[:300].decode(errors="replace") or f"HTTP {status}"
+def _error(kind: str, message: str, status: int, *, param: str | None = None) -> Response:
+    return Response(api.error_json(kind, message, param=param), status_code=status, media_type=JSON)
 
 
-def _error_message(reply: httpx.Response) -> str:
-    return _error_message_bytes(reply.content, reply.status_code)
-
-
-def _error_response(kind: str, message: str, status: int) -> Response:
-    return Response(api.error_json(kind, message, status), status_code=status, media_type="application/json")
-
-
-def create_app(proxy: Proxy) -> FastAPI:
+def create_app(proxy: Proxy, *, api_keys: ApiKeys = NO_KEYS, health_checks: bool = True) -> FastAPI:
     app = FastAPI(title="kvxfer proxy")
+    require_api_keys(app, api_keys, on_reject=lambda kind: proxy.metrics.outcome("auth", kind))
+    tasks: list[asyncio.Task] = []
+
+    @app.on_event("startup")
+    async def start_health_checks() -> None:
+        if health_checks:
+            tasks.append(asyncio.get_running_loop().create_task(proxy.health_loop()))
+
+    @app.on_event("shutdown")
+    async def close() -> None:
+        for task in tasks:
+            task.cancel()
+        await proxy.client.aclose()
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json")
+        return Response(b'{"status":"ok"}', media_type=JSON)
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Ready when at least one prefill and one decode service report ready."""
-        results = {}
-        for pool in (proxy.prefill, proxy.decode):
-            checks = await asyncio.gather(*(_is_ready(proxy.client, u) for u in pool.urls))
-            results[pool.name] = sum(checks)
-        ok = all(results.values())
-        return Response(msgspec.json.encode({"ready": ok, **results}), status_code=200 if ok else 503,
-                        media_type="application/json")
+        """Ready when at least one prefill and one decode server report ready."""
+        counts = await proxy.check_all()
+        ok = all(counts.values())
+        return Response(msgspec.json.encode({"ready": ok, **counts}), status_code=200 if ok else 503,
+                        media_type=JSON)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(proxy.metrics.registry), media_type="text/plain; version=0.0.4")
+        return Response(proxy.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        started = time.monotonic()
-        try:
-            body = api.decode_request(await request.body())
-        except msgspec.MsgspecError as err:
-            proxy.metrics.requests.labels("invalid_request").inc()
-            return _error_response("invalid_request", str(err), 400)
-        try:
-            reply = await asyncio.wait_for(proxy.start(body), timeout=proxy.timeout_s)
-        except ProxyError as err:
-            proxy.metrics.requests.labels(err.kind).inc()
-            return _error_response(err.kind, str(err), err.status)
-        except asyncio.TimeoutError:
-            proxy.metrics.requests.labels("timeout").inc()
-            return _error_response("timeout", f"no answer within {proxy.timeout_s:.0f} s", 504)
-        if body.stream:
-            return StreamingResponse(_relay(proxy, reply, started), media_type="text/event-stream")
-        try:
-            content = await asyncio.wait_for(reply.aread(), timeout=proxy.timeout_s)
-        except (asyncio.TimeoutError, httpx.HTTPError) as err:
-            proxy.metrics.requests.labels("decode_failed").inc()
-            return _error_response("decode_failed", f"decode stopped answering: {err!r}", 502)
-        finally:
-            await reply.aclose()
-        proxy.metrics.requests.labels("ok").inc()
-        proxy.metrics.latency.observe(time.monotonic() - started)
-        return Response(content, media_type="application/json")
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return await proxy.models()
 
-    @app.on_event("shutdown")
-    async def close_client() -> None:
-        await proxy.client.aclose()
-
+    for path in ENDPOINTS:
+        app.add_api_route(path, _endpoint(proxy, path), methods=["POST"])
     return app
 
 
-async def _relay(proxy: Proxy, reply: httpx.Response, started: float) -> AsyncIterator[bytes]:
-    """Relay decode's event stream; a failure mid-stream ends it with an error event."""
+def _endpoint(proxy: Proxy, path: str):
+    async def endpoint(request: Request) -> Response:
+        return await _complete(proxy, path, await request.body())
+
+    return endpoint
+
+
+def _validated(path: str, raw: bytes) -> tuple[dict[str, Any], bool] | Response:
+    """(the body as the client sent it, whether it streams), or a 400 naming the bad field."""
     try:
-        async for chunk in reply.aiter_raw():
-            yield chunk
-        proxy.metrics.requests.labels("ok").inc()
-        proxy.metrics.latency.observe(time.monotonic() - started)
-    except httpx.HTTPError as err:
-        proxy.metrics.requests.labels("decode_failed").inc()
-        yield api.sse(api.ErrorResponse(error=api.ErrorBody(
-            type="decode_failed", message=f"decode stopped mid-stream: {err!r}", code=502)))
-        yield b"data: [DONE]\n\n"
+        typed = ENDPOINTS[path](raw)
+        body = msgspec.json.decode(raw)
+    except msgspec.MsgspecError as err:
+        bad = api.invalid_field(err)
+        return _error(bad.type, bad.message, 400, param=bad.param)
+    if not isinstance(body, dict):
+        return _error(api.INVALID_REQUEST, "the body must be a JSON object", 400)
+    return body, typed.stream
+
+
+async def _complete(proxy: Proxy, path: str, raw: bytes) -> Response:
+    started = time.monotonic()
+    parsed = _validated(path, raw)
+    if isinstance(parsed, Response):
+        proxy.metrics.outcome(path, api.INVALID_REQUEST)
+        return parsed
+    body, stream = parsed
+    try:
+        reply = await asyncio.wait_for(proxy.start(path, body), timeout=proxy.timeout_s)
+    except ProxyError as err:
+        proxy.metrics.outcome(path, err.kind)
+        if err.body is not None:
+            return Response(err.body, status_code=err.status, media_type=JSON)
+        return _error(err.kind, str(err), err.status)
+    except asyncio.TimeoutError:
+        proxy.metrics.outcome(path, "timeout")
+        return _error("timeout", f"no answer within {proxy.timeout_s:.0f} s", 504)
+    if stream:
+        return StreamingResponse(_relay(proxy, path, reply, started), media_type="text/event-stream")
+    try:
+        content = await asyncio.wait_for(reply.aread(), timeout=proxy.timeout_s)
+    except (asyncio.TimeoutError, httpx.HTTPError) as err:
+        proxy.metrics.outcome(path, "decode_failed")
+        return _error("decode_failed", f"decode stopped answering: {err!r}", 502)
     finally:
         await reply.aclose()
+    proxy.metrics.outcome(path, "ok", started)
+    return Response(content, media_type=JSON)
 
 
-async def _is_ready(client: httpx.AsyncClient, url: str) -> bool:
+async def _relay(proxy: Proxy, path: str, reply: httpx.Response, started: float) -> AsyncIterator[bytes]:
+    """Relay decode's event stream; a failure mid-stream ends it with an error event."""
     try:
-        return (await client.get(f"{url}/ready", timeout=2.0)).status_code == 200
-    except httpx.HTTPError:
-        return False
+        async for chunk in proxy.metrics.timed(reply.aiter_raw(), path, started):
+            yield chunk
+        proxy.metrics.outcome(path, "ok", started)
+    except httpx.HTTPError as err:
+        proxy.metrics.outcome(path, "decode_failed")
+        yield api.sse(api.ErrorResponse(error=api.ErrorBody(
+            type="decode_failed", message=f"decode stopped mid-stream: {err!r}")))
+        yield api.SSE_DONE
+    finally:
+        await reply.aclose()
