@@ -6,9 +6,9 @@ must), and no block or staging slot stays held once leases expire. The `small-gp
 of KV per token) makes a 4,000-token transfer last long enough (64 MiB over TCP) to cut the link
 inside it. Long: `make test-hosts` runs these (marker hosts_full).
 
-A partition that outlasts UCX's keepalive (between 15 s, which heals, and 30 s, which does not,
-here) has UCX declare prefill's endpoint gone; decode must then handshake again. It does not yet (see
-test_a_partition_that_outlasts_ucx_keepalive_heals, xfail until it does)."""
+A partition that outlasts UCX's keepalive (between 15 s and 30 s here) has UCX declare the peer's
+endpoint gone; the side that posts must then meet its peer again
+(test_a_partition_that_outlasts_ucx_keepalive_heals)."""
 
 from __future__ import annotations
 
@@ -126,9 +126,6 @@ def test_link_down_while_a_lease_is_held(two_hosts, want):
     recovers(two_hosts, want)
 
 
-@pytest.mark.xfail(strict=True, reason="after a partition longer than UCX's keepalive, the side that posts (decode "
-                   "for READ, prefill for WRITE) keeps the NIXL remote agent UCX declared disconnected "
-                   "(NIXL_ERR_REMOTE_DISCONNECT) instead of handshaking again; every request fails until a restart")
 def test_a_partition_that_outlasts_ucx_keepalive_heals(two_hosts, want):
     """30 s cut: the proxy answers a typed error within its own bound meanwhile; after it, new
     requests must be answered again."""
