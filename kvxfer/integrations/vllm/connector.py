@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from vllm.distributed.kv_transfer.kv_connector.v1 import base as vllm_base
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
-    KVConnectorTransferResults,
 )
 
 from kvxfer.errors import ConfigError
@@ -26,7 +26,7 @@ from kvxfer.integrations.vllm.config import ConnectorConfig, model_fingerprint, 
 from kvxfer.integrations.vllm.params import LoadJob, ReleaseJob, SendJob
 from kvxfer.integrations.vllm.scheduler import SchedulerSide, boot_epoch_of
 from kvxfer.integrations.vllm.stats import KvxferStats
-from kvxfer.integrations.vllm.worker import RankInfo, WorkerSide
+from kvxfer.integrations.vllm.worker import RankInfo, Results, WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -211,16 +211,21 @@ class KvxferConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         return
 
-    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+    def _transfer_results(self) -> Results:
         results = self._work().transfer_results()
         self._load_errors = results.failed_blocks
-        return KVConnectorTransferResults(finished_sending=results.sending,
-                                          finished_recving=results.recving,
-                                          failed_recving=results.failed)
+        return results
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """vLLM >= 0.32's report of what finished; older vLLMs (0.25) call `get_finished`."""
+        results = self._transfer_results()
+        return vllm_base.KVConnectorTransferResults(finished_sending=results.sending,
+                                                    finished_recving=results.recving,
+                                                    failed_recving=results.failed)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        results = self.get_transfer_results(finished_req_ids)
-        return results.finished_sending or None, results.finished_recving or None
+        results = self._transfer_results()
+        return results.sending or None, results.recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
