@@ -52,7 +52,9 @@ CONSUMER = "consumer"  # a lease's one logical consumer; its ranks are tallied i
 EARLY_TTL_S = 60.0  # notifications and push requests that beat their `hold` wait this long
 EARLY_MAX = 4096  # for at most this many requests
 ENDED_MAX = 4096  # leases remembered after their end: a late push request is refused, not filed
-_IDLE_MIN_S, _IDLE_MAX_S = 20e-6, 2e-3
+# Idle polling: confirmations wait at most this long (never a request: a push request wakes the
+# thread at once); every producer rank of a host polls, so not much more often.
+_IDLE_MIN_S, _IDLE_MAX_S = 20e-6, 10e-3
 
 
 @dataclass(frozen=True)

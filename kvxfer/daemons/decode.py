@@ -24,7 +24,7 @@ from kvxfer.daemons.config import Mode, TransferPath
 from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S
 from kvxfer.daemons.prefill import tokenize
 from kvxfer.daemons.service import Service
-from kvxfer.errors import ConfigError, KvxferError, LoadFailed
+from kvxfer.errors import AuthError, ConfigError, KvxferError, LoadFailed
 from kvxfer.planning import map_tp
 from kvxfer.planning.cost import FabricCosts, Path, choose
 
@@ -119,7 +119,8 @@ class DecodeService(Service):
         A WRITE's blocks stay out of the pool until no push started in time can land."""
         err = self.runtime.consumer.explain(params, err)
         self.metrics.transfer.observe_failure(err.kind)
-        self.runtime.leases.abort(params, reason=str(err), error_kind=err.kind)
+        if not isinstance(err, AuthError):  # refused parameters do not speak for the lease they name
+            self.runtime.leases.abort(params, reason=str(err), error_kind=err.kind)
         quarantine = 0.0
         if plan.mode is Mode.WRITE:
             push_s = self.runtime.endpoint.deadline.seconds(self.runtime.consumer.expected_bytes(params, params.num_tokens))

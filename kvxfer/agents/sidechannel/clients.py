@@ -26,11 +26,11 @@ _MAX_PARALLEL = 8  # side-channel calls in flight at once (one per producer rank
 
 def rank_address(base: str, rank: int) -> str:
     """Rank r of a service listens on the base address's port + r."""
-    parts = urlsplit(base)
     try:
+        parts = urlsplit(base)
         port = parts.port
-    except ValueError:
-        port = None
+    except ValueError:  # e.g. "tcp://[" (an unclosed IPv6 host): as malformed as any other
+        raise ConfigError(f"side_channel={base!r}: expected tcp://HOST:PORT") from None
     if parts.scheme != "tcp" or not parts.hostname or port is None:
         raise ConfigError(f"side_channel={base!r}: expected tcp://HOST:PORT")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname

@@ -30,7 +30,7 @@ from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig, Threading
 from kvxfer.agents.producer import Held, Producer
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig, ServerConfig
-from kvxfer.errors import ConfigError, IncompatiblePeerError, KvxferError
+from kvxfer.errors import AuthError, ConfigError, IncompatiblePeerError, KvxferError
 from kvxfer.integrations.vllm.caches import CacheSource, describe_vllm_caches
 from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole, TransferMode, signer_of
 from kvxfer.integrations.vllm.params import LoadJob, ReleaseJob, SendJob
@@ -255,5 +255,5 @@ class WorkerSide:
             self._results.recving.add(job.req_id)
             self._results.failed.add(job.req_id)
             self._results.failed_blocks.update(job.local_ids)
-        if self._leases is not None:
-            self._leases.abort(job.params, reason=str(error), error_kind=error.kind)
+        if self._leases is not None and not isinstance(error, AuthError):  # refused parameters do not
+            self._leases.abort(job.params, reason=str(error), error_kind=error.kind)  # speak for a lease
