@@ -178,7 +178,7 @@ class Consumer:
         reservation = self._reserve(job, links, sources) if job.staged else None
         ranks = sorted({s.prefill_rank for s in sources})
         ask = m.WriteRequest(request_id=params.request_id, decode_rank=self.rank,
-                             block_ids=[int(b) for b in job.local_ids.reshape(-1)],
+                             block_ids=job.local_ids.reshape(-1).tolist(),
                              decode_engine_id=self.endpoint.identity.engine_id, decode_tp=self.tp_size,
                              staging_offsets=reservation.wire_offsets() if reservation else None,
                              not_after_unix=job.not_after_unix)
