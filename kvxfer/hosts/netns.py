@@ -83,14 +83,15 @@ def listed() -> list[str]:
 def sweep_stale() -> list[str]:
     """Delete every kvxfer namespace whose maker process is gone (a run that crashed or was
     killed before its teardown); returns their names. Namespaces of live runs are left alone."""
-    stale = [n for n in listed() if (m := _OWNER.match(n)) and not _alive(int(m.group(1)))]
+    stale = [n for n in listed() if (m := _OWNER.match(n)) and not pid_alive(int(m.group(1)))]
     for name in stale:
         log.warning("deleting stale network namespace %s (its maker is gone)", name)
         delete(name)
     return stale
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvxfer.hosts.netns import pid_alive as alive
 from kvxfer.soak import config as c
-from kvxfer.soak.procs import alive, rank_pids
+from kvxfer.soak.procs import rank_pids
 from kvxfer.soak.relay import SideChannelRelay
 from kvxfer.soak.supervisor import Supervisor
 

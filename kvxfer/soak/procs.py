@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -36,11 +35,4 @@ def rank_pids(rank0_pid: int) -> list[int]:
     return [rank0_pid, *sorted(workers)]
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
