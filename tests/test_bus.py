@@ -30,7 +30,7 @@ def sleeper(conn: mpc.Connection) -> None:
         time.sleep(command.seconds)
         return Done(command.seconds)
 
-    serve_commands(conn, handle, msgspec.msgpack.Decoder(Sleep), ENCODER, lambda: None)
+    serve_commands(conn, handle, msgspec.msgpack.Decoder(Sleep), ENCODER, lambda: False)
 
 
 def test_a_worker_late_past_the_deadline_puts_the_bus_out_of_step():

@@ -277,10 +277,10 @@ class Consumer:
                                 params.engine_id, link.peer.rank, err)
         self.inbox.collect()
 
-    def idle(self) -> None:
+    def idle(self) -> bool:
         """Between loads: drive NIXL (notifications still leaving, connections being set up) and
-        file what arrived."""
-        self.inbox.collect()
+        file what arrived; True if something did."""
+        return self.inbox.collect() > 0
 
     def calibrate(self, params: m.TransferParams) -> FabricCosts | None:
         """The cost model's numbers against the first producer rank we read from."""

@@ -34,6 +34,7 @@ from kvxfer.agents.endpoint import Endpoint, Leg, shaped_ids
 from kvxfer.agents.inbox import Inbox, Notice
 from kvxfer.agents.leases import LeaseTable, Outcome, Released
 from kvxfer.agents.metrics import TransferMetrics
+from kvxfer.agents.pacing import IdlePacer
 from kvxfer.agents.peers import Peer
 from kvxfer.agents.sidechannel import PeerInfo, ServerConfig, SideChannelServer, check_binding
 from kvxfer.errors import (
@@ -52,9 +53,9 @@ CONSUMER = "consumer"  # a lease's one logical consumer; its ranks are tallied i
 EARLY_TTL_S = 60.0  # notifications and push requests that beat their `hold` wait this long
 EARLY_MAX = 4096  # for at most this many requests
 ENDED_MAX = 4096  # leases remembered after their end: a late push request is refused, not filed
-# Idle polling: confirmations wait at most this long (never a request: a push request wakes the
+# Idle polling: confirmations wait at most 10 ms (never a request: a push request wakes the
 # thread at once); every producer rank of a host polls, so not much more often.
-_IDLE_MIN_S, _IDLE_MAX_S = 20e-6, 10e-3
+_IDLE_FIRST_S, _IDLE_LONGEST_S = 20e-6, 10e-3
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class Producer:
         self._ended: OrderedDict[str, Outcome] = OrderedDict()  # transfer id -> how its lease ended
         self._pushes: deque[_Push] = deque()
         self._to_prepare: deque[_ConsumerRank] = deque()  # consumer ranks that just handshook
-        self._wake = threading.Event()
+        self._pace = IdlePacer(_IDLE_FIRST_S, _IDLE_LONGEST_S)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._server: SideChannelServer | None = None
@@ -147,7 +148,7 @@ class Producer:
         if self._server is not None:
             self._server.stop()
         self._stop.set()
-        self._wake.set()
+        self._pace.wake()
         if self._thread is not None:
             self._thread.join(10)
 
@@ -209,7 +210,7 @@ class Producer:
             self._by_rank[msg.engine.engine_id, msg.engine.tp_rank] = consumer
             if m.Mode.WRITE in msg.engine.modes:
                 self._to_prepare.append(consumer)
-        self._wake.set()
+        self._pace.wake()
         unbound = self.signer.key_for("") if peer.public_key is None or self._grant_unbound else b""
         return m.HandshakeReply(engine=self.info, params_key=self.signer.key_for(identity),
                                 unbound_params_key=unbound)
@@ -259,7 +260,7 @@ class Producer:
                         msg.decode_rank, err)
             self.metrics.observe_failure(err.kind)
             raise
-        self._wake.set()
+        self._pace.wake()
 
     def _answer_early_write(self, peer: PeerInfo, msg: m.WriteRequest) -> None:
         """A push asked for before `hold`: admitted now, or refused with a PUSHED error."""
@@ -289,16 +290,15 @@ class Producer:
         device = self.endpoint.tensors[0].device
         if device.type == "cuda":  # the current device is per thread: pushes gather on the cache's
             torch.cuda.set_device(device)
-        idle = _IDLE_MIN_S
         while not self._stop.is_set():
             try:
                 busy = self.poll()
             except Exception:  # the thread must outlive any bug in one step
                 log.exception("producer rank %d: poll failed", self.rank)
                 busy = False
-            idle = _IDLE_MIN_S if busy else min(idle * 2, _IDLE_MAX_S)
-            if not busy and self._wake.wait(idle):
-                self._wake.clear()
+            self._pace.after(busy)
+            if not busy:
+                self._pace.sleep()
 
     def poll(self) -> bool:
         """Drive NIXL, apply confirmations, run queued pushes, expire leases. True if it did work."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from kvxfer.agents.pacing import IdlePacer
 from kvxfer.errors import KvxferError, PeerGoneError, TransferTimeout, error_class
 
 log = logging.getLogger(__name__)
@@ -134,17 +135,20 @@ def _error_of(reply: Failed, rank: int) -> KvxferError:
 
 def serve_commands(conn: mpc.Connection, handle: Callable[[Any], msgspec.Struct],
                    decoder: msgspec.msgpack.Decoder, encoder: msgspec.msgpack.Encoder,
-                   idle: Callable[[], None], *, idle_interval_s: float = 0.001) -> None:
+                   idle: Callable[[], bool]) -> None:
     """A worker's loop: run each command, reply; call `idle` between commands (NIXL progress,
-    notifications). Returns when rank 0 closes the pipe."""
+    notifications; True if it found work), soon after a command and less often while nothing
+    happens. Returns when rank 0 closes the pipe."""
+    pace = IdlePacer()
     while True:
         try:
-            ready = conn.poll(idle_interval_s)
+            ready = conn.poll(pace.wait_s)
         except (EOFError, OSError):
             return
         if not ready:
-            idle()
+            pace.after(idle())
             continue
+        pace.reset()
         try:
             command = decoder.decode(conn.recv_bytes())
         except (EOFError, OSError):

@@ -41,8 +41,8 @@ class DecodeRank(RankRuntime):
         s = loaded.summary
         return Moved(s.num_bytes, s.num_descriptors, s.seconds, loaded.staged)
 
-    def idle(self) -> None:
-        self.consumer.idle()
+    def idle(self) -> bool:
+        return self.consumer.idle()
 
     # ---- rank 0: what the transfer choice needs ----------------------------------------------
 

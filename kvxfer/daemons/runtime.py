@@ -83,8 +83,10 @@ class RankRuntime:
     def execute_role(self, command: Command) -> Reply:
         raise ConfigError(f"a {self.config.role.value} rank does not take {type(command).__name__}")
 
-    def idle(self) -> None:
-        """Between commands (the roles keep their own threads; nothing to drive here)."""
+    def idle(self) -> bool:
+        """Between commands; True if it found work (the roles keep their own threads; nothing to
+        drive here)."""
+        return False
 
     def close(self) -> None:
         with self.nixl_lock:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from prometheus_client import Counter, Gauge, Histogram
 
 from kvxfer.agents.metrics import TransferMetrics
+from kvxfer.agents.pacing import IdlePacer
 from kvxfer.daemons.bus import Bus
 from kvxfer.daemons.commands import Command, Described, Reply, command_encoder, reply_decoder
 from kvxfer.daemons.config import ServeConfig
@@ -81,6 +82,7 @@ class Service:
         self.allocator_lock = threading.Lock()
         self._stop = threading.Event()
         self._idle_thread: threading.Thread | None = None
+        self._pace = IdlePacer()  # the idle thread's; a command wakes it (notifications to send)
         self.on_fatal: Callable[[], None] | None = None  # called once if a rank dies
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -114,6 +116,7 @@ class Service:
 
     def close(self) -> None:
         self._stop.set()
+        self._pace.wake()
         self.started.clear()
         self.bus.close()
         if self.runtime is not None:
@@ -137,9 +140,10 @@ class Service:
 
     def _idle_loop(self) -> None:
         checked = time.monotonic()
-        while not self._stop.wait(0.002):
+        while not self._stop.is_set():
+            self._pace.sleep()
             try:
-                self.runtime.idle()
+                self._pace.after(self.runtime.idle())
             except KvxferError as err:
                 log.warning("idle poll: %s", err)
             if time.monotonic() - checked > 0.5:
@@ -159,7 +163,10 @@ class Service:
         """Run `command` on every rank (call from the executor thread)."""
         if self.runtime is None:
             raise ConfigError("service is not started")
-        return self.bus.call(command, lambda: self.runtime.execute(command), timeout_s=timeout_s)
+        try:
+            return self.bus.call(command, lambda: self.runtime.execute(command), timeout_s=timeout_s)
+        finally:
+            self._pace.wake()
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread."""
