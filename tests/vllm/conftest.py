@@ -75,10 +75,13 @@ def curve() -> dict[str, object]:
 
 @contextlib.contextmanager
 def server(spec: ServerSpec, logs: Path) -> Iterator[VllmServer]:
-    """A ready server for the length of a `with` block."""
+    """A ready and warm server for the length of a `with` block: one plain completion first, so
+    that vLLM's own first-request work (seconds to tens of seconds on a busy 2-core machine) does
+    not eat into a producer lease the test holds."""
     running = VllmServer(spec, logs)
     try:
         running.wait_ready()
+        running.complete("warm up", max_tokens=1)
         yield running
     finally:
         running.stop()

@@ -15,7 +15,7 @@ from vllm_cases import MAX_TOKENS, PROMPTS
 from kvxfer.integrations.vllm.testing import ServerSpec, token_ids
 
 LEASE_S = 3.0
-BLOCKER_TOKENS = 600  # the one running slot is busy this long (well over LEASE_S on 2 cores)
+BLOCKER_TOKENS = 900  # the one running slot is busy this long (well over 2 x LEASE_S on 2 cores)
 
 
 def test_request_queued_past_the_lease_still_loads(models, logs, plain_tokens):
@@ -25,11 +25,12 @@ def test_request_queued_past_the_lease_still_loads(models, logs, plain_tokens):
         "kv_producer", lease_s=LEASE_S, transfer_deadline_s=1))
     with server(cons, logs) as consumer, server(prod, logs) as producer:
         prompt = PROMPTS[1]
-        first = producer.complete(prompt, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
         running = threading.Event()
         blocker = threading.Thread(target=_stream_long, args=(consumer.url, running), daemon=True)
         blocker.start()
         assert running.wait(120), "the blocking request never started streaming"
+        # The lease starts now, with the consumer's one slot already busy.
+        first = producer.complete(prompt, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
         started = time.monotonic()
         second = consumer.complete(prompt, max_tokens=MAX_TOKENS, kv_transfer_params=first["kv_transfer_params"],
                                    timeout_s=300)
