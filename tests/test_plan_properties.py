@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from kvxfer.layouts import CacheRegion, describe, describe_tensor
 from kvxfer.planning import (
     Fallback,
+    RequestIndexer,
     descriptor_table,
     heads_of_rank,
     map_tp,
@@ -227,6 +228,15 @@ def test_prepped_indices_select_the_same_spans(sc):
     assert local_idx.dtype == np.int32
     assert np.array_equal(descriptor_table(plan, 0)[local_idx], spans.local)
     assert np.array_equal(descriptor_table(plan, 1)[remote_idx], spans.remote)
+    # One indexer serving a short request, then the whole one (its tables grow), gives the same.
+    indexer, short = RequestIndexer(plan), max(1, n // 3)
+    d_short = d.block_ids[..., : -(-short // block_sizes[1])]
+    p_short = p.block_ids[..., : -(-short // block_sizes[0])]
+    for got, want in zip(indexer.indices(d_short, p_short, short),
+                         request_indices(plan, d_short, p_short, short), strict=True):
+        assert np.array_equal(got, want)
+    for got, want in zip(indexer.indices(d.block_ids, p.block_ids, n), (local_idx, remote_idx), strict=True):
+        assert np.array_equal(got, want)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,6 +98,7 @@ class Consumer:
         self._check_producer = check_producer  # the driver's own pairing rules, if any
         self._links: dict[tuple[str, int], ProducerLink] = {}
         self._once = capability.OnceOnly()
+        self._to_confirm: deque[tuple[m.TransferParams, list[ProducerLink]]] = deque()
         self.inbox = Inbox(endpoint.agent, lock=nixl_lock, metrics=endpoint.metrics)
 
     # -- one request ------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ class Consumer:
         except TransferError:
             self.forget(params.engine_id)
             raise
-        self._confirm(params, links)
+        self._to_confirm.append((params, links))  # off the request's path: `idle` sends them
         return Loaded(summary, staged)
 
     def forget(self, engine_id: str) -> None:
@@ -265,8 +267,7 @@ class Consumer:
 
     def _confirm(self, params: m.TransferParams, links: list[ProducerLink]) -> None:
         """DONE to every producer rank. One that cannot be told keeps the lease until it expires:
-        the load itself succeeded. Without a progress thread a notification leaves only when
-        NIXL is driven: drive it now, and `idle` drives it between requests."""
+        the load itself succeeded."""
         done = m.encode_notif(m.XferNotif(request_id=params.request_id, rank=self.rank, kind=m.NotifKind.DONE))
         with self._nixl:
             for link in links:
@@ -275,12 +276,16 @@ class Consumer:
                 except KvxferError as err:
                     log.warning("request %s: could not confirm to %s rank %d: %s", params.request_id[:8],
                                 params.engine_id, link.peer.rank, err)
-        self.inbox.collect()
 
     def idle(self) -> bool:
-        """Between loads: drive NIXL (notifications still leaving, connections being set up) and
-        file what arrived; True if something did."""
-        return self.inbox.collect() > 0
+        """Between loads (a driver calls it soon after each): confirm the loads done since the
+        last call, drive NIXL (without a progress thread a notification leaves only then;
+        connections being set up) and file what arrived. True if there was work."""
+        confirmed = 0
+        while self._to_confirm:
+            self._confirm(*self._to_confirm.popleft())
+            confirmed += 1
+        return self.inbox.collect() + confirmed > 0
 
     def calibrate(self, params: m.TransferParams) -> FabricCosts | None:
         """The cost model's numbers against the first producer rank we read from."""

@@ -40,7 +40,7 @@ from kvxfer.agents.staged_transfer import (
 from kvxfer.deadline import Deadline
 from kvxfer.errors import ConfigError, KvxferError, TransferError
 from kvxfer.layouts import CacheDesc, CacheRegion
-from kvxfer.planning import Fallback, HeadRange, request_indices, request_spans
+from kvxfer.planning import Fallback, HeadRange, request_spans
 from kvxfer.planning.cost import FabricCosts
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,8 @@ class Endpoint:
 
     def _post(self, op: Op, leg: Leg, local_ids: np.ndarray, num_tokens: int, notif: bytes) -> Transfer:
         prepared = self.peers.prepared(leg.peer, leg.heads)
-        if prepared.local is not None and prepared.remote is not None:
-            local_idx, remote_idx = request_indices(prepared.plan, local_ids, leg.remote_ids, num_tokens)
+        if prepared.local is not None and prepared.remote is not None and prepared.indexer is not None:
+            local_idx, remote_idx = prepared.indexer.indices(local_ids, leg.remote_ids, num_tokens)
             return self.agent.post(op, prepared.local, local_idx, prepared.remote, remote_idx, notif=notif)
         spans = request_spans(prepared.plan, local_ids, leg.remote_ids, num_tokens)
         return self.agent.post_spans(op, spans.local, spans.remote, peer=leg.peer.agent_name,

@@ -17,7 +17,7 @@ from kvxfer.agents.messages import EngineInfo
 from kvxfer.agents.nixl_agent import DescList, MemKind, NixlAgent
 from kvxfer.errors import HandshakeError
 from kvxfer.layouts import CacheRegion
-from kvxfer.planning import Fallback, HeadRange, PairPlan, descriptor_table, pair
+from kvxfer.planning import Fallback, HeadRange, PairPlan, RequestIndexer, descriptor_table, pair
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class PreparedPair:
     plan: PairPlan
     local: DescList | None  # None: the table is too large, post explicit spans
     remote: DescList | None
+    indexer: RequestIndexer | None  # rows of `local` and `remote` per request
 
 
 @dataclass
@@ -118,11 +119,11 @@ class PeerTable:
         rows = plan.spans_per_chunk * (self.local.desc.num_blocks * self.local.desc.block_size
                                        // plan.chunk_tokens) * self.local.desc.num_layers
         if rows > MAX_TABLE_ROWS:
-            prepared = PreparedPair(plan, None, None)
+            prepared = PreparedPair(plan, None, None, None)
         else:
             local = self.agent.prepare(descriptor_table(plan, 0), mem=self.mem)
             remote = self.agent.prepare(descriptor_table(plan, 1), mem=peer.mem, peer=peer.agent_name)
-            prepared = PreparedPair(plan, local, remote)
+            prepared = PreparedPair(plan, local, remote, RequestIndexer(plan))
         peer.pairs[heads] = prepared
         return prepared
 

@@ -164,3 +164,4 @@ def serve_commands(conn: mpc.Connection, handle: Callable[[Any], msgspec.Struct]
             conn.send_bytes(encoder.encode(reply))
         except (OSError, ValueError):
             return
+        idle()  # at once: what the command left to do (a load's confirmations) waits for no poll

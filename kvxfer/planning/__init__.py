@@ -3,6 +3,7 @@
 from kvxfer.planning.pairing import (
     Fallback,
     PairPlan,
+    RequestIndexer,
     SpanPairs,
     coalesce_pairs,
     descriptor_table,
@@ -26,6 +27,7 @@ __all__ = [
     "TPMapping",
     "coalesce_pairs",
     "descriptor_table",
+    "RequestIndexer",
     "request_indices",
     "layer_offsets",
     "request_block_ids",

@@ -243,6 +243,7 @@ class WorkerSide:
             self._stats.record_load(num_bytes=summary.num_bytes, num_descriptors=summary.num_descriptors,
                                     seconds=summary.seconds)
             self._results.recving.add(job.req_id)
+        consumer.idle()  # its confirmations leave now, after vLLM can see the load
 
     def _failed(self, job: LoadJob, consumer: Consumer, err: Exception) -> None:
         error = err if isinstance(err, KvxferError) else KvxferError(f"internal: {type(err).__name__}: {err}")
