@@ -92,6 +92,7 @@ class DecodeService(Service):
             raise self._failed(params, plan, err, not_after) from None
         finally:
             self.heartbeat.untrack(params.request_id)
+            self.wake_idle()
         seconds = time.perf_counter() - started
         replies = [r for r in moved if isinstance(r, Moved)]
         num_bytes = sum(r.num_bytes for r in replies)

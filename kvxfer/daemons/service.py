@@ -82,7 +82,7 @@ class Service:
         self.allocator_lock = threading.Lock()
         self._stop = threading.Event()
         self._idle_thread: threading.Thread | None = None
-        self._pace = IdlePacer()  # the idle thread's; a command wakes it (notifications to send)
+        self._pace = IdlePacer()  # the idle thread's; `wake_idle` after work that leaves it some
         self.on_fatal: Callable[[], None] | None = None  # called once if a rank dies
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -163,10 +163,11 @@ class Service:
         """Run `command` on every rank (call from the executor thread)."""
         if self.runtime is None:
             raise ConfigError("service is not started")
-        try:
-            return self.bus.call(command, lambda: self.runtime.execute(command), timeout_s=timeout_s)
-        finally:
-            self._pace.wake()
+        return self.bus.call(command, lambda: self.runtime.execute(command), timeout_s=timeout_s)
+
+    def wake_idle(self) -> None:
+        """The idle thread runs now, not at its next poll: a load's confirmations are waiting."""
+        self._pace.wake()
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread."""

@@ -222,21 +222,41 @@ def _request_ids(desc: CacheDesc, block_ids: np.ndarray, num_tokens: int, who: s
     """[num_kv, blocks] ids of one request on one side, refusing anything that is not exactly
     the request's own distinct, in-range blocks."""
     try:
-        raw = check_block_ids(block_ids, desc, who=f"{who} {desc.layout}")
-        ids = ids_per_kv(raw, desc)
+        return ids_per_kv(_checked_ids(desc, block_ids, num_tokens, who), desc)
     except LayoutError as err:
         raise PlanError(str(err)) from None
+
+
+def _checked_ids(desc: CacheDesc, block_ids: np.ndarray, num_tokens: int, who: str) -> np.ndarray:
+    """The request's ids as given (`[n]`, or `[2, n]` for separate K/V pages), checked: in
+    range, distinct, as many blocks as `num_tokens` needs."""
+    try:
+        raw = check_block_ids(block_ids, desc, who=f"{who} {desc.layout}")
+    except LayoutError as err:
+        raise PlanError(str(err)) from None
+    if raw.ndim != (2 if desc.separate_kv_pages else 1) or (desc.separate_kv_pages and raw.shape[0] != 2):
+        _request_shape(raw, desc)
     needed = -(-num_tokens // desc.block_size)
-    if ids.shape[1] != needed:
+    if raw.shape[-1] != needed:
         raise PlanError(
             f"{who} block ids: {num_tokens} tokens at block_size={desc.block_size} need {needed} "
-            f"blocks, got {ids.shape[1]}"
+            f"blocks, got {raw.shape[-1]}"
         )
-    flat = np.sort(raw, axis=None)
-    repeats = flat[1:][flat[1:] == flat[:-1]]
-    if repeats.size:
-        raise PlanError(f"{who} block ids: block {int(repeats[0])} appears more than once")
-    return ids
+    if raw.size > 1:
+        flat = np.sort(raw, axis=None)
+        repeats = flat[1:][flat[1:] == flat[:-1]]
+        if repeats.size:
+            raise PlanError(f"{who} block ids: block {int(repeats[0])} appears more than once")
+    return raw
+
+
+def _request_shape(raw: np.ndarray, desc: CacheDesc) -> None:
+    """Raise the layout's own error for ids of the wrong shape."""
+    try:
+        ids_per_kv(raw, desc)
+    except LayoutError as err:
+        raise PlanError(str(err)) from None
+    raise PlanError(f"{desc.layout}: block ids of shape {raw.shape}")
 
 
 def descriptor_table(plan: PairPlan, side: int) -> np.ndarray:
@@ -315,11 +335,15 @@ class _SideIndexer:
         self._offset = np.zeros((0, self.num_kv, self.num_outer), dtype=np.int64)
 
     def indices(self, block_ids: np.ndarray, num_tokens: int, num_chunks: int) -> np.ndarray:
-        ids = _request_ids(self.desc, block_ids, num_tokens, self.who)
+        ids = _checked_ids(self.desc, block_ids, num_tokens, self.who)
         if num_chunks > self._slot.size:
             self._grow(max(num_chunks, 2 * self._slot.size))
         slot = self._slot[:num_chunks]
-        rows = ids[: self.num_kv, slot].T[..., None] * self.per_block + self._offset[:num_chunks]
+        if self.desc.separate_kv_pages:  # [2, n]: K pages, V pages
+            blocks = ids[: self.num_kv, slot].T[..., None]
+        else:  # shared pages: a chunk's K and V rows are in one block
+            blocks = ids[slot][:, None, None]
+        rows = blocks * self.per_block + self._offset[:num_chunks]
         return np.add(self.layer_starts, rows.reshape(1, -1), dtype=np.int32).reshape(-1)
 
     def _grow(self, num_chunks: int) -> None:
