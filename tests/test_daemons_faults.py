@@ -5,6 +5,7 @@ correct answer, never a hang; later requests succeed; no block stays held once l
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -215,11 +216,15 @@ def test_stalled_producer_never_writes_into_reused_memory(tmp_path, want, path):
             time.sleep(max(0.0, 12.0 - (time.monotonic() - started)))  # past the push's not-after time
         finally:
             os.kill(rank1, signal.SIGCONT)
+        # The woken rank refuses the stale push: too late for the consumer, or (if its own lease
+        # expiry ran first) for a lease that has ended. Either way nothing is written.
         deadline = time.monotonic() + 30
-        refused = 'kvxfer_failures_total{kind="timeout"}'
-        while metric(client, prefill, refused) < 1 and time.monotonic() < deadline:
+        refusals = ('kvxfer_failures_total{kind="timeout"}', 'kvxfer_failures_total{kind="lease"}')
+        while sum(metric(client, prefill, r) for r in refusals) < 1 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert "refusing to write into memory it may have reused" in cluster.by_name("prefill0").log_path.read_text()
+        log = cluster.by_name("prefill0").log_path.read_text()
+        assert ("refusing to write into memory it may have reused" in log
+                or re.search(r"push of \w+ to decode0 rank 0 refused: .* its lease on rank 1 has ended", log)), log
         while (metric(client, decode, "kvxfer_staging_slots_free") < 2 or blocks_in_use(client, decode) > 0) \
                 and time.monotonic() < deadline:
             time.sleep(0.2)
