@@ -21,11 +21,18 @@ class Strategy(Enum):
     SPLIT = "split"
 
 
-class Mode(Enum):
+class StrategyChoice(Enum):
+    """`--mode`: a `Strategy`, or AUTO."""
+
     READ = "read"
     WRITE = "write"
     SPLIT = "split"
     AUTO = "auto"  # measure every strategy at setup, keep the fastest
+
+    def fixed(self) -> Strategy | None:
+        """The strategy this choice fixes; None for AUTO (measured at setup)."""
+        return {StrategyChoice.READ: Strategy.READ, StrategyChoice.WRITE: Strategy.WRITE,
+                StrategyChoice.SPLIT: Strategy.SPLIT}.get(self)
 
 
 class PlanKind(Enum):
@@ -48,7 +55,7 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     decode_block_size: int = 16
     tokens: int = 8192
     dtype: str = "bfloat16"
-    mode: Mode = Mode.READ
+    mode: StrategyChoice = StrategyChoice.READ
     plan: PlanKind = PlanKind.PREPPED
     fallback: str = "none"
     device: str = "cpu"

@@ -19,7 +19,14 @@ import torch
 from kvxfer.bench import initiator, staged
 from kvxfer.bench import rank as rank_mod
 from kvxfer.bench.cache import host_buffer
-from kvxfer.bench.config import BenchConfig, BenchResult, Mode, OpFigures, PlanKind, Strategy
+from kvxfer.bench.config import (
+    BenchConfig,
+    BenchResult,
+    OpFigures,
+    PlanKind,
+    Strategy,
+    StrategyChoice,
+)
 from kvxfer.bench.messages import (
     ENCODER,
     FROM_RANK,
@@ -224,7 +231,7 @@ def choose_plan(session: BenchSession, cfg: BenchConfig) -> tuple[PlanKind, Stra
     mapping = map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp)
     num_bytes = sum(initiator.part_bytes(cfg, a) for a in mapping.assignments)
     descriptors = direct_descriptors(cfg, session.hellos)
-    writes = (False, True) if cfg.mode is Mode.AUTO else (cfg.mode is Mode.WRITE,)
+    writes = (False, True) if cfg.mode is StrategyChoice.AUTO else (cfg.mode is StrategyChoice.WRITE,)
     # the bench stages only WRITEs (the receiver's buffer is the target)
     allowed = tuple((Path.DIRECT, w) for w in writes) + ((Path.STAGED, True),) * (True in writes)
     choice = choose(costs, num_bytes=num_bytes, descriptors=descriptors, allowed=allowed)
@@ -268,11 +275,12 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             cost_model["measured_gbps"] = measured
             cost_model["picked_faster"] = measured[kind.value] >= max(measured[PlanKind.STAGED.value],
                                                                      measured[PlanKind.PREPPED.value])
-        elif cfg.mode is Mode.AUTO:
-            auto = {s.value: measure(session, s, AUTO_ITERS)[0].gbps for s in Strategy}
-            strategy = Strategy(max(auto, key=auto.__getitem__))
+        elif (fixed := cfg.mode.fixed()) is None:
+            gbps = {s: measure(session, s, AUTO_ITERS)[0].gbps for s in Strategy}
+            strategy = max(gbps, key=gbps.__getitem__)
+            auto = {s.value: g for s, g in gbps.items()}
         else:
-            strategy = Strategy(cfg.mode.value)
+            strategy = fixed
         figures, last = measure(session, strategy, cfg.iters, verify_last=cfg.verify,
                                 snapshot=cfg.dump is not None, baseline=cfg.memcpy, kind=kind)
         if cost_model is not None:  # the yardstick: the chosen plan against per-block posts

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvxfer.bench.config import BenchConfig, Mode, PlanKind
+    from kvxfer.bench.config import BenchConfig, PlanKind, StrategyChoice
     from kvxfer.bench.session import run_bench
 
     geo = geometry_from_args(args)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         prefill_tp=geo.prefill_tp, decode_tp=geo.decode_tp, kv_heads=geo.kv_heads,
         head_dim=geo.head_dim, layers=geo.layers, prefill_block_size=geo.prefill_block_size,
         decode_block_size=geo.decode_block_size, tokens=geo.tokens, dtype=geo.dtype,
-        mode=Mode(args.mode), plan=PlanKind(args.plan), fallback=args.fallback, device=args.device,
+        mode=StrategyChoice(args.mode), plan=PlanKind(args.plan), fallback=args.fallback, device=args.device,
         random_blocks=args.random_blocks, seed=args.seed, iters=args.iters, verify=args.verify,
         dump=args.dump, threading=args.threading, error_handling=args.ucx_error_handling,
         num_workers=args.num_workers, num_threads=args.num_threads, huge_pages=args.huge_pages,
