@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvxfer.agents.endpoint import Endpoint, Leg, shaped_ids
+from kvxfer.agents.messages import Role
 from kvxfer.agents.nixl_agent import Op
 from kvxfer.agents.peers import Peer
 from kvxfer.bench.cache import RankCache
@@ -50,12 +51,12 @@ def split_tokens(cfg: BenchConfig) -> int:
     return min(cfg.tokens, round(cfg.tokens / 2 / step) * step)
 
 
-def share_of(cfg: BenchConfig, strategy: Strategy, role: str) -> tuple[Op, Share] | None:
+def share_of(cfg: BenchConfig, strategy: Strategy, role: Role) -> tuple[Op, Share] | None:
     """The op `role` initiates under `strategy` and on which tokens (None: it initiates nothing)."""
     if strategy is Strategy.SPLIT:
         cut = split_tokens(cfg)
-        op, share = (Op.READ, Share(0, cut)) if role == "decode" else (Op.WRITE, Share(cut, cfg.tokens - cut))
-    elif (strategy is Strategy.READ) == (role == "decode"):
+        op, share = (Op.READ, Share(0, cut)) if role is Role.DECODE else (Op.WRITE, Share(cut, cfg.tokens - cut))
+    elif (strategy is Strategy.READ) == (role is Role.DECODE):
         op, share = (Op.READ if strategy is Strategy.READ else Op.WRITE), Share(0, cfg.tokens)
     else:
         return None
@@ -68,14 +69,14 @@ def request_ids(desc_owner: Endpoint | Peer, block_ids: np.ndarray, share: Share
     return shaped_ids(desc, block_ids, share.num_tokens, skip_blocks=share.skip_tokens // desc.block_size)
 
 
-def legs_of(cfg: BenchConfig, cache: RankCache, op: Op, remotes: dict[tuple[str, int], Remote],
+def legs_of(cfg: BenchConfig, cache: RankCache, op: Op, remotes: dict[tuple[Role, int], Remote],
             share: Share) -> list[Leg]:
     """One leg per peer this rank initiates towards for `op`, in TP-mapping order."""
     mapping = map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp)
     if op is Op.READ:
-        pairs = [(remotes["prefill", a.prefill_rank], a.heads) for a in mapping.sources_of(cache.rank)]
+        pairs = [(remotes[Role.PREFILL, a.prefill_rank], a.heads) for a in mapping.sources_of(cache.rank)]
     else:
-        pairs = [(remotes["decode", a.decode_rank], a.heads) for a in mapping.targets_of(cache.rank)]
+        pairs = [(remotes[Role.DECODE, a.decode_rank], a.heads) for a in mapping.targets_of(cache.rank)]
     return [Leg(r.peer, heads, request_ids(r.peer, r.block_ids, share)) for r, heads in pairs]
 
 
@@ -127,10 +128,10 @@ def part_bytes(cfg: BenchConfig, assignment: Assignment) -> int:
     return padded * assignment.heads.size * cfg.head_dim * DTYPE_BYTES[cfg.dtype] * num_kv * cfg.layers
 
 
-def staging_bytes(cfg: BenchConfig, role: str, rank: int) -> int:
+def staging_bytes(cfg: BenchConfig, role: Role, rank: int) -> int:
     """What one staging slot must hold: every part this rank sends (one at a time) or receives
     (all at once)."""
     mapping = map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp)
-    if role == "prefill":
+    if role is Role.PREFILL:
         return max((part_bytes(cfg, a) for a in mapping.targets_of(rank)), default=0)
     return sum(part_bytes(cfg, a) for a in mapping.sources_of(rank))

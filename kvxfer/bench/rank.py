@@ -63,31 +63,31 @@ class RunStats(TransferMetrics):
 
 
 class RankState:
-    def __init__(self, cfg: BenchConfig, role: str, rank: int) -> None:
+    def __init__(self, cfg: BenchConfig, role: Role, rank: int) -> None:
         self.cfg = cfg
         self.mapping = map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp)
         self.cache = cache_mod.make_cache(cfg, role, rank)
-        if role == "prefill":
+        if role is Role.PREFILL:
             cache_mod.fill_prefill(cfg, self.cache)
         else:
             cache_mod.scramble(self.cache)
         self.stats = RunStats()
         self.endpoint = Endpoint(
-            Identity(engine_id=f"bench-{role}", boot_epoch=time.time_ns(), role=Role(role),
-                     tp_size=cfg.prefill_tp if role == "prefill" else cfg.decode_tp, tp_rank=rank,
+            Identity(engine_id=f"bench-{role.value}", boot_epoch=time.time_ns(), role=role,
+                     tp_size=cfg.prefill_tp if role is Role.PREFILL else cfg.decode_tp, tp_rank=rank,
                      model_fingerprint="bench"),
             self.cache.tensors, self.cache.desc,
-            agent_config=AgentConfig(name=f"{role}{rank}", threading=Threading(cfg.threading),
+            agent_config=AgentConfig(name=f"{role.value}{rank}", threading=Threading(cfg.threading),
                                      error_handling=ErrorHandling(cfg.error_handling),
                                      num_workers=cfg.num_workers, num_threads=cfg.num_threads),
             fallback=Fallback(cfg.fallback), deadline=Deadline(cfg.deadline_slack_s, cfg.expected_gbps),
             metrics=self.stats, staging=self._staging(role, rank))
         self.block_ids = self.cache.block_ids.reshape(-1)  # flat, as shaped_ids takes them
-        self.remotes: dict[tuple[str, int], initiator.Remote] = {}
+        self.remotes: dict[tuple[Role, int], initiator.Remote] = {}
         self.reservation: Reservation | None = None
         self.before: list[torch.Tensor] | None = None
 
-    def _staging(self, role: str, rank: int) -> StagingConfig | None:
+    def _staging(self, role: Role, rank: int) -> StagingConfig | None:
         """One slot for what this rank stages per request (--plan staged/auto), else none."""
         if self.cfg.plan not in (PlanKind.STAGED, PlanKind.AUTO):
             return None
@@ -95,7 +95,7 @@ class RankState:
         return StagingConfig(slot_bytes=slot, num_slots=1 if slot else 0, max_tokens=self.cfg.tokens)
 
     @property
-    def role(self) -> str:
+    def role(self) -> Role:
         return self.cache.role
 
     def hello(self) -> Hello:
@@ -106,7 +106,7 @@ class RankState:
             case Peers(hellos=hellos):
                 return self._peers(hellos)
             case Scramble(snapshot=snap):
-                if self.role == "decode":
+                if self.role is Role.DECODE:
                     cache_mod.scramble(self.cache)
                 self.before = cache_mod.snapshot(self.cache) if snap else None
                 return Ack()
@@ -119,7 +119,7 @@ class RankState:
             case PingPong(count=count):
                 return self._ping_pong(count)
             case Verify():
-                if self.role != "decode":
+                if self.role is not Role.DECODE:
                     return Verified(ok=True, detail="", num_bytes=0)
                 ok, detail, num_bytes = cache_mod.verify(self.cfg, self.cache)
                 return Verified(ok=ok, detail=detail, num_bytes=num_bytes)
@@ -133,9 +133,9 @@ class RankState:
     def _peers(self, hellos: list[Hello]) -> Ack:
         """Admit every rank of the other role, as the daemons do at handshake, and connect."""
         for h in hellos:
-            if h.info.role.value != self.role:
+            if h.info.role is not self.role:
                 peer = self.endpoint.peers.admit(h.info)
-                self.remotes[peer.info.role.value, peer.rank] = initiator.Remote(
+                self.remotes[peer.info.role, peer.rank] = initiator.Remote(
                     peer, np.array(h.block_ids, dtype=np.int64))
         for r in self.remotes.values():
             self.endpoint.agent.connect(r.peer.agent_name)
@@ -153,7 +153,7 @@ class RankState:
             legs = initiator.legs_of(self.cfg, self.cache, op, self.remotes, share)
             if legs:
                 report = self._timed(kind, op, legs, share)
-        if self.role == "decode" and initiator.share_of(self.cfg, strategy, "prefill") is not None:
+        if self.role is Role.DECODE and initiator.share_of(self.cfg, strategy, Role.PREFILL) is not None:
             self.endpoint.agent.wait_notifs(len(self.mapping.sources_of(self.cache.rank)),
                                             timeout_s=self.cfg.deadline_slack_s)
         return report
@@ -182,7 +182,7 @@ class RankState:
                                        num_transfers=len(seen), post_us=max((s.post_us for s in seen), default=0))
 
     def _reserve(self) -> Reserved:
-        if self.role != "decode":
+        if self.role is not Role.DECODE:
             return Reserved()
         share = self._full()
         legs = initiator.legs_of(self.cfg, self.cache, Op.READ, self.remotes, share)
@@ -195,7 +195,7 @@ class RankState:
         if strategy is not Strategy.WRITE:
             raise ConfigError("bench: --plan staged pushes (--mode write) into reserved staging slots")
         share = self._full()
-        if self.role == "decode":
+        if self.role is Role.DECODE:
             reservation, self.reservation = self.reservation, None
             if reservation is None:
                 raise ConfigError("bench staged: a run without a reservation")
@@ -217,9 +217,9 @@ class RankState:
 
     def _calibrate(self) -> Ack | Calibrated:
         """prefill0 probes decode0's staging probe area; every other rank idles (and progresses)."""
-        if (self.role, self.cache.rank) != ("prefill", 0):
+        if (self.role, self.cache.rank) != (Role.PREFILL, 0):
             return Ack()
-        costs = self.endpoint.calibrate(self.remotes["decode", 0].peer)
+        costs = self.endpoint.calibrate(self.remotes[Role.DECODE, 0].peer)
         if costs is None:
             raise ConfigError("bench: calibration needs staging on prefill0 and decode0 (--plan auto)")
         return Calibrated(per_transfer_s=costs.per_transfer_s, per_descriptor_s=costs.per_descriptor_s,
@@ -231,13 +231,13 @@ class RankState:
         if self.cache.rank != 0:
             return Ack()
         agent, timeout = self.endpoint.agent, self.cfg.deadline_slack_s
-        if self.role == "prefill":
-            peer = self.remotes["decode", 0].peer.agent_name
+        if self.role is Role.PREFILL:
+            peer = self.remotes[Role.DECODE, 0].peer.agent_name
             for _ in range(count):
                 agent.wait_notifs(1, timeout_s=timeout)
                 agent.send_notif(peer, b"pong")
             return Ack()
-        peer, rtt = self.remotes["prefill", 0].peer.agent_name, []
+        peer, rtt = self.remotes[Role.PREFILL, 0].peer.agent_name, []
         for _ in range(count):
             t0 = time.perf_counter()
             agent.send_notif(peer, b"ping")
@@ -254,10 +254,10 @@ class RankState:
         self.endpoint.close()
 
 
-def main(config: bytes, role: str, rank: int, conn: Connection) -> None:
+def main(config: bytes, role: Role, rank: int, conn: Connection) -> None:
     """Entry point of a spawned rank process (`Bus.spawn`): build, say hello, serve commands
     until the coordinator closes the pipe."""
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role}{rank} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role.value}{rank} %(levelname)s %(name)s: %(message)s")
     quiet_nixl_logs()
     cfg = msgspec.msgpack.decode(config, type=BenchConfig)
     state = None

@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 import torch
 
+from kvxfer.agents.messages import Role
 from kvxfer.bench import initiator, staged
 from kvxfer.bench import rank as rank_mod
 from kvxfer.bench.cache import host_buffer
@@ -80,11 +81,11 @@ class BenchSession:
 
     def __enter__(self) -> BenchSession:
         blob = msgspec.msgpack.encode(self.cfg)
-        roles = [("prefill", r) for r in range(self.cfg.prefill_tp)]
-        roles += [("decode", r) for r in range(self.cfg.decode_tp)]
+        roles = [(Role.PREFILL, r) for r in range(self.cfg.prefill_tp)]
+        roles += [(Role.DECODE, r) for r in range(self.cfg.decode_tp)]
         try:
             self.bus.spawn(rank_mod.main, lambda i: (blob, *roles[i]), range(len(roles)),
-                           label=lambda i: f"bench rank {roles[i][0]}{roles[i][1]}")
+                           label=lambda i: f"bench rank {roles[i][0].value}{roles[i][1]}")
             self.hellos = [_expect(r, Hello) for r in self.bus.gather(STARTUP_S)]
             self._all(Peers(hellos=self.hellos), STARTUP_S)
         except BaseException:
@@ -248,10 +249,10 @@ def choose_plan(session: BenchSession, cfg: BenchConfig) -> tuple[PlanKind, Stra
 
 def direct_descriptors(cfg: BenchConfig, hellos: list[Hello]) -> int:
     """Descriptors the prepped (direct) plan posts for the request, over every decode rank."""
-    by_key = {(h.info.role.value, h.info.tp_rank): h for h in hellos}
+    by_key = {(h.info.role, h.info.tp_rank): h for h in hellos}
     total = 0
     for a in map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp).assignments:
-        d, p = by_key["decode", a.decode_rank], by_key["prefill", a.prefill_rank]
+        d, p = by_key[Role.DECODE, a.decode_rank], by_key[Role.PREFILL, a.prefill_rank]
         infos = [h.info.regions[0] for h in (d, p)]
         regions = [CacheRegion(i.desc, np.array(i.layer_addrs, dtype=np.uint64), i.device_id) for i in infos]
         ids = [np.array(h.block_ids, dtype=np.int64).reshape((2, -1) if i.desc.separate_kv_pages else (-1,))
