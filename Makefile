@@ -37,7 +37,7 @@ lint: $(STAMP)
 
 # The modules mypy passes (settings in pyproject.toml). Grow this list: a module joins once
 # `$(PY) -m mypy MODULE` is clean. Not yet: agents/{consumer,producer,endpoint,nixl_agent,
-# staged_transfer}, bench/ but its config, the daemons' services (prefill, decode, service, http,
+# staged_transfer}, the daemons' services (prefill, decode, service, http,
 # cluster), the vLLM worker, scheduler, params, stats and testing.
 TYPED := kvxfer/__init__.py kvxfer/attention.py kvxfer/cli.py kvxfer/deadline.py kvxfer/errors.py \
 	kvxfer/tables.py kvxfer/layouts kvxfer/planning kvxfer/engine kvxfer/commands kvxfer/soak \
@@ -46,7 +46,7 @@ TYPED := kvxfer/__init__.py kvxfer/attention.py kvxfer/cli.py kvxfer/deadline.py
 		leases.py messages.py metrics.py pacing.py peers.py staging.py unit_copy.py) \
 	$(addprefix kvxfer/daemons/,api.py bus.py checks.py commands.py config.py curve.py decode_rank.py \
 		enums.py prefill_rank.py proxy.py rank_setup.py resolve.py runtime.py settings.py worker.py) \
-	kvxfer/bench/cache.py kvxfer/bench/config.py \
+	kvxfer/bench \
 	$(addprefix kvxfer/integrations/vllm/,__init__.py config.py connector.py)
 
 typecheck: $(STAMP)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.mark.parametrize("args", [
     ["--prefill-tp", "1", "--decode-tp", "2"],
-    ["--prefill-tp", "2", "--decode-tp", "1", "--staged-groups", "2"],
+    ["--prefill-tp", "2", "--decode-tp", "1", "--staged-groups", "1"],
     ["--prefill-tp", "4", "--decode-tp", "2", "--kv-heads", "2", "--prefill-block-size", "16",
      "--decode-block-size", "32", "--decode-layout", "packed", "--fallback", "fine"],
 ])

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from kvxfer.daemons.bus import Bus, serve_commands
-from kvxfer.errors import TransferTimeout
+from kvxfer.errors import PeerGoneError, TransferTimeout
 
 
 class Sleep(msgspec.Struct, tag="sleep"):
@@ -42,5 +42,20 @@ def test_a_worker_late_past_the_deadline_puts_the_bus_out_of_step():
         with pytest.raises(TransferTimeout):
             bus.call(Sleep(3.0), lambda: None, timeout_s=0.5)
         assert not bus.alive() and "did not answer" in (bus.out_of_step or "")
+    finally:
+        bus.close()
+
+
+def quitter(conn: mpc.Connection) -> None:
+    conn.close()  # a rank that dies before its first reply
+
+
+@pytest.mark.parametrize(("label", "named"), [(None, "rank 1"), (lambda rank: f"decode{rank - 1}", "decode0")])
+def test_a_worker_that_exits_is_named_by_its_label(label, named):
+    bus = Bus(ENCODER, msgspec.msgpack.Decoder(Done))
+    bus.spawn(quitter, lambda rank: (), range(1, 2), **({} if label is None else {"label": label}))
+    try:
+        with pytest.raises(PeerGoneError, match=f"^{named} \\(pid"):
+            bus.gather(timeout_s=30.0)
     finally:
         bus.close()

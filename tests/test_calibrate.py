@@ -6,7 +6,8 @@ much with the load for a test to pin the choice."""
 import torch
 
 from kvxfer.agents.calibrate import Probe, calibrate
-from kvxfer.agents.nixl_agent import AgentConfig, MemKind, NixlAgent
+from kvxfer.agents.messages import MemoryKind
+from kvxfer.agents.nixl_agent import AgentConfig, NixlAgent
 
 
 def test_calibration_measures_this_machine_s_fabric():
@@ -17,7 +18,7 @@ def test_calibration_measures_this_machine_s_fabric():
         b.register([dst])
         peer = a.add_peer(b.metadata())
         b.add_peer(a.metadata())
-        probe = Probe(src.data_ptr(), dst.data_ptr(), 0, 0, MemKind.DRAM, MemKind.DRAM, peer)
+        probe = Probe(src.data_ptr(), dst.data_ptr(), 0, 0, MemoryKind.DRAM, MemoryKind.DRAM, peer)
         costs = calibrate(a, probe, torch.device("cpu"), probe_bytes=size, small_bytes=4096, num_small=256)
     # NOTES, this machine: ~20 us per transfer, 3-5 us per descriptor, 2.5-7 GB/s, memcpy ~12 GB/s;
     # the bounds leave an order of magnitude or more for a loaded host.

@@ -11,7 +11,7 @@ from kvxfer.daemons.config import (
     CURVE_KEY_ENV_VARS,
     CurveConfig,
     Device,
-    Mode,
+    ModeChoice,
     RetryPolicy,
     Role,
     add_proxy_arguments,
@@ -51,7 +51,7 @@ def test_serve_defaults():
     assert (c.layout, c.block_size, c.num_blocks, c.memory_fraction) == ("flashinfer-hnd", 16, 1024, None)
     assert (c.device, c.dtype, c.host, c.port) == (Device.CPU, "float32", "127.0.0.1", 8200)
     assert (c.side_channel_host, c.side_channel_port, c.advertise_host) == ("127.0.0.1", 5700, "127.0.0.1")
-    assert (c.mode, c.deadline, c.lease_s, c.staging_mib, c.staging_slots) == (Mode.AUTO, Deadline(5.0, 0.5), 30.0, 0, 2)
+    assert (c.mode, c.deadline, c.lease_s, c.staging_mib, c.staging_slots) == (ModeChoice.AUTO, Deadline(5.0, 0.5), 30.0, 0, 2)
     assert (c.nixl_threads, c.warmup, c.insecure_plaintext, c.curve) == (False, True, True, None)
     assert len(c.engine_id) == 32 and c.engine_id != serve(["decode", *PLAIN]).engine_id
 
@@ -86,7 +86,7 @@ def test_every_flag_parses_into_its_field(tmp_path):
     assert (c.model_dir, c.preset, c.dtype, c.tp, c.layout, c.block_size) == (tmp_path, None, "float16", 4, "flash-attn-nhd", 32)
     assert (c.memory_fraction, c.num_blocks, c.device, c.host, c.port) == (0.5, None, Device.CUDA, "0.0.0.0", 9000)
     assert c.side_channel_ports == (7000, 7001, 7002, 7003)
-    assert (c.side_channel_host, c.advertise_host, c.mode, c.lease_s, c.engine_id) == ("10.1.2.3", "node-1", Mode.WRITE, 10.0, "p-0")
+    assert (c.side_channel_host, c.advertise_host, c.mode, c.lease_s, c.engine_id) == ("10.1.2.3", "node-1", ModeChoice.WRITE, 10.0, "p-0")
     assert (c.nixl_threads, c.warmup) == (True, False)
     assert c.deadline == Deadline(2.0, 40.0)
     assert str(c.curve.secret_key_file) == KEYS["--curve-secret-key-file"]
@@ -107,7 +107,7 @@ def test_env_fallback_for_every_setting():
     got = (c.preset, c.seed, c.tp, c.layout, c.block_size, c.num_blocks, c.host, c.port, c.dtype)
     assert got == ("small", 7, 2, "packed", 8, 64, "0.0.0.0", 9100, "bfloat16")
     got = (c.side_channel_host, c.side_channel_ports, c.advertise_host, c.mode, c.deadline)
-    assert got == ("127.0.0.2", (6000, 6001), "127.0.0.2", Mode.READ, Deadline(1.5, 3.0))
+    assert got == ("127.0.0.2", (6000, 6001), "127.0.0.2", ModeChoice.READ, Deadline(1.5, 3.0))
     assert (c.lease_s, c.engine_id, c.nixl_threads, c.warmup, c.insecure_plaintext) == (9.0, "e1", True, False, True)
 
 

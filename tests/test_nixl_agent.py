@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from kvxfer.agents.messages import MemoryKind
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import (
     AgentConfig,
     Backoff,
-    MemKind,
     NixlAgent,
     Op,
     PollPolicy,
@@ -43,7 +43,7 @@ def pair():
     b = NixlAgent(AgentConfig(name="test-b"))
     ta = torch.zeros(NUM_UNITS * UNIT, dtype=torch.uint8)
     tb = torch.randint(0, 256, (NUM_UNITS * UNIT,), dtype=torch.uint8)
-    assert a.register([ta]) is MemKind.DRAM
+    assert a.register([ta]) is MemoryKind.DRAM
     b.register([tb])
     assert a.add_peer(b.metadata()) == "test-b"
     assert b.add_peer(a.metadata()) == "test-a"
@@ -54,8 +54,8 @@ def pair():
 
 def test_prepped_read_then_write(pair):
     a, b, ta, tb, metrics = pair
-    local = a.prepare(_rows(ta), mem=MemKind.DRAM)
-    remote = a.prepare(_rows(tb), mem=MemKind.DRAM, peer="test-b")
+    local = a.prepare(_rows(ta), mem=MemoryKind.DRAM)
+    remote = a.prepare(_rows(tb), mem=MemoryKind.DRAM, peer="test-b")
     perm = np.random.default_rng(0).permutation(NUM_UNITS).astype(np.int32)
     x = a.post(Op.READ, local, perm, remote, np.arange(NUM_UNITS, dtype=np.int32))
     (stats,) = a.wait([x], timeout_s=10)
@@ -77,7 +77,7 @@ def test_spans_path(pair):
     merged_local = np.array([[local[0, 0], 4 * UNIT, 0]], dtype=np.uint64)
     merged_remote = np.array([[remote[0, 0], 4 * UNIT, 0]], dtype=np.uint64)
     x = a.post_spans(Op.READ, merged_local, merged_remote, peer="test-b",
-                     local_mem=MemKind.DRAM, remote_mem=MemKind.DRAM)
+                     local_mem=MemoryKind.DRAM, remote_mem=MemoryKind.DRAM)
     (stats,) = a.wait([x], timeout_s=10)
     assert torch.equal(ta[:4 * UNIT], tb[10 * UNIT:14 * UNIT])
     assert stats.num_descriptors == 1
@@ -115,8 +115,8 @@ def test_waiting_for_a_silent_peer_times_out(pair):
 )
 def test_bad_indices_are_refused_before_nixl(pair, local_idx, remote_idx, match):
     a, _, ta, tb, _ = pair
-    local = a.prepare(_rows(ta), mem=MemKind.DRAM)
-    remote = a.prepare(_rows(tb), mem=MemKind.DRAM, peer="test-b")
+    local = a.prepare(_rows(ta), mem=MemoryKind.DRAM)
+    remote = a.prepare(_rows(tb), mem=MemoryKind.DRAM, peer="test-b")
     with pytest.raises(ConfigError, match=match):
         a.post(Op.READ, local, local_idx, remote, remote_idx)
 
@@ -124,21 +124,21 @@ def test_bad_indices_are_refused_before_nixl(pair, local_idx, remote_idx, match)
 def test_nixl_failures_become_kvxfer_errors(pair):
     a, _, ta, _, _ = pair
     with pytest.raises(PeerGoneError, match="peer nobody"):
-        a.prepare(_rows(ta), mem=MemKind.DRAM, peer="nobody")
+        a.prepare(_rows(ta), mem=MemoryKind.DRAM, peer="nobody")
     with pytest.raises(PeerGoneError):
         a.send_notif("nobody", b"x")
     unregistered = torch.zeros(UNIT, dtype=torch.uint8)
     with pytest.raises(TransferError, match="unregistered memory"):
-        a.prepare(_rows(unregistered), mem=MemKind.DRAM)
+        a.prepare(_rows(unregistered), mem=MemoryKind.DRAM)
 
 
 def test_removed_peer_is_gone(pair):
     a, _, ta, tb, _ = pair
-    a.release_list(a.prepare(_rows(tb), mem=MemKind.DRAM, peer="test-b"))
+    a.release_list(a.prepare(_rows(tb), mem=MemoryKind.DRAM, peer="test-b"))
     a.remove_peer("test-b")
     assert "test-b" not in a.peers
     with pytest.raises(PeerGoneError):
-        a.prepare(_rows(tb), mem=MemKind.DRAM, peer="test-b")
+        a.prepare(_rows(tb), mem=MemoryKind.DRAM, peer="test-b")
 
 
 def test_register_refuses_what_nixl_cannot_take():

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvxfer.agents.nixl_agent import AgentConfig, ErrorHandling, MemKind, NixlAgent, Op
+from kvxfer.agents.messages import MemoryKind
+from kvxfer.agents.nixl_agent import AgentConfig, ErrorHandling, NixlAgent, Op
 from kvxfer.errors import TransferError, TransferTimeout
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -59,8 +60,8 @@ def consumer(request):
     agent = NixlAgent(AgentConfig(name="consumer", error_handling=ErrorHandling(request.param)))
     agent.register([dst])
     peer = agent.add_peer(metadata)
-    local = agent.prepare(_rows(dst.data_ptr()), mem=MemKind.DRAM)
-    remote = agent.prepare(_rows(base), mem=MemKind.DRAM, peer=peer)
+    local = agent.prepare(_rows(dst.data_ptr()), mem=MemoryKind.DRAM)
+    remote = agent.prepare(_rows(base), mem=MemoryKind.DRAM, peer=peer)
     idx = np.arange(NUM_BYTES // UNIT, dtype=np.int32)[:1024]
     agent.wait([agent.post(Op.READ, local, idx, remote, idx)], timeout_s=DEADLINE_S)
     yield agent, proc, local, remote

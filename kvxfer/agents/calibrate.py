@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvxfer.agents.nixl_agent import MemKind, NixlAgent, Op
+from kvxfer.agents.messages import MemoryKind
+from kvxfer.agents.nixl_agent import NixlAgent, Op
 from kvxfer.errors import ConfigError
 from kvxfer.planning.cost import FabricCosts
 
@@ -33,8 +34,8 @@ class Probe:
     remote_addr: int
     local_device: int
     remote_device: int
-    local_mem: MemKind
-    remote_mem: MemKind
+    local_mem: MemoryKind
+    remote_mem: MemoryKind
     peer: str
 
 

@@ -15,13 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvxfer.agents import messages as m
 from kvxfer.agents.calibrate import SMALL_PROBE_BYTES, Probe, calibrate, num_small_probes
 from kvxfer.agents.messages import EngineInfo, Mode, RegionInfo, Role
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import (
     AgentConfig,
-    MemKind,
     NixlAgent,
     Op,
     Transfer,
@@ -108,7 +106,7 @@ class Endpoint:
         """What this rank tells peers at handshake (its agent metadata and cache)."""
         i = self.identity
         region = RegionInfo(desc=self.region.desc, layer_addrs=[int(a) for a in self.region.layer_addrs],
-                            device_id=self.region.device_id, memory=m.MemoryKind(self.mem.value))
+                            device_id=self.region.device_id, memory=self.mem)
         return EngineInfo(engine_id=i.engine_id, boot_epoch=i.boot_epoch, role=i.role, tp_size=i.tp_size,
                           tp_rank=i.tp_rank, model_fingerprint=i.model_fingerprint,
                           agent_name=self.agent.name, agent_metadata=self.agent.metadata(),
@@ -197,7 +195,7 @@ class Endpoint:
             return None
         size = min(PROBE_BYTES, remote.probe_bytes)
         probe = Probe(self.staging.probe.data_ptr(), remote.probe_addr, device_id(self.staging.probe),
-                      remote.device_id, self.staging.mem, MemKind(remote.memory.value), peer.agent_name)
+                      remote.device_id, self.staging.mem, remote.memory, peer.agent_name)
         return calibrate(self.agent, probe, self.staging.device, probe_bytes=size, small_bytes=SMALL_PROBE_BYTES,
                          num_small=num_small_probes(size, most=512))
 

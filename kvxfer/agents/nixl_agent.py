@@ -22,6 +22,7 @@ import torch
 from nixl import _bindings as nixl_bindings
 from nixl._api import nixl_agent, nixl_agent_config, nixl_prepped_dlist_handle, nixl_xfer_handle
 
+from kvxfer.agents.messages import MemoryKind
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.errors import ConfigError, KvxferError, PeerGoneError, TransferError, TransferTimeout
 
@@ -64,17 +65,13 @@ class ErrorHandling(Enum):
     PEER = "peer"
 
 
-class MemKind(Enum):
-    DRAM = "DRAM"
-    VRAM = "VRAM"
-
-    @staticmethod
-    def of(tensor: torch.Tensor) -> MemKind:
-        if tensor.device.type == "cpu":
-            return MemKind.DRAM
-        if tensor.device.type == "cuda":
-            return MemKind.VRAM
-        raise ConfigError(f"tensor on device {tensor.device} cannot be registered (cpu or cuda only)")
+def memory_kind(tensor: torch.Tensor) -> MemoryKind:
+    """NIXL's memory kind of `tensor` (the wire enum: its values are NIXL's names)."""
+    if tensor.device.type == "cpu":
+        return MemoryKind.DRAM
+    if tensor.device.type == "cuda":
+        return MemoryKind.VRAM
+    raise ConfigError(f"tensor on device {tensor.device} cannot be registered (cpu or cuda only)")
 
 
 def device_id(tensor: torch.Tensor) -> int:
@@ -159,7 +156,7 @@ class DescList:
 
     handle: nixl_prepped_dlist_handle
     peer: str
-    mem: MemKind
+    mem: MemoryKind
     lengths: np.ndarray  # [N] uint64: bytes of each row, for counting what a request moves
 
     @property
@@ -248,11 +245,11 @@ class NixlAgent:
 
     # Memory -----------------------------------------------------------------------------------
 
-    def register(self, tensors: Sequence[torch.Tensor]) -> MemKind:
+    def register(self, tensors: Sequence[torch.Tensor]) -> MemoryKind:
         """Register cache tensors (one region each) until `close`. All on one kind of memory."""
         if not tensors:
             raise ConfigError("register: no tensors given")
-        kinds = {MemKind.of(t) for t in tensors}
+        kinds = {memory_kind(t) for t in tensors}
         if len(kinds) != 1:
             raise ConfigError(f"register: tensors mix memory kinds {sorted(k.value for k in kinds)}")
         for i, t in enumerate(tensors):
@@ -305,7 +302,7 @@ class NixlAgent:
 
     # Descriptor lists ---------------------------------------------------------------------------
 
-    def prepare(self, spans: np.ndarray, *, mem: MemKind, peer: str = "") -> DescList:
+    def prepare(self, spans: np.ndarray, *, mem: MemoryKind, peer: str = "") -> DescList:
         """Prepare `(N, 3)` uint64 (address, length, device) rows once; requests index them.
 
         `peer=""` prepares local memory; a peer name prepares that peer's registered memory.
@@ -340,7 +337,7 @@ class NixlAgent:
         return self._start(handle, op, remote.peer, num_bytes, int(local_idx.size))
 
     def post_spans(self, op: Op, local: np.ndarray, remote: np.ndarray, *, peer: str,
-                   local_mem: MemKind, remote_mem: MemKind, notif: bytes = b"", probe: bool = False) -> Transfer:
+                   local_mem: MemoryKind, remote_mem: MemoryKind, notif: bytes = b"", probe: bool = False) -> Transfer:
         """Post explicit paired `(N, 3)` spans without preparation (plans too big for tables).
         NIXL does not merge adjacent rows on this path: coalesce them first. `probe`: a
         calibration transfer, kept apart from requests' transfers in the metrics."""
@@ -350,7 +347,7 @@ class NixlAgent:
         return self.start(xfer)
 
     def make_spans(self, op: Op, local: np.ndarray, remote: np.ndarray, *, peer: str,
-                   local_mem: MemKind, remote_mem: MemKind, notif: bytes = b"") -> Transfer:
+                   local_mem: MemoryKind, remote_mem: MemoryKind, notif: bytes = b"") -> Transfer:
         """`post_spans` without the post: making the handle costs tens of microseconds, which a
         staged sender spends while its gather kernel runs; `start` it once the data is ready."""
         local, remote = _as_spans(local, "local spans"), _as_spans(remote, "remote spans")

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvxfer.agents.messages import EngineInfo
-from kvxfer.agents.nixl_agent import DescList, MemKind, NixlAgent
+from kvxfer.agents.messages import EngineInfo, MemoryKind
+from kvxfer.agents.nixl_agent import DescList, NixlAgent
 from kvxfer.errors import HandshakeError
 from kvxfer.layouts import CacheRegion
 from kvxfer.planning import Fallback, HeadRange, PairPlan, RequestIndexer, descriptor_table, pair
@@ -43,7 +43,7 @@ class Peer:
     agent_name: str
     info: EngineInfo
     region: CacheRegion
-    mem: MemKind
+    mem: MemoryKind
     pairs: dict[HeadRange, PreparedPair] = field(default_factory=dict)
     plans: dict[HeadRange, PairPlan] = field(default_factory=dict)  # staged: no lists needed
 
@@ -55,7 +55,7 @@ class Peer:
 class PeerTable:
     """The peers of one rank's agent, and the lists prepared for them."""
 
-    def __init__(self, agent: NixlAgent, local: CacheRegion, mem: MemKind, *,
+    def __init__(self, agent: NixlAgent, local: CacheRegion, mem: MemoryKind, *,
                  fallback: Fallback = Fallback.NONE) -> None:
         self.agent = agent
         self.local = local
@@ -87,7 +87,7 @@ class PeerTable:
             self.agent.remove_peer(name)
             raise HandshakeError(f"peer {info.engine_id} rank {info.tp_rank}: agent metadata names "
                                  f"{name!r} but the handshake says {info.agent_name!r}")
-        mem = MemKind(region_info.memory.value)
+        mem = region_info.memory
         peer = Peer(info.engine_id, info.tp_rank, info.boot_epoch, name, info, region, mem)
         self._peers[key] = peer
         return peer

@@ -24,7 +24,7 @@ import torch
 
 from kvxfer.agents import messages as m
 from kvxfer.agents import unit_copy
-from kvxfer.agents.nixl_agent import MemKind, NixlAgent, Op, XferStats, device_id
+from kvxfer.agents.nixl_agent import NixlAgent, Op, XferStats, device_id
 from kvxfer.agents.staging import Gather, Slot, StagingPool
 from kvxfer.agents.unit_copy import UnitCopier
 from kvxfer.errors import ConfigError, PlanError
@@ -58,7 +58,7 @@ class StagingArea:
         slots = self.pool.buffer if self.pool else self.probe[:0]
         return m.StagingInfo(probe_addr=self.probe.data_ptr(), probe_bytes=self.probe.numel(),
                              slots_addr=slots.data_ptr(), slots_bytes=slots.numel(),
-                             device_id=device_id(self.probe), memory=m.MemoryKind(self.mem.value))
+                             device_id=device_id(self.probe), memory=self.mem)
 
     def offset_of(self, slot: Slot) -> int:
         return slot.address - self.pool.buffer.data_ptr()
@@ -162,7 +162,7 @@ def send_part(agent: NixlAgent, area: StagingArea, part: Parts, *, peer_agent: s
         local = np.array([[slot.address, num_bytes, device_id(slot.tensor)]], dtype=np.uint64)
         target = np.array([[remote.slots_addr + remote_offset, num_bytes, remote.device_id]], dtype=np.uint64)
         xfer = agent.post_spans(Op.WRITE, local, target, peer=peer_agent, local_mem=area.mem,
-                                remote_mem=MemKind(remote.memory.value), notif=notif)
+                                remote_mem=remote.memory, notif=notif)
         stats = agent.wait([xfer], timeout_s=timeout_s)[0]
     finally:
         area.pool.release(slot)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvxfer.agents.messages import Role
 from kvxfer.bench.config import BenchConfig
 from kvxfer.layouts import CacheDesc, CacheRegion, describe, num_blocks_for
 from kvxfer.planning import HeadRange, heads_of_rank
@@ -26,7 +27,7 @@ SCRAMBLE_BYTE = 0x5A
 
 @dataclass
 class RankCache:
-    role: str
+    role: Role
     rank: int
     heads: HeadRange
     desc: CacheDesc
@@ -43,13 +44,13 @@ def _device_id(t: torch.Tensor) -> int:
     return 0 if t.device.type == "cpu" else int(t.device.index or 0)
 
 
-def make_cache(cfg: BenchConfig, role: str, rank: int) -> RankCache:
+def make_cache(cfg: BenchConfig, role: Role, rank: int) -> RankCache:
     """Allocate one rank's cache (every layer) and pick the request's blocks in its pool."""
-    is_prefill = role == "prefill"
+    is_prefill = role is Role.PREFILL
     tp = cfg.prefill_tp if is_prefill else cfg.decode_tp
     layout = cfg.prefill_layout if is_prefill else cfg.decode_layout
     block_size = cfg.prefill_block_size if is_prefill else cfg.decode_block_size
-    heads = heads_of_rank(cfg.kv_heads, tp, rank, field=f"{role}_tp")
+    heads = heads_of_rank(cfg.kv_heads, tp, rank, field=f"{role.value}_tp")
     needed = num_blocks_for(cfg.tokens, block_size)
     probe = describe(layout, num_layers=1, num_blocks=1, block_size=block_size, num_heads=heads.size,
                      head_dim=cfg.head_dim, dtype=cfg.dtype, first_head=heads.start,
@@ -124,7 +125,7 @@ def verify(cfg: BenchConfig, cache: RankCache) -> tuple[bool, str, int]:
         same = got.view(torch.uint8) == want.view(torch.uint8)
         if not bool(same.all()):
             first = int((~same).flatten().nonzero()[0])
-            return False, (f"{cache.role} rank {cache.rank} layer {layer}: "
+            return False, (f"{cache.role.value} rank {cache.rank} layer {layer}: "
                            f"{int((~same).sum())} bytes differ, first at byte {first}"), checked
         checked += got.numel() * got.element_size()
     return True, "", checked
@@ -144,7 +145,7 @@ def dump(directory: str, cache: RankCache, before: list[torch.Tensor] | None) ->
         tensors[f"layer{layer}.after"] = t.detach().to("cpu").contiguous()
         if before is not None:
             tensors[f"layer{layer}.before"] = before[layer].contiguous()
-    path = os.path.join(directory, f"{cache.role}{cache.rank}.safetensors")
+    path = os.path.join(directory, f"{cache.role.value}{cache.rank}.safetensors")
     meta = {"layout": cache.desc.layout, "heads": f"{cache.heads.start},{cache.heads.stop}"}
     save_file(tensors, path, metadata=meta)
     return path

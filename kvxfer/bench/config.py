@@ -13,18 +13,26 @@ from kvxfer.planning import map_tp
 
 class Strategy(Enum):
     """Who initiates: decode pulls (READ), prefill pushes (WRITE), or both at once on halves of
-    every peer's descriptors (SPLIT: the two processes' cores copy in parallel)."""
+    the request (SPLIT: decode reads the first blocks while prefill writes the rest, so the two
+    processes' cores copy in parallel)."""
 
     READ = "read"
     WRITE = "write"
     SPLIT = "split"
 
 
-class Mode(Enum):
+class StrategyChoice(Enum):
+    """`--mode`: a `Strategy`, or AUTO."""
+
     READ = "read"
     WRITE = "write"
     SPLIT = "split"
     AUTO = "auto"  # measure every strategy at setup, keep the fastest
+
+    def fixed(self) -> Strategy | None:
+        """The strategy this choice fixes; None for AUTO (measured at setup)."""
+        return {StrategyChoice.READ: Strategy.READ, StrategyChoice.WRITE: Strategy.WRITE,
+                StrategyChoice.SPLIT: Strategy.SPLIT}.get(self)
 
 
 class PlanKind(Enum):
@@ -47,7 +55,7 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     decode_block_size: int = 16
     tokens: int = 8192
     dtype: str = "bfloat16"
-    mode: Mode = Mode.READ
+    mode: StrategyChoice = StrategyChoice.READ
     plan: PlanKind = PlanKind.PREPPED
     fallback: str = "none"
     device: str = "cpu"
@@ -64,7 +72,9 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     deadline_slack_s: float = 10.0
     expected_gbps: float = 0.2
     memcpy: bool = True
-    staged_groups: int = 0  # --plan staged: layer groups pipelined (gather / wire / scatter); 0: auto
+    # --plan staged: 0 or 1, kept for the flag; the daemons' staged path (what the bench runs)
+    # moves each part as one WRITE, without a layer-group pipeline
+    staged_groups: int = 0
     huge_pages: bool = True  # host caches (and the memcpy baseline) on transparent huge pages
 
     def check(self) -> None:
@@ -72,8 +82,9 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
                      "prefill_block_size", "decode_block_size", "iters", "num_workers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"bench: {name}={getattr(self, name)} must be positive")
-        if self.staged_groups < 0:
-            raise ConfigError(f"bench: staged_groups={self.staged_groups} must be 0 (auto) or positive")
+        if self.staged_groups not in (0, 1):
+            raise ConfigError(f"bench: staged_groups={self.staged_groups} must be 0 or 1: the daemons' staged "
+                              "path, which the bench runs, moves each part as one WRITE (no layer groups)")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"bench: device={self.device!r} is not 'cpu' or 'cuda'")
         if self.spare_blocks < 0:

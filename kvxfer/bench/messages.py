@@ -1,90 +1,77 @@
-"""Coordinator <-> rank messages of `kvxfer bench`: one tagged union, sent as msgspec bytes over
-multiprocessing pipes (local only; the authenticated side channel is for real deployments)."""
+"""Coordinator <-> rank messages of `kvxfer bench`: one tagged union each way, sent as msgspec
+bytes over the daemons' command bus (`kvxfer.daemons.bus`: its pipes, liveness checks and
+`Failed` replies). Local only; the authenticated side channel is for real deployments."""
 
 from __future__ import annotations
 
 import msgspec
 
-from kvxfer.agents.nixl_agent import Op
+from kvxfer.agents.messages import EngineInfo
 from kvxfer.bench.config import PlanKind, Strategy
-from kvxfer.layouts import CacheDesc
+from kvxfer.daemons.bus import Failed
 
 
 class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     pass
 
 
-class Hello(_Msg):
-    """A rank's agent and cache, sent once after it registered its memory."""
+class Hello(_Msg, frozen=True):
+    """A rank's handshake (its endpoint's `EngineInfo`, as the daemons exchange it) and the
+    request's blocks in its cache, sent once after it registered its memory."""
 
-    role: str  # "prefill" or "decode"
-    rank: int
-    agent: str
-    metadata: bytes
-    desc: CacheDesc
-    layer_addrs: list[int]
-    device_id: int
-    mem: str  # "DRAM" or "VRAM"
+    info: EngineInfo
     block_ids: list[int]  # flattened; [2, n] for separate K/V pages
-    staging_addr: int = 0  # registered staging buffer (PlanKind.STAGED), 0 when none
 
 
-class Peers(_Msg):
+class Peers(_Msg, frozen=True):
     hellos: list[Hello]
 
 
-class Prepare(_Msg):
-    """Build plans and descriptor lists for every op this rank may initiate."""
-
-    ops: list[Op]
-    plan: PlanKind
-
-
-class Scramble(_Msg):
+class Scramble(_Msg, frozen=True):
     """Overwrite the decode cache (so a verified run proves this run wrote it); snapshot it for
     --dump when `snapshot`."""
 
     snapshot: bool
 
 
-class Run(_Msg):
+class Reserve(_Msg, frozen=True):
+    """Staged: decode ranks build their parts and reserve a staging slot for them."""
+
+
+class Reserved(_Msg, frozen=True):
+    offsets: list[int] = []  # where each source writes, in `sources_of` order (decode ranks)
+    seconds: float = 0.0  # staged_parts + reserve
+
+
+class Run(_Msg, frozen=True):
     strategy: Strategy
     plan: PlanKind
+    staging_offsets: dict[int, list[int]] = {}  # staged: each decode rank's `Reserved.offsets`
 
 
-class Deliver(_Msg):
-    """Decode ranks wait for the producers' notifications of the last WRITE (or SPLIT)."""
-
-    strategy: Strategy
-
-
-class PingPong(_Msg):
+class PingPong(_Msg, frozen=True):
     """decode0 sends `count` notifications to prefill0, each echoed back before the next."""
 
     count: int
 
 
-class Latency(_Msg):
+class Latency(_Msg, frozen=True):
     rtt_us: list[float]
 
 
-class Verify(_Msg):
+class Verify(_Msg, frozen=True):
     pass
 
 
-class Dump(_Msg):
+class Dump(_Msg, frozen=True):
     directory: str
 
 
-class Stop(_Msg):
+class Ack(_Msg, frozen=True):
     pass
 
 
-class Ack(_Msg):
-    pass
-
-
-class RunReport(_Msg):
+class RunReport(_Msg, frozen=True):
     start_ns: int = 0
     end_ns: int = 0
     num_bytes: int = 0
@@ -98,19 +85,17 @@ class RunReport(_Msg):
     phases_ns: dict[str, int] = {}
 
 
-class Verified(_Msg):
+class Verified(_Msg, frozen=True):
     ok: bool
     detail: str
     num_bytes: int
 
 
-class Calibrate(_Msg):
-    """prefill0 probes decode0's staging buffer to calibrate the cost model."""
-
-    probe_bytes: int
+class Calibrate(_Msg, frozen=True):
+    """prefill0 probes decode0's staging probe area (`Endpoint.calibrate`) for the cost model."""
 
 
-class Calibrated(_Msg):
+class Calibrated(_Msg, frozen=True):
     per_transfer_s: float
     per_descriptor_s: float
     read_bytes_per_s: float
@@ -118,13 +103,8 @@ class Calibrated(_Msg):
     copy_bytes_per_s: float
 
 
-class Failed(_Msg):
-    kind: str
-    message: str
-
-
-ToRank = Peers | Prepare | Scramble | Run | Deliver | PingPong | Verify | Dump | Calibrate | Stop
-FromRank = Hello | Ack | RunReport | Latency | Verified | Calibrated | Failed
+ToRank = Peers | Scramble | Reserve | Run | PingPong | Verify | Dump | Calibrate
+FromRank = Hello | Ack | Reserved | RunReport | Latency | Verified | Calibrated | Failed
 
 TO_RANK = msgspec.msgpack.Decoder(ToRank)
 FROM_RANK = msgspec.msgpack.Decoder(FromRank)

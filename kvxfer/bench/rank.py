@@ -1,29 +1,23 @@
-"""One bench rank (a spawned process): owns a cache and a NIXL agent, obeys the coordinator.
-
-Every reply goes back over the pipe; a KvxferError becomes a `Failed` message instead of a
-traceback, so the coordinator can raise the same kind of error."""
+"""One bench rank (a spawned process): owns a cache and the production transfer `Endpoint` over
+it, and serves the coordinator's commands through the daemons' bus loop (`serve_commands`: a
+KvxferError becomes a `Failed` reply, the coordinator raises the same kind again)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 from multiprocessing.connection import Connection
 
 import msgspec
+import numpy as np
 import torch
 
-from kvxfer.agents.calibrate import SMALL_PROBE_BYTES, Probe, calibrate, num_small_probes
-from kvxfer.agents.nixl_agent import (
-    AgentConfig,
-    ErrorHandling,
-    MemKind,
-    NixlAgent,
-    Op,
-    Threading,
-    quiet_nixl_logs,
-)
+from kvxfer.agents.endpoint import Endpoint, Identity, Leg
+from kvxfer.agents.messages import Role
+from kvxfer.agents.metrics import Stats, TransferMetrics
+from kvxfer.agents.nixl_agent import AgentConfig, ErrorHandling, Op, Threading, quiet_nixl_logs
+from kvxfer.agents.staged_transfer import Reservation, StagingConfig
 from kvxfer.bench import cache as cache_mod
 from kvxfer.bench import initiator, staged
 from kvxfer.bench.config import BenchConfig, PlanKind, Strategy
@@ -33,233 +27,247 @@ from kvxfer.bench.messages import (
     Ack,
     Calibrate,
     Calibrated,
-    Deliver,
     Dump,
-    Failed,
     Hello,
     Latency,
     Peers,
     PingPong,
-    Prepare,
+    Reserve,
+    Reserved,
     Run,
     RunReport,
     Scramble,
-    Stop,
     Verified,
     Verify,
 )
+from kvxfer.daemons.bus import Failed, serve_commands
 from kvxfer.deadline import Deadline
 from kvxfer.errors import ConfigError, KvxferError
-from kvxfer.planning import map_tp
+from kvxfer.planning import Fallback, map_tp
 
 log = logging.getLogger(__name__)
-IDLE_PROGRESS_S = 0.001
+NOTIF = b"bench"
+
+
+class RunStats(TransferMetrics):
+    """The endpoint's metrics, also keeping each completed transfer's NIXL telemetry so a run
+    can report what it posted and how NIXL merged it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Stats] = []
+
+    def observe_transfer(self, op: str, stats: Stats) -> None:
+        super().observe_transfer(op, stats)
+        self.seen.append(stats)
 
 
 class RankState:
-    def __init__(self, cfg: BenchConfig, role: str, rank: int) -> None:
+    def __init__(self, cfg: BenchConfig, role: Role, rank: int) -> None:
         self.cfg = cfg
+        self.mapping = map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp)
         self.cache = cache_mod.make_cache(cfg, role, rank)
-        if role == "prefill":
+        if role is Role.PREFILL:
             cache_mod.fill_prefill(cfg, self.cache)
         else:
             cache_mod.scramble(self.cache)
-        self.agent = NixlAgent(AgentConfig(
-            name=f"{role}{rank}", threading=Threading(cfg.threading),
-            error_handling=ErrorHandling(cfg.error_handling), num_workers=cfg.num_workers,
-            num_threads=cfg.num_threads))
-        self.mem = self.agent.register(self.cache.tensors)
-        self.staging = None
-        if cfg.plan in (PlanKind.STAGED, PlanKind.AUTO):
-            # staging: [bytes this rank sends or receives per request] uint8, registered once
-            self.staging = torch.empty(staged.staging_bytes(cfg, role, rank), dtype=torch.uint8,
-                                       device=self.cache.tensors[0].device)
-            self.agent.register([self.staging])
-        self.staged_received = False
-        self.staged_pairs: list[staged.PeerPair] = []
-        self.staged_groups: list[range] = []
-        self.hellos: list[Hello] = []
-        self.plans: dict[tuple[Op, PlanKind], list[initiator.PeerPlan]] = {}
-        self.before = None
+        self.stats = RunStats()
+        self.endpoint = Endpoint(
+            Identity(engine_id=f"bench-{role.value}", boot_epoch=time.time_ns(), role=role,
+                     tp_size=cfg.prefill_tp if role is Role.PREFILL else cfg.decode_tp, tp_rank=rank,
+                     model_fingerprint="bench"),
+            self.cache.tensors, self.cache.desc,
+            agent_config=AgentConfig(name=f"{role.value}{rank}", threading=Threading(cfg.threading),
+                                     error_handling=ErrorHandling(cfg.error_handling),
+                                     num_workers=cfg.num_workers, num_threads=cfg.num_threads),
+            fallback=Fallback(cfg.fallback), deadline=Deadline(cfg.deadline_slack_s, cfg.expected_gbps),
+            metrics=self.stats, staging=self._staging(role, rank))
+        self.block_ids = self.cache.block_ids.reshape(-1)  # flat, as shaped_ids takes them
+        self.remotes: dict[tuple[Role, int], initiator.Remote] = {}
+        self.reservation: Reservation | None = None
+        self.before: list[torch.Tensor] | None = None
+
+    def _staging(self, role: Role, rank: int) -> StagingConfig | None:
+        """One slot for what this rank stages per request (--plan staged/auto), else none."""
+        if self.cfg.plan not in (PlanKind.STAGED, PlanKind.AUTO):
+            return None
+        slot = initiator.staging_bytes(self.cfg, role, rank)
+        return StagingConfig(slot_bytes=slot, num_slots=1 if slot else 0, max_tokens=self.cfg.tokens)
+
+    @property
+    def role(self) -> Role:
+        return self.cache.role
 
     def hello(self) -> Hello:
-        c = self.cache
-        return Hello(role=c.role, rank=c.rank, agent=self.agent.name, metadata=self.agent.metadata(),
-                     desc=c.desc, layer_addrs=[int(a) for a in c.region.layer_addrs],
-                     device_id=c.region.device_id, mem=self.mem.value,
-                     block_ids=[int(b) for b in c.block_ids.reshape(-1)],
-                     staging_addr=0 if self.staging is None else int(self.staging.data_ptr()))
+        return Hello(info=self.endpoint.info(), block_ids=[int(b) for b in self.block_ids])
 
-    def handle(self, msg: object) -> object:
+    def handle(self, msg: object) -> msgspec.Struct:
         match msg:
             case Peers(hellos=hellos):
                 return self._peers(hellos)
-            case Prepare(ops=ops, plan=kind):
-                if kind is PlanKind.STAGED:
-                    # pairings once per peer; gather/scatter indices per request (timed in Run)
-                    self.staged_pairs = staged.pair_peers(self.cfg, self.cache, self.hellos, self.staging)
-                    self.staged_groups = staged.groups(self.cfg.layers, staged.num_groups(self.cfg, self.hellos))
-                    return Ack()
-                for op in ops:
-                    self.plans[op, kind] = initiator.build(self.cfg, self.agent, op, kind, self.cache,
-                                                           self.hellos)
-                return Ack()
             case Scramble(snapshot=snap):
-                if self.cache.role == "decode":
+                if self.role is Role.DECODE:
                     cache_mod.scramble(self.cache)
                 self.before = cache_mod.snapshot(self.cache) if snap else None
                 return Ack()
-            case Run(strategy=strategy, plan=kind):
+            case Reserve():
+                return self._reserve()
+            case Run(strategy=strategy, plan=kind, staging_offsets=offsets):
+                if kind is PlanKind.STAGED:
+                    return self._run_staged(strategy, offsets)
                 return self._run(strategy, kind)
-            case Deliver(strategy=strategy):
-                return self._deliver(strategy)
             case PingPong(count=count):
                 return self._ping_pong(count)
             case Verify():
-                if self.cache.role != "decode":
+                if self.role is not Role.DECODE:
                     return Verified(ok=True, detail="", num_bytes=0)
                 ok, detail, num_bytes = cache_mod.verify(self.cfg, self.cache)
                 return Verified(ok=ok, detail=detail, num_bytes=num_bytes)
-            case Calibrate(probe_bytes=probe_bytes):
-                return self._calibrate(probe_bytes)
+            case Calibrate():
+                return self._calibrate()
             case Dump(directory=directory):
                 cache_mod.dump(directory, self.cache, self.before)
                 return Ack()
-        return Failed(kind="config", message=f"unexpected message {type(msg).__name__}")
+        raise ConfigError(f"bench rank: unexpected message {type(msg).__name__}")
 
     def _peers(self, hellos: list[Hello]) -> Ack:
-        self.hellos = hellos
+        """Admit every rank of the other role, as the daemons do at handshake, and connect."""
         for h in hellos:
-            if h.role != self.cache.role:
-                self.agent.add_peer(h.metadata)
-        for h in hellos:
-            if h.role != self.cache.role:
-                self.agent.connect(h.agent)
+            if h.info.role is not self.role:
+                peer = self.endpoint.peers.admit(h.info)
+                self.remotes[peer.info.role, peer.rank] = initiator.Remote(
+                    peer, np.array(h.block_ids, dtype=np.int64))
+        for r in self.remotes.values():
+            self.endpoint.agent.connect(r.peer.agent_name)
         return Ack()
+
+    def _full(self) -> initiator.Share:
+        return initiator.Share(0, self.cfg.tokens)
 
     def _run(self, strategy: Strategy, kind: PlanKind) -> RunReport:
-        if kind is PlanKind.STAGED:
-            return self._run_staged(strategy)
-        op, half = _my_part(strategy, self.cache.role)
-        plans = self.plans.get((op, kind), [])
-        if not plans:
-            return RunReport()
+        """The direct path (or a baseline); decode ranks then wait for the WRITEs' notifications."""
+        mine = initiator.share_of(self.cfg, strategy, self.role)
+        report = RunReport()
+        if mine is not None:
+            op, share = mine
+            legs = initiator.legs_of(self.cfg, self.cache, op, self.remotes, share)
+            if legs:
+                report = self._timed(kind, op, legs, share)
+        if self.role is Role.DECODE and initiator.share_of(self.cfg, strategy, Role.PREFILL) is not None:
+            self.endpoint.agent.wait_notifs(len(self.mapping.sources_of(self.cache.rank)),
+                                            timeout_s=self.cfg.deadline_slack_s)
+        return report
+
+    def _timed(self, kind: PlanKind, op: Op, legs: list[Leg], share: initiator.Share) -> RunReport:
+        """One run of this rank's legs, timed from the first post's planning to the last completion."""
+        local_ids = initiator.request_ids(self.endpoint, self.block_ids, share)
+        notif = b"" if op is Op.READ else NOTIF
+        if kind is PlanKind.PREPPED:
+            num_descriptors, plan_us = initiator.count_direct(self.endpoint, legs, local_ids, share.num_tokens)
+        self.stats.seen.clear()
         start = time.monotonic_ns()
-        posted = initiator.post_all(self.cfg, self.agent, op, kind, self.cache, plans, half=half,
-                                    notif=b"" if op is Op.READ else ENCODER.encode(strategy))
-        num_bytes = sum(x.num_bytes for x in posted.transfers)
-        timeout = Deadline(self.cfg.deadline_slack_s, self.cfg.expected_gbps).seconds(num_bytes)
-        stats = self.agent.wait(posted.transfers, timeout_s=timeout)
+        if kind is PlanKind.PREPPED:
+            num_bytes = initiator.run_direct(self.endpoint, op, legs, local_ids, share.num_tokens, notif=notif)
+        else:
+            num_bytes, num_descriptors, plan_us = initiator.run_baseline(
+                self.endpoint, kind, op, legs, local_ids, share.num_tokens, notif=notif)
         end = time.monotonic_ns()
-        return RunReport(
-            start_ns=start, end_ns=end, num_bytes=num_bytes,
-            num_descriptors=sum(x.num_descriptors for x in posted.transfers),
-            nixl_descriptors=sum(s.num_descriptors for s in stats),
-            num_transfers=len(posted.transfers), post_us=max(s.post_us for s in stats),
-            plan_us=posted.plan_us)
+        return self._with_telemetry(RunReport(start_ns=start, end_ns=end, num_bytes=num_bytes,
+                                              num_descriptors=num_descriptors, plan_us=plan_us))
 
-    def _run_staged(self, strategy: Strategy) -> RunReport:
-        """Prefill: gather, one WRITE per decode rank. Decode: wait, scatter (timed end)."""
-        if strategy is not Strategy.WRITE or self.staging is None:
-            raise ConfigError("bench: --plan staged pushes (--mode write) from a registered staging buffer")
-        start = time.monotonic_ns()
-        sender = self.cache.role == "prefill"
-        first = self.staged_groups[0] if sender else None
-        parts = staged.build_parts(self.cfg, self.cache, self.staged_pairs, self.staging, launch=first)
-        phases = {"indexed": time.monotonic_ns()}
-        plan_us = (phases["indexed"] - start) / 1e3
-        if self.cache.role == "decode":
-            end = staged.receive(self.agent, self.cache, parts, self.staging, layer_groups=self.staged_groups,
-                                 timeout_s=self.cfg.deadline_slack_s, phases=phases)
-            self.staged_received = True
-            return RunReport(receive_end_ns=end, phases_ns=phases | {"scattered": end})
-        if not parts:  # a prefill replica whose heads another replica sends
+    def _with_telemetry(self, report: RunReport) -> RunReport:
+        """`report` with what NIXL reported for the transfers of the run that just ended."""
+        seen = self.stats.seen
+        return msgspec.structs.replace(report, nixl_descriptors=sum(s.num_descriptors for s in seen),
+                                       num_transfers=len(seen), post_us=max((s.post_us for s in seen), default=0))
+
+    def _reserve(self) -> Reserved:
+        if self.role is not Role.DECODE:
+            return Reserved()
+        share = self._full()
+        legs = initiator.legs_of(self.cfg, self.cache, Op.READ, self.remotes, share)
+        self.reservation, seconds = staged.reserve(
+            self.endpoint, legs, initiator.request_ids(self.endpoint, self.block_ids, share), share.num_tokens)
+        return Reserved(offsets=self.reservation.wire_offsets(), seconds=seconds)
+
+    def _run_staged(self, strategy: Strategy, offsets: dict[int, list[int]]) -> RunReport:
+        """Prefill: gather and WRITE each part. Decode: wait, scatter (the end of the window)."""
+        if strategy is not Strategy.WRITE:
+            raise ConfigError("bench: --plan staged pushes (--mode write) into reserved staging slots")
+        share = self._full()
+        if self.role is Role.DECODE:
+            reservation, self.reservation = self.reservation, None
+            if reservation is None:
+                raise ConfigError("bench staged: a run without a reservation")
+            notified = staged.receive(self.endpoint, reservation, len(self.mapping.sources_of(self.cache.rank)))
+            end = time.monotonic_ns()
+            return RunReport(receive_end_ns=end, phases_ns={"notified": notified, "scattered": end})
+        legs = initiator.legs_of(self.cfg, self.cache, Op.WRITE, self.remotes, share)
+        if not legs:
             return RunReport()
-        transfers = staged.send(self.agent, self.cache, parts, self.staging, layer_groups=self.staged_groups,
-                                rank=self.cache.rank, phases=phases)
-        num_bytes = sum(x.num_bytes for x in transfers)
-        timeout = Deadline(self.cfg.deadline_slack_s, self.cfg.expected_gbps).seconds(num_bytes)
-        stats = self.agent.wait(transfers, timeout_s=timeout)
-        phases["written"] = time.monotonic_ns()
-        return RunReport(start_ns=start, end_ns=phases["written"], num_bytes=num_bytes, phases_ns=phases,
-                         num_descriptors=len(transfers), nixl_descriptors=sum(s.num_descriptors for s in stats),
-                         num_transfers=len(transfers), post_us=max(s.post_us for s in stats), plan_us=plan_us)
+        by_decode = {a.decode_rank: leg for a, leg in zip(self.mapping.targets_of(self.cache.rank), legs, strict=True)}
+        self.stats.seen.clear()
+        start = time.monotonic_ns()
+        num_bytes = staged.send(self.endpoint, self.mapping, self.cache.rank, by_decode, offsets,
+                                initiator.request_ids(self.endpoint, self.block_ids, share), share.num_tokens,
+                                notif=NOTIF)
+        end = time.monotonic_ns()
+        return self._with_telemetry(RunReport(start_ns=start, end_ns=end, num_bytes=num_bytes,
+                                              phases_ns={"written": end}, num_descriptors=len(self.stats.seen)))
 
-    def _calibrate(self, probe_bytes: int) -> Ack | Calibrated:
-        """prefill0 probes decode0's staging buffer; every other rank idles (and progresses)."""
-        if (self.cache.role, self.cache.rank) != ("prefill", 0) or self.staging is None:
+    def _calibrate(self) -> Ack | Calibrated:
+        """prefill0 probes decode0's staging probe area; every other rank idles (and progresses)."""
+        if (self.role, self.cache.rank) != (Role.PREFILL, 0):
             return Ack()
-        peer = next(h for h in self.hellos if (h.role, h.rank) == ("decode", 0))
-        probe = Probe(self.staging.data_ptr(), peer.staging_addr, self.cache.region.device_id, peer.device_id,
-                      self.mem, MemKind(peer.mem), peer.agent)
-        costs = calibrate(self.agent, probe, self.staging.device, probe_bytes=probe_bytes,
-                          small_bytes=SMALL_PROBE_BYTES, num_small=num_small_probes(probe_bytes, most=1024))
-        return Calibrated(**dataclasses.asdict(costs))
-
-    def _deliver(self, strategy: Strategy) -> Ack:
-        """After a WRITE (or SPLIT) the decode rank waits for each producer's notification."""
-        if self.staged_received:  # a staged run consumed its notifications already
-            self.staged_received = False
-            return Ack()
-        if strategy is not Strategy.READ and self.cache.role == "decode":
-            mapping = map_tp(self.cfg.kv_heads, self.cfg.prefill_tp, self.cfg.decode_tp)
-            expected = len(mapping.sources_of(self.cache.rank))
-            self.agent.wait_notifs(expected, timeout_s=self.cfg.deadline_slack_s)
-        return Ack()
+        costs = self.endpoint.calibrate(self.remotes[Role.DECODE, 0].peer)
+        if costs is None:
+            raise ConfigError("bench: calibration needs staging on prefill0 and decode0 (--plan auto)")
+        return Calibrated(per_transfer_s=costs.per_transfer_s, per_descriptor_s=costs.per_descriptor_s,
+                          read_bytes_per_s=costs.read_bytes_per_s, write_bytes_per_s=costs.write_bytes_per_s,
+                          copy_bytes_per_s=costs.copy_bytes_per_s)
 
     def _ping_pong(self, count: int) -> Ack | Latency:
         """Notification round trips between decode0 and prefill0 (NIXL's own messages)."""
-        peer = {h.role: h.agent for h in self.hellos if h.rank == 0}
-        timeout = self.cfg.deadline_slack_s
         if self.cache.rank != 0:
             return Ack()
-        if self.cache.role == "prefill":
+        agent, timeout = self.endpoint.agent, self.cfg.deadline_slack_s
+        if self.role is Role.PREFILL:
+            peer = self.remotes[Role.DECODE, 0].peer.agent_name
             for _ in range(count):
-                self.agent.wait_notifs(1, timeout_s=timeout)
-                self.agent.send_notif(peer["decode"], b"pong")
+                agent.wait_notifs(1, timeout_s=timeout)
+                agent.send_notif(peer, b"pong")
             return Ack()
-        rtt = []
+        peer, rtt = self.remotes[Role.PREFILL, 0].peer.agent_name, []
         for _ in range(count):
             t0 = time.perf_counter()
-            self.agent.send_notif(peer["prefill"], b"ping")
-            self.agent.wait_notifs(1, timeout_s=timeout)
+            agent.send_notif(peer, b"ping")
+            agent.wait_notifs(1, timeout_s=timeout)
             rtt.append((time.perf_counter() - t0) * 1e6)
         return Latency(rtt_us=rtt)
 
+    def idle(self) -> bool:
+        """Between commands: progress NIXL (peers connecting to us need it)."""
+        self.endpoint.agent.progress()
+        return False
+
     def close(self) -> None:
-        self.agent.close()
+        self.endpoint.close()
 
 
-def _my_part(strategy: Strategy, role: str) -> tuple[Op, initiator.Half]:
-    """The op this role initiates under `strategy`, and on which half of the descriptors."""
-    if strategy is Strategy.SPLIT:
-        return (Op.READ, initiator.Half.FIRST) if role == "decode" else (Op.WRITE, initiator.Half.SECOND)
-    return (Op.READ if strategy is Strategy.READ else Op.WRITE), initiator.Half.ALL
-
-
-def main(conn: Connection, config: bytes, role: str, rank: int) -> None:
-    """Entry point of a spawned rank process."""
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role}{rank} %(levelname)s %(name)s: %(message)s")
+def main(config: bytes, role: Role, rank: int, conn: Connection) -> None:
+    """Entry point of a spawned rank process (`Bus.spawn`): build, say hello, serve commands
+    until the coordinator closes the pipe."""
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role.value}{rank} %(levelname)s %(name)s: %(message)s")
     quiet_nixl_logs()
     cfg = msgspec.msgpack.decode(config, type=BenchConfig)
     state = None
     try:
         state = RankState(cfg, role, rank)
         conn.send_bytes(ENCODER.encode(state.hello()))
-        while True:
-            while not conn.poll(IDLE_PROGRESS_S):
-                state.agent.progress()  # peers connecting to us need us to progress
-            msg = TO_RANK.decode(conn.recv_bytes())
-            if isinstance(msg, Stop):
-                break
-            try:
-                reply = state.handle(msg)
-            except KvxferError as err:
-                reply = Failed(kind=err.kind, message=str(err))
-            conn.send_bytes(ENCODER.encode(reply))
+        serve_commands(conn, state.handle, TO_RANK, ENCODER, state.idle)
     except KvxferError as err:
         conn.send_bytes(ENCODER.encode(Failed(kind=err.kind, message=str(err))))
-    except (EOFError, KeyboardInterrupt):
+    except KeyboardInterrupt:
         pass
     finally:
         if state is not None:

@@ -1,52 +1,53 @@
-"""The bench coordinator: spawns one process per rank, relays their metadata, drives runs and
-collects figures. `BenchSession` is a context manager so tests can run several ops on one set
-of processes; `run_bench` is what `kvxfer bench` calls."""
+"""The bench coordinator: spawns one process per rank and talks to them over the daemons'
+command bus (`kvxfer.daemons.bus.Bus`), relays their handshakes, drives runs and collects
+figures. `BenchSession` is a context manager so tests can run several ops on one set of
+processes; `run_bench` is what `kvxfer bench` calls."""
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
+from typing import Any
 
 import msgspec
 import numpy as np
+import torch
 
-from kvxfer.agents.nixl_agent import Op
+from kvxfer.agents.messages import Role
+from kvxfer.bench import initiator, staged
 from kvxfer.bench import rank as rank_mod
-from kvxfer.bench import staged
 from kvxfer.bench.cache import host_buffer
-from kvxfer.bench.config import BenchConfig, BenchResult, Mode, OpFigures, PlanKind, Strategy
+from kvxfer.bench.config import (
+    BenchConfig,
+    BenchResult,
+    OpFigures,
+    PlanKind,
+    Strategy,
+    StrategyChoice,
+)
 from kvxfer.bench.messages import (
     ENCODER,
     FROM_RANK,
     Calibrate,
     Calibrated,
-    Deliver,
     Dump,
-    Failed,
     Hello,
     Latency,
     Peers,
     PingPong,
-    Prepare,
+    Reserve,
+    Reserved,
     Run,
     RunReport,
     Scramble,
-    Stop,
     Verified,
     Verify,
 )
-from kvxfer.errors import (
-    KvxferError,
-    PeerGoneError,
-    TransferError,
-    TransferTimeout,
-    error_class,
-)
+from kvxfer.daemons.bus import Bus
+from kvxfer.errors import KvxferError, TransferError
 from kvxfer.layouts import CacheRegion
 from kvxfer.planning import Fallback, map_tp, pair, request_indices
 from kvxfer.planning.cost import FabricCosts, Path, choose
@@ -55,13 +56,6 @@ log = logging.getLogger(__name__)
 NUM_PINGS = 200
 AUTO_ITERS = 2  # timed runs per strategy when --mode auto chooses (the median decides)
 STARTUP_S = 300.0  # spawning, allocating and filling caches
-
-
-@dataclass
-class _Proc:
-    name: str
-    process: mp.process.BaseProcess
-    conn: Connection
 
 
 @dataclass(frozen=True)
@@ -77,29 +71,22 @@ class RunFigures:
 
 
 class BenchSession:
-    """Prefill and decode rank processes with registered caches and exchanged metadata."""
+    """Prefill and decode rank processes with registered caches and exchanged handshakes."""
 
     def __init__(self, cfg: BenchConfig) -> None:
         cfg.check()
         self.cfg = cfg
-        self.procs: list[_Proc] = []
-        self.prepared: set[tuple[Op, PlanKind]] = set()
+        self.bus = Bus(ENCODER, FROM_RANK)
         self.hellos: list[Hello] = []
 
     def __enter__(self) -> BenchSession:
-        ctx = mp.get_context("spawn")
         blob = msgspec.msgpack.encode(self.cfg)
-        roles = [("prefill", r) for r in range(self.cfg.prefill_tp)]
-        roles += [("decode", r) for r in range(self.cfg.decode_tp)]
+        roles = [(Role.PREFILL, r) for r in range(self.cfg.prefill_tp)]
+        roles += [(Role.DECODE, r) for r in range(self.cfg.decode_tp)]
         try:
-            for role, r in roles:
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=rank_mod.main, args=(child, blob, role, r),
-                                   name=f"kvxfer-bench-{role}{r}", daemon=True)
-                proc.start()
-                child.close()
-                self.procs.append(_Proc(f"{role}{r}", proc, parent))
-            self.hellos = [_expect(self._recv(p, STARTUP_S), Hello) for p in self.procs]
+            self.bus.spawn(rank_mod.main, lambda i: (blob, *roles[i]), range(len(roles)),
+                           label=lambda i: f"bench rank {roles[i][0].value}{roles[i][1]}")
+            self.hellos = [_expect(r, Hello) for r in self.bus.gather(STARTUP_S)]
             self._all(Peers(hellos=self.hellos), STARTUP_S)
         except BaseException:
             self.close()
@@ -110,48 +97,22 @@ class BenchSession:
         self.close()
 
     def close(self) -> None:
-        for p in self.procs:
-            try:
-                p.conn.send_bytes(ENCODER.encode(Stop()))
-            except (OSError, BrokenPipeError):
-                pass
-        for p in self.procs:
-            p.process.join(timeout=10)
-            if p.process.is_alive():
-                p.process.kill()
-                p.process.join(timeout=5)
-        self.procs = []
+        self.bus.close(timeout_s=10.0)
 
     def run(self, strategy: Strategy, kind: PlanKind | None = None, *, scramble: bool = False,
             snapshot: bool = False) -> RunFigures:
         """One request moved from every prefill rank to every decode rank."""
         kind = kind or self.cfg.plan
-        ops = [o for o in (Op.READ, Op.WRITE) if (o, kind) not in self.prepared
-               and (strategy is Strategy.SPLIT or strategy.value == o.value.lower())]
-        if ops:
-            self._all(Prepare(ops=ops, plan=kind), STARTUP_S)
-            self.prepared.update((o, kind) for o in ops)
         if scramble or snapshot:
             self.scramble(snapshot=snapshot)
         timeout = self.cfg.deadline_slack_s + 600.0
-        reports = [_expect(r, RunReport) for r in self._all(Run(strategy=strategy, plan=kind), timeout)]
-        self._all(Deliver(strategy=strategy), timeout)
-        active = [r for r in reports if r.num_transfers]
-        end_ns = max([r.end_ns for r in active] + [r.receive_end_ns for r in reports])
-        start_ns = min(r.start_ns for r in active)
-        phases: dict[str, int] = {}
-        for r in reports:  # the slowest rank's time for each step
-            for name, t in r.phases_ns.items():
-                phases[name] = max(phases.get(name, 0), t)
-        return RunFigures(
-            transfer_ms=(end_ns - start_ns) / 1e6,
-            num_bytes=sum(r.num_bytes for r in active),
-            num_descriptors=sum(r.num_descriptors for r in active),
-            nixl_descriptors=sum(r.nixl_descriptors for r in active),
-            num_transfers=sum(r.num_transfers for r in active),
-            plan_us=max(r.plan_us for r in active),
-            post_us=max(r.post_us for r in active),
-            phases_ms={k: (phases[k] - start_ns) / 1e6 for k in staged.PHASES if k in phases})
+        reserve_s, offsets = 0.0, {}
+        if kind is PlanKind.STAGED:
+            reserved = [_expect(r, Reserved) for r in self._all(Reserve(), timeout)]
+            reserve_s = max(r.seconds for r in reserved)
+            offsets = {rank: r.offsets for rank, r in enumerate(reserved[self.cfg.prefill_tp:])}
+        replies = self._all(Run(strategy=strategy, plan=kind, staging_offsets=offsets), timeout)
+        return _figures([_expect(r, RunReport) for r in replies], reserve_s)
 
     def ping_pong(self, count: int) -> list[float]:
         """Round-trip times (us) of NIXL notifications between decode0 and prefill0."""
@@ -167,37 +128,46 @@ class BenchSession:
         bad = [r.detail for r in replies if not r.ok]
         return not bad, "; ".join(bad)
 
-    def calibrate(self, probe_bytes: int) -> FabricCosts:
-        reply = next(r for r in self._all(Calibrate(probe_bytes=probe_bytes), STARTUP_S) if isinstance(r, Calibrated))
+    def calibrate(self) -> FabricCosts:
+        reply = next(r for r in self._all(Calibrate(), STARTUP_S) if isinstance(r, Calibrated))
         return FabricCosts(**msgspec.structs.asdict(reply))
 
     def dump(self, directory: str) -> None:
         self._all(Dump(directory=directory), STARTUP_S)
 
-    def _all(self, msg: object, timeout_s: float) -> list[object]:
-        """Send to every rank, then collect every reply (ranks work in parallel)."""
-        blob = ENCODER.encode(msg)
-        for p in self.procs:
-            p.conn.send_bytes(blob)
-        return [self._recv(p, timeout_s) for p in self.procs]
-
-    def _recv(self, p: _Proc, timeout_s: float) -> object:
-        deadline = time.monotonic() + timeout_s
-        while not p.conn.poll(0.05):
-            if not p.process.is_alive():
-                raise PeerGoneError(f"bench rank {p.name} exited with code {p.process.exitcode}")
-            if time.monotonic() > deadline:
-                raise TransferTimeout(f"bench rank {p.name}: no reply after {timeout_s:.0f} s")
-        try:
-            reply = FROM_RANK.decode(p.conn.recv_bytes())
-        except EOFError:
-            raise PeerGoneError(f"bench rank {p.name} closed its pipe") from None
-        if isinstance(reply, Failed):
-            raise error_class(reply.kind)(f"bench rank {p.name}: {reply.message}")
-        return reply
+    def _all(self, msg: msgspec.Struct, timeout_s: float) -> list[Any]:
+        """Send to every rank, then collect every reply (ranks work in parallel); a rank that
+        failed, died or missed `timeout_s` raises (the bus's errors)."""
+        self.bus.send_all(msg)
+        return self.bus.gather(timeout_s)
 
 
-def _expect(reply: object, cls: type) -> object:
+def _figures(reports: list[RunReport], reserve_s: float) -> RunFigures:
+    """One run's figures over every rank: from the first rank's start to the last end (the
+    monotonic clock is shared by the processes); staged runs add the reservation before it."""
+    active = [r for r in reports if r.num_transfers]
+    reserve_ns = int(reserve_s * 1e9)
+    start_ns = min(r.start_ns for r in active)
+    end_ns = max([r.end_ns for r in active] + [r.receive_end_ns for r in reports])
+    phases: dict[str, int] = {}
+    for r in reports:  # the slowest rank's time for each step
+        for name, t in r.phases_ns.items():
+            phases[name] = max(phases.get(name, 0), t)
+    phases_ms = {k: (phases[k] - start_ns + reserve_ns) / 1e6 for k in staged.PHASES if k in phases}
+    if reserve_ns:
+        phases_ms = {"reserved": reserve_s * 1e3, **phases_ms}
+    return RunFigures(
+        transfer_ms=(end_ns - start_ns + reserve_ns) / 1e6,
+        num_bytes=sum(r.num_bytes for r in active),
+        num_descriptors=sum(r.num_descriptors for r in active),
+        nixl_descriptors=sum(r.nixl_descriptors for r in active),
+        num_transfers=sum(r.num_transfers for r in active),
+        plan_us=max([r.plan_us for r in active] + [reserve_s * 1e6]),  # staged: the receivers build parts
+        post_us=max(r.post_us for r in active),
+        phases_ms=phases_ms)
+
+
+def _expect(reply: object, cls: type) -> Any:
     if not isinstance(reply, cls):
         raise KvxferError(f"bench: expected {cls.__name__}, got {type(reply).__name__}")
     return reply
@@ -212,27 +182,23 @@ class CopyBaseline:
         self.num_bytes = num_bytes
         self.device = device
         if device == "cuda":
-            import torch
-
             self._src = torch.ones(num_bytes, dtype=torch.uint8, device="cuda")
             self._dst = torch.zeros_like(self._src)
         else:
-            self._src = host_buffer(num_bytes, huge_pages=huge_pages).numpy()
-            self._dst = host_buffer(num_bytes, huge_pages=huge_pages).numpy()
-            self._src.fill(1)
+            self._src = host_buffer(num_bytes, huge_pages=huge_pages)
+            self._dst = host_buffer(num_bytes, huge_pages=huge_pages)
+            self._src.fill_(1)
         self.measure()  # touch the destination
 
     def measure(self) -> float:
         if self.device == "cuda":
-            import torch
-
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             self._dst.copy_(self._src)
             torch.cuda.synchronize()
         else:
             t0 = time.perf_counter()
-            np.copyto(self._dst, self._src)
+            np.copyto(self._dst.numpy(), self._src.numpy())  # one thread, as the figure says
         return self.num_bytes / (time.perf_counter() - t0) / 1e9
 
 
@@ -262,12 +228,11 @@ def measure(session: BenchSession, strategy: Strategy, iters: int, *, verify_las
 
 def choose_plan(session: BenchSession, cfg: BenchConfig) -> tuple[PlanKind, Strategy, dict]:
     """--plan auto: calibrate on this fabric, estimate direct (prepped) and staged, pick."""
-    probe = min(64 << 20, min(staged.staging_bytes(cfg, "decode", 0), staged.staging_bytes(cfg, "prefill", 0)))
-    costs = session.calibrate(probe)
+    costs = session.calibrate()
     mapping = map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp)
-    num_bytes = sum(staged.part_bytes(cfg, a) for a in mapping.assignments)
+    num_bytes = sum(initiator.part_bytes(cfg, a) for a in mapping.assignments)
     descriptors = direct_descriptors(cfg, session.hellos)
-    writes = (False, True) if cfg.mode is Mode.AUTO else (cfg.mode is Mode.WRITE,)
+    writes = (False, True) if cfg.mode is StrategyChoice.AUTO else (cfg.mode is StrategyChoice.WRITE,)
     # the bench stages only WRITEs (the receiver's buffer is the target)
     allowed = tuple((Path.DIRECT, w) for w in writes) + ((Path.STAGED, True),) * (True in writes)
     choice = choose(costs, num_bytes=num_bytes, descriptors=descriptors, allowed=allowed)
@@ -284,13 +249,14 @@ def choose_plan(session: BenchSession, cfg: BenchConfig) -> tuple[PlanKind, Stra
 
 def direct_descriptors(cfg: BenchConfig, hellos: list[Hello]) -> int:
     """Descriptors the prepped (direct) plan posts for the request, over every decode rank."""
-    by_key = {(h.role, h.rank): h for h in hellos}
+    by_key = {(h.info.role, h.info.tp_rank): h for h in hellos}
     total = 0
     for a in map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp).assignments:
-        d, p = by_key["decode", a.decode_rank], by_key["prefill", a.prefill_rank]
-        regions = [CacheRegion(h.desc, np.array(h.layer_addrs, dtype=np.uint64), h.device_id) for h in (d, p)]
-        ids = [np.array(h.block_ids, dtype=np.int64).reshape((2, -1) if h.desc.separate_kv_pages else (-1,))
-               for h in (d, p)]
+        d, p = by_key[Role.DECODE, a.decode_rank], by_key[Role.PREFILL, a.prefill_rank]
+        infos = [h.info.regions[0] for h in (d, p)]
+        regions = [CacheRegion(i.desc, np.array(i.layer_addrs, dtype=np.uint64), i.device_id) for i in infos]
+        ids = [np.array(h.block_ids, dtype=np.int64).reshape((2, -1) if i.desc.separate_kv_pages else (-1,))
+               for h, i in zip((d, p), infos, strict=True)]
         plan = pair(regions[0], regions[1], a.heads, fallback=Fallback(cfg.fallback))
         total += int(request_indices(plan, ids[0], ids[1], cfg.tokens)[0].size)
     return total
@@ -310,11 +276,12 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             cost_model["measured_gbps"] = measured
             cost_model["picked_faster"] = measured[kind.value] >= max(measured[PlanKind.STAGED.value],
                                                                      measured[PlanKind.PREPPED.value])
-        elif cfg.mode is Mode.AUTO:
-            auto = {s.value: measure(session, s, AUTO_ITERS)[0].gbps for s in Strategy}
-            strategy = Strategy(max(auto, key=auto.__getitem__))
+        elif (fixed := cfg.mode.fixed()) is None:
+            gbps = {s: measure(session, s, AUTO_ITERS)[0].gbps for s in Strategy}
+            strategy = max(gbps, key=gbps.__getitem__)
+            auto = {s.value: g for s, g in gbps.items()}
         else:
-            strategy = Strategy(cfg.mode.value)
+            strategy = fixed
         figures, last = measure(session, strategy, cfg.iters, verify_last=cfg.verify,
                                 snapshot=cfg.dump is not None, baseline=cfg.memcpy, kind=kind)
         if cost_model is not None:  # the issue's yardstick: the chosen plan against per-block posts

@@ -1,5 +1,5 @@
-"""`kvxfer bench`: move one request's KV cache between real processes (one per rank) over NIXL
-and report bytes, descriptors, planning and transfer time, bandwidth, and the ratio to a
+"""`kvxfer bench`: move one request's KV cache between real processes (one per rank) over NIXL,
+through the daemons' transfer code (their endpoint, staging and command bus), and report bytes, descriptors, planning and transfer time, bandwidth, and the ratio to a
 single-thread memcpy of the same bytes measured in the same run. `--json` prints one object as
 the last line.
 
@@ -24,12 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(decode_tp=1)
     x = p.add_argument_group("transfer")
     x.add_argument("--mode", choices=["read", "write", "split", "auto"], default="auto",
-                   help="read: decode pulls; write: prefill pushes; split: both at once on halves "
-                        "of the descriptors; auto: measure each, keep the fastest (default: auto)")
+                   help="read: decode pulls; write: prefill pushes; split: both at once, decode reading "
+                        "the first half of the blocks, prefill writing the rest; auto: measure each, keep the fastest (default: auto)")
     x.add_argument("--plan", choices=["prepped", "spans", "per-block", "staged", "auto"], default="prepped",
                    help="prepped: tables once per peer + int32 indices (default); spans: coalesced "
                         "explicit spans; per-block: naive one descriptor per block unit; staged: "
-                        "gather into a staging buffer, one WRITE per peer, scatter (with --mode write); auto: "
+                        "gather into a staging slot, one WRITE per part, scatter (with --mode write); auto: "
                         "calibrate the cost model on this fabric, pick prepped or staged, and measure both")
     x.add_argument("--fallback", choices=["none", "fine"], default="none",
                    help="accept per-token spans where heads are not contiguous (default: none)")
@@ -46,9 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--num-threads", type=int, default=0,
                    help="UCX backend threads splitting each transfer (default: 0, none)")
     x.add_argument("--staged-groups", type=int, default=0,
-                   help="--plan staged: layer groups moved as separate WRITEs, pipelined with the "
-                        "gather and the scatter; 0 (default) picks 1 when every decode rank shares its "
-                        "prefill rank's device and 2 when a copy crosses devices (measured best on H200s)")
+                   help="--plan staged: 0 (default) or 1. The bench runs the daemons' staged path, "
+                        "which moves each part as one WRITE (no pipeline of layer groups)")
     x.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
                    help="host caches and the memcpy baseline on transparent huge pages (default: on)")
     x.add_argument("--verify", action="store_true",
@@ -60,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvxfer.bench.config import BenchConfig, Mode, PlanKind
+    from kvxfer.bench.config import BenchConfig, PlanKind, StrategyChoice
     from kvxfer.bench.session import run_bench
 
     geo = geometry_from_args(args)
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         prefill_tp=geo.prefill_tp, decode_tp=geo.decode_tp, kv_heads=geo.kv_heads,
         head_dim=geo.head_dim, layers=geo.layers, prefill_block_size=geo.prefill_block_size,
         decode_block_size=geo.decode_block_size, tokens=geo.tokens, dtype=geo.dtype,
-        mode=Mode(args.mode), plan=PlanKind(args.plan), fallback=args.fallback, device=args.device,
+        mode=StrategyChoice(args.mode), plan=PlanKind(args.plan), fallback=args.fallback, device=args.device,
         random_blocks=args.random_blocks, seed=args.seed, iters=args.iters, verify=args.verify,
         dump=args.dump, threading=args.threading, error_handling=args.ucx_error_handling,
         num_workers=args.num_workers, num_threads=args.num_threads, huge_pages=args.huge_pages,

@@ -11,8 +11,9 @@ import time
 
 import uvicorn
 
+from kvxfer.agents.messages import Role
 from kvxfer.daemons.auth import NO_KEYS, ApiKeys, add_api_key_arguments, api_keys_from_args
-from kvxfer.daemons.config import Role, ServeConfig, add_serve_arguments, serve_config_from_args
+from kvxfer.daemons.config import ServeConfig, add_serve_arguments, serve_config_from_args
 from kvxfer.errors import KvxferError
 
 log = logging.getLogger("kvxfer.serve")

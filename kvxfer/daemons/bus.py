@@ -39,12 +39,15 @@ class Bus:
         self._decoder = decoder
         self._conns: list[mpc.Connection] = []
         self._procs: list[mp.process.BaseProcess] = []
+        self._labels: list[str] = []  # how errors name each worker ("rank 1", ...)
         self._lock = threading.Lock()
         # Set when a worker missed a command's deadline: its late reply (and, for collective
         # commands, its collectives) would be taken for the next command's, so the bus is done.
         self.out_of_step: str | None = None
 
-    def spawn(self, target: Callable[..., None], args_for_rank: Callable[[int], tuple], ranks: range) -> None:
+    def spawn(self, target: Callable[..., None], args_for_rank: Callable[[int], tuple], ranks: range, *,
+              label: Callable[[int], str] = "rank {}".format) -> None:
+        """One process per rank, `target(*args_for_rank(rank), conn)`; errors name it `label(rank)`."""
         ctx = mp.get_context("spawn")
         for rank in ranks:
             ours, theirs = ctx.Pipe()
@@ -54,6 +57,7 @@ class Bus:
             theirs.close()
             self._conns.append(ours)
             self._procs.append(proc)
+            self._labels.append(label(rank))
 
     @property
     def num_workers(self) -> int:
@@ -70,36 +74,36 @@ class Bus:
 
     def send_all(self, command: msgspec.Struct) -> None:
         payload = self._encoder.encode(command)
-        for rank, conn in enumerate(self._conns, start=1):
+        for who, conn in zip(self._labels, self._conns, strict=True):
             try:
                 conn.send_bytes(payload)
             except (OSError, ValueError) as err:
-                raise PeerGoneError(f"rank {rank} is gone: {err}") from None
+                raise PeerGoneError(f"{who} is gone: {err}") from None
 
     def gather(self, timeout_s: float) -> list[Any]:
         """One reply per worker, in rank order; a Failed reply raises its error."""
         deadline = time.monotonic() + timeout_s
         replies = []
-        for rank, (conn, proc) in enumerate(zip(self._conns, self._procs, strict=True), start=1):
-            replies.append(self._receive(rank, conn, proc, deadline))
-        for rank, reply in enumerate(replies, start=1):
+        for who, conn, proc in zip(self._labels, self._conns, self._procs, strict=True):
+            replies.append(self._receive(who, conn, proc, deadline))
+        for who, reply in zip(self._labels, replies, strict=True):
             if isinstance(reply, Failed):
-                raise _error_of(reply, rank)
+                raise _error_of(reply, who)
         return replies
 
-    def _receive(self, rank: int, conn: mpc.Connection, proc: mp.process.BaseProcess, deadline: float) -> Any:
+    def _receive(self, who: str, conn: mpc.Connection, proc: mp.process.BaseProcess, deadline: float) -> Any:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                self.out_of_step = f"rank {rank} (pid {proc.pid}) did not answer a command in time"
-                raise TransferTimeout(f"rank {rank} did not answer in time")
+                self.out_of_step = f"{who} (pid {proc.pid}) did not answer a command in time"
+                raise TransferTimeout(f"{who} did not answer in time")
             try:
                 if conn.poll(min(left, 0.5)):
                     return self._decoder.decode(conn.recv_bytes())
             except (EOFError, OSError) as err:
-                raise PeerGoneError(f"rank {rank} (pid {proc.pid}) is gone: {err}") from None
+                raise PeerGoneError(f"{who} (pid {proc.pid}) is gone: {err}") from None
             if not proc.is_alive():
-                raise PeerGoneError(f"rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+                raise PeerGoneError(f"{who} (pid {proc.pid}) exited with code {proc.exitcode}")
 
     def call(self, command: msgspec.Struct, run_local: Callable[[], Any], *, timeout_s: float) -> list[Any]:
         """Send `command` to every worker, run it on rank 0, gather: replies in rank order."""
@@ -129,8 +133,8 @@ class Bus:
                 proc.join(1.0)
 
 
-def _error_of(reply: Failed, rank: int) -> KvxferError:
-    return error_class(reply.kind)(f"rank {rank}: {reply.message}")
+def _error_of(reply: Failed, who: str) -> KvxferError:
+    return error_class(reply.kind)(f"{who}: {reply.message}")
 
 
 def serve_commands(conn: mpc.Connection, handle: Callable[[Any], msgspec.Struct],

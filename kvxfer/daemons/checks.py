@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from kvxfer.daemons.enums import Mode, TransferPath
+from kvxfer.daemons.enums import ModeChoice, TransferPathChoice
 from kvxfer.daemons.resolve import Resolver
 from kvxfer.daemons.settings import ServeConfig
 
@@ -40,7 +40,7 @@ def check_serve(config: ServeConfig, s: Resolver) -> None:
     if config.lease_s <= config.deadline.slack_s:
         why = f"must exceed --transfer-deadline-s={config.deadline.slack_s}, or blocks are freed while a transfer may still read them"
         raise s.bad("--lease-s", config.lease_s, why)
-    if config.transfer_path is TransferPath.STAGED and (config.mode is Mode.READ or config.staging_mib == 0):
+    if config.transfer_path is TransferPathChoice.STAGED and (config.mode is ModeChoice.READ or config.staging_mib == 0):
         why = "staged transfers are WRITEs into staging slots: use --mode write or auto and --staging-mib > 0"
         raise s.bad("--transfer-path", config.transfer_path.value, why)
     if config.insecure_plaintext and not is_loopback(config.side_channel_host):

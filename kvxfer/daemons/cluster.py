@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from kvxfer.agents.keys import generate_keypair, write_keypair
-from kvxfer.daemons.enums import Role
+from kvxfer.agents.messages import Role
 from kvxfer.daemons.settings import PROXY_PORT, ROLE_DEFAULTS
 from kvxfer.errors import ConfigError
 from kvxfer.ports import free_ports

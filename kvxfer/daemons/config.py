@@ -31,9 +31,10 @@ from enum import Enum
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kvxfer.agents.messages import Role
 from kvxfer.daemons.checks import advertise_host, check_serve, is_loopback
 from kvxfer.daemons.curve import CURVE_KEY_ENV_VARS, curve_config, load_curve_keys
-from kvxfer.daemons.enums import Device, Mode, RetryPolicy, Role, TransferPath, values
+from kvxfer.daemons.enums import Device, ModeChoice, RetryPolicy, TransferPathChoice, values
 from kvxfer.daemons.resolve import ENV_PREFIX, Resolver, env_var
 from kvxfer.daemons.settings import (
     DEVICE_DEFAULTS,
@@ -243,7 +244,7 @@ def _urls(s: Resolver, flag: str) -> tuple[str, ...]:
 
 __all__ = [
     "CURVE_KEY_ENV_VARS", "DEVICE_DEFAULTS", "ENV_PREFIX", "MODEL_DTYPES", "ROLE_DEFAULTS", "CurveConfig",
-    "Deadline", "Device", "Mode", "ProxyConfig", "RetryPolicy", "Role", "ServeConfig", "TransferPath",
+    "Deadline", "Device", "ModeChoice", "ProxyConfig", "RetryPolicy", "Role", "ServeConfig", "TransferPathChoice",
     "add_proxy_arguments", "add_serve_arguments", "env_var", "is_loopback", "load_curve_keys",
     "proxy_config_from_args", "serve_config_from_args",
 ]  # fmt: skip

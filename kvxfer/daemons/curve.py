@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvxfer.daemons.enums import Mode, Role
+from kvxfer.agents.messages import Role
+from kvxfer.daemons.enums import ModeChoice
 from kvxfer.daemons.resolve import Resolver, env_var
 from kvxfer.daemons.settings import CurveConfig
 from kvxfer.errors import ConfigError
@@ -30,7 +31,7 @@ _Z85 = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _HINT = "(create keys with `kvxfer keys generate`, or pass --insecure-plaintext on loopback)"
 
 
-def curve_config(s: Resolver, role: Role, mode: Mode) -> CurveConfig:
+def curve_config(s: Resolver, role: Role, mode: ModeChoice) -> CurveConfig:
     """Keys of an authenticated side channel. Every service listens (its own key pair plus an
     allow-list of clients); decode always connects to prefill, prefill connects to decode only when
     it may push (write or auto), and a connecting service needs its peers' public key."""
@@ -52,12 +53,12 @@ def curve_config(s: Resolver, role: Role, mode: Mode) -> CurveConfig:
     return curve
 
 
-def _check_complete(curve: CurveConfig, role: Role, mode: Mode) -> None:
+def _check_complete(curve: CurveConfig, role: Role, mode: ModeChoice) -> None:
     if curve.secret_key_file is None and curve.secret_key is None:
         raise ConfigError(f"CURVE is on and no key pair is set: give --curve-secret-key-file or KVXFER_CURVE_SECRET_KEY {_HINT}")
     if curve.allowed_keys_dir is None and not curve.allowed_keys:
         raise ConfigError(f"CURVE is on and no client is allowed: give --curve-allowed-keys-dir or KVXFER_CURVE_ALLOWED_KEYS {_HINT}")
-    connects = role is Role.DECODE or mode is not Mode.READ
+    connects = role is Role.DECODE or mode is not ModeChoice.READ
     if connects and curve.server_key_file is None and curve.server_key is None:
         raise ConfigError(f"CURVE is on and the {role.value} service connects to peers (--mode {mode.value}): give --curve-server-key-file or KVXFER_CURVE_SERVER_KEY {_HINT}")
 

@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass
 
 from kvxfer.agents import messages as m
 from kvxfer.agents.heartbeat import Heartbeat
-from kvxfer.agents.nixl_agent import MemKind
 from kvxfer.daemons import api
 from kvxfer.daemons.commands import Decode, Load, Moved, Token
-from kvxfer.daemons.config import Mode, TransferPath
 from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S
+from kvxfer.daemons.enums import ModeChoice, TransferPathChoice
 from kvxfer.daemons.prefill import tokenize
 from kvxfer.daemons.service import Service
 from kvxfer.errors import AuthError, ConfigError, KvxferError, LoadFailed
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TransferPlan:
-    mode: Mode  # READ or WRITE
+    mode: m.Mode  # READ or WRITE
     path: Path  # direct (one descriptor per span) or staged (gather, one descriptor, scatter)
     why: str  # for the log: the cost model's candidates, the rule, or the flag
 
@@ -41,7 +40,7 @@ class TransferPlan:
 class DecodeService(Service):
     def __init__(self, config, **kwargs) -> None:
         super().__init__(config, **kwargs)
-        self._announced: dict[tuple[str, int], tuple[Mode, Path]] = {}
+        self._announced: dict[tuple[str, int], tuple[m.Mode, Path]] = {}
         self._costs: dict[tuple[str, int], FabricCosts | None] = {}  # per producer (engine, epoch)
         self.heartbeat: Heartbeat | None = None
 
@@ -82,11 +81,11 @@ class DecodeService(Service):
         """Move the request's KV into `ids` (engine thread): every decode rank loads its share
         from its own producer ranks at once. Raises LoadFailed."""
         started = time.perf_counter()
-        plan = TransferPlan(self.config.mode if self.config.mode is not Mode.AUTO else Mode.READ, Path.DIRECT, "")
+        plan = TransferPlan(self.config.mode.fixed() or m.Mode.READ, Path.DIRECT, "")
         not_after = time.time() + self._push_start_s(params)
         try:
             plan = self.plan_transfer(params)
-            moved = self.call(Load(params, ids, m.Mode(plan.mode.value), plan.path is Path.STAGED,
+            moved = self.call(Load(params, ids, plan.mode, plan.path is Path.STAGED,
                                    self.heartbeat.valid_until_ms(params), not_after))
         except KvxferError as err:
             raise self._failed(params, plan, err, not_after) from None
@@ -123,7 +122,7 @@ class DecodeService(Service):
         if not isinstance(err, AuthError):  # refused parameters do not speak for the lease they name
             self.runtime.leases.abort(params, reason=str(err), error_kind=err.kind)
         quarantine = 0.0
-        if plan.mode is Mode.WRITE:
+        if plan.mode is m.Mode.WRITE:
             push_s = self.runtime.endpoint.deadline.seconds(self.runtime.consumer.expected_bytes(params, params.num_tokens))
             quarantine = max(0.0, not_after + push_s - time.time())
         return LoadFailed(f"loading KV of {params.request_id[:8]} from {params.engine_id}: {err}", err.kind, quarantine)
@@ -148,30 +147,30 @@ class DecodeService(Service):
         them a rule: `auto` pushes into GPU memory (pull over CUDA IPC falls back to a slow path)
         and pulls from host memory, staged where both sides have slots and the memory is VRAM."""
         runtime = self.runtime
-        if self.config.mode is Mode.READ:
-            return TransferPlan(Mode.READ, Path.DIRECT, "--mode read")
+        if self.config.mode is ModeChoice.READ:
+            return TransferPlan(m.Mode.READ, Path.DIRECT, "--mode read")
         costs = self._calibrated(params)
-        stage = self.config.transfer_path is not TransferPath.DIRECT and runtime.can_stage(params)
-        if self.config.transfer_path is TransferPath.STAGED:
+        stage = self.config.transfer_path is not TransferPathChoice.DIRECT and runtime.can_stage(params)
+        if self.config.transfer_path is TransferPathChoice.STAGED:
             path = Path.STAGED if stage else Path.DIRECT
-            return self._announce(params, TransferPlan(Mode.WRITE, path, "--transfer-path staged"
+            return self._announce(params, TransferPlan(m.Mode.WRITE, path, "--transfer-path staged"
                                                        + ("" if stage else " (does not fit a slot: direct)")))
         if costs is None:
-            vram = runtime.endpoint.mem is MemKind.VRAM
-            mode = Mode.WRITE if self.config.mode is Mode.WRITE or vram else Mode.READ
-            path = Path.STAGED if mode is Mode.WRITE and stage and vram else Path.DIRECT
+            vram = runtime.endpoint.mem is m.MemoryKind.VRAM
+            mode = m.Mode.WRITE if self.config.mode is ModeChoice.WRITE or vram else m.Mode.READ
+            path = Path.STAGED if mode is m.Mode.WRITE and stage and vram else Path.DIRECT
             return self._announce(params, TransferPlan(mode, path, "rule (no calibration)"))
         for name, value in asdict(costs).items():
             self.metrics.fabric.labels(quantity=name).set(value)
         allowed = [(Path.DIRECT, True)] + ([(Path.STAGED, True)] if stage else [])
-        if self.config.mode is Mode.AUTO:
+        if self.config.mode is ModeChoice.AUTO:
             allowed.append((Path.DIRECT, False))
         choice = choose(costs, num_bytes=runtime.consumer.expected_bytes(params, params.num_tokens) * self.config.tp,
                         descriptors=runtime.direct_descriptors(params), allowed=tuple(allowed))
         for c in choice.candidates:
             self.metrics.estimate_seconds.labels(path=c.path.value, op="write" if c.write else "read").set(c.seconds)
         best = choice.best
-        return self._announce(params, TransferPlan(Mode.WRITE if best.write else Mode.READ, best.path,
+        return self._announce(params, TransferPlan(m.Mode.WRITE if best.write else m.Mode.READ, best.path,
                                                    f"cost model: {choice.describe()}"))
 
     def _announce(self, params: m.TransferParams, plan: TransferPlan) -> TransferPlan:

@@ -13,13 +13,13 @@ import logging
 import os
 import threading
 
-from kvxfer.agents import messages as m
 from kvxfer.agents.endpoint import DeadlinePolicy, Endpoint, Identity
+from kvxfer.agents.messages import Role
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig, Threading
 from kvxfer.agents.producer import Release
 from kvxfer.daemons.commands import Command, Decode, Describe, Described, Prefill, Reply, Token
-from kvxfer.daemons.config import Role, load_curve_keys
+from kvxfer.daemons.config import load_curve_keys
 from kvxfer.daemons.rank_setup import (
     RankSetup,
     collective_backend,
@@ -50,7 +50,7 @@ class RankRuntime:
                              backend=collective_backend(config)) if config.tp > 1 else TPGroup.single()
         self.engine = Engine(self.engine_config, group)
         identity = Identity(engine_id=config.engine_id, boot_epoch=setup.boot_epoch,
-                            role=m.Role(config.role.value), tp_size=config.tp, tp_rank=setup.rank,
+                            role=config.role, tp_size=config.tp, tp_rank=setup.rank,
                             model_fingerprint=model_fingerprint(self.engine_config))
         agent = AgentConfig(name=f"{config.engine_id}-{setup.boot_epoch}-r{setup.rank}",
                             threading=Threading.PROGRESS_THREAD if config.nixl_threads else Threading.APP_POLL)

@@ -12,7 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvxfer.daemons.enums import Device, Mode, RetryPolicy, Role, TransferPath
+from kvxfer.agents.messages import Role
+from kvxfer.daemons.enums import Device, ModeChoice, RetryPolicy, TransferPathChoice
 from kvxfer.deadline import Deadline
 
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
@@ -91,7 +92,7 @@ class ServeConfig:
     advertise_host: str  # default: side_channel_host
     insecure_plaintext: bool = False
     curve: CurveConfig | None = None  # None exactly when insecure_plaintext
-    mode: Mode = Mode.AUTO
+    mode: ModeChoice = ModeChoice.AUTO
     deadline: Deadline = Deadline()
     lease_s: float = 30.0
     engine_id: str = field(default_factory=random_engine_id)
@@ -99,7 +100,7 @@ class ServeConfig:
     warmup: bool = True
     staging_mib: int  # staging slots in all (0: no staged transfers; calibration still runs)
     staging_slots: int = 2
-    transfer_path: TransferPath = TransferPath.AUTO
+    transfer_path: TransferPathChoice = TransferPathChoice.AUTO
 
     @property
     def side_channel_ports(self) -> tuple[int, ...]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvxfer.daemons.config import Mode, TransferPath
+from kvxfer.daemons.enums import ModeChoice, TransferPathChoice, values
 from kvxfer.errors import ConfigError
 
-MODES = tuple(m.value for m in Mode)  # what `kvxfer serve --mode` takes
-TRANSFER_PATHS = tuple(p.value for p in TransferPath)
+MODES = values(ModeChoice)  # what `kvxfer serve --mode` takes
+TRANSFER_PATHS = values(TransferPathChoice)
 
 # Faults the injector chooses from (client aborts are the load generator's, see load.py).
 KILL_PREFILL_RANK = "kill_prefill_rank"  # SIGKILL one rank process of the prefill service

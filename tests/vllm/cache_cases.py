@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvxfer.agents.nixl_agent import AgentConfig, MemKind, NixlAgent, Op
+from kvxfer.agents.messages import MemoryKind
+from kvxfer.agents.nixl_agent import AgentConfig, NixlAgent, Op
 from kvxfer.errors import PlanError
 from kvxfer.integrations.vllm.caches import CacheSource, VllmCaches, describe_vllm_caches
 from kvxfer.layouts import CacheRegion
@@ -273,7 +274,7 @@ def _read_case(agent: NixlAgent, index: int, p: Prepared, producers: list, prefi
         spans = request_spans(plan, p.kernel_ids, kernel_ids[index], NUM_TOKENS)
         result["descriptors"] += spans.num_descriptors
         transfers.append(agent.post_spans(Op.READ, spans.local, spans.remote, peer=name,
-                                          local_mem=MemKind.DRAM, remote_mem=MemKind.DRAM))
+                                          local_mem=MemoryKind.DRAM, remote_mem=MemoryKind.DRAM))
     agent.wait(transfers, timeout_s=30)
     result["detail"] = check_request(index, p)
     return result
