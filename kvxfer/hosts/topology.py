@@ -77,6 +77,13 @@ class Host:
         raise netns.NetnsError(f"no interface {self.interface} in {self.netns}")
 
 
+def _hosts_file(host: Host) -> str:
+    """The host's name first, then this machine's /etc/hosts: processes not started as pods still
+    resolve this machine's name as before (gloo, for one, resolves it to pick an address)."""
+    with open("/etc/hosts") as machine:
+        return f"{host.address} {host.hostname}\n{machine.read()}"
+
+
 # UCX between hosts as between nodes without RDMA: TCP only, over the host's own interface. The
 # other transports UCX would pick on one machine (cma = process_vm_readv, shared memory) cross
 # namespaces, so a partition would not cut them.
@@ -126,8 +133,7 @@ class Topology:
         netns.ip("-n", self.switch, "link", "set", host.port, "up")
         netns.ip("-n", host.netns, "addr", "add", f"{host.address}/{PREFIX_LEN}", "dev", host.interface)
         netns.ip("-n", host.netns, "link", "set", host.interface, "up")
-        netns.write_etc(host.netns, "hosts", f"127.0.0.1 localhost\n::1 localhost ip6-localhost\n"
-                                             f"{host.address} {host.hostname}\n")
+        netns.write_etc(host.netns, "hosts", _hosts_file(host))
         return host
 
     def teardown(self) -> None:
