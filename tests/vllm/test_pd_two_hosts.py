@@ -12,6 +12,7 @@ succeed. Skipped, with the reason, where network namespaces cannot be made (not 
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -33,11 +34,15 @@ from kvxfer.integrations.vllm.testing import (
     token_ids,
 )
 
+log = logging.getLogger(__name__)
 pytestmark = pytest.mark.timeout(900)
 # The faulted request's bound: a transfer deadline of about 5 s and side-channel calls of 10 s
 # (the connector's defaults); twice that leaves room for a loaded machine and is far below the
 # client's 120 s, so a hang shows (as in tests/hosts).
 ERROR_BOUND_S = 25.0
+# After a cut of ~6 s, TCP's retransmission backoff (0.2 s doubling) next retransmits the stalled
+# READ up to ~13 s after it was sent: the window in which its data can still land.
+LATE_WINDOW_S = 15.0
 _TINY = TinyLlama()
 KV_BYTES_PER_TOKEN = _TINY.num_layers * _TINY.num_kv_heads * _TINY.head_dim * 2 * 4  # K and V, float32
 _LOADED = re.compile(r"kvxfer loaded request=\S+ from \S+: \d+ tokens, (\d+) bytes")
@@ -107,6 +112,17 @@ def pods(models: dict[str, Path], logs: Path) -> Iterator[Pods]:
                 server.stop()
 
 
+def settled(host: Host, *, idle_s: float = 2.0, timeout_s: float = 20.0) -> int:
+    """Wait until the host's eth0 has sent nothing for `idle_s`; the bytes it sent meanwhile."""
+    start = last = host.counters()[1]
+    quiet_since, deadline = time.monotonic(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < idle_s:
+        time.sleep(0.05)
+        if (now := host.counters()[1]) != last:
+            last, quiet_since = now, time.monotonic()
+    return last - start
+
+
 def listening(host: Host) -> set[str]:
     return {line.split()[3] for line in netns.run_in(host.netns, ["ss", "-Hltn"]).splitlines()}
 
@@ -131,7 +147,25 @@ def test_link_down_while_prefill_holds_the_blocks_fails_typed_then_recovers(pods
     kinds = _FAILED.findall(pods.consumer.log_tail(1 << 24))
     assert kinds, "the consumer logged no typed load failure"
     assert seconds < ERROR_BOUND_S, f"{kinds[-1]} after {seconds:.1f} s"
+    # The faulted READ still lands once TCP gets through (see the xfail below): let it, first.
+    late = settled(pods.topology.host("prefill"))
+    log.info("prefill sent %d bytes after the link came back, with no request in flight", late)
     # The link is back: new requests through the pair are token-exact, their KV over the link.
     # (Prompts under one 128-token block: the consumer's prefix cache cannot serve them.)
     for prompt in PROMPTS[:2]:
+        pods.check_round_trip(prompt, plain_tokens[prompt])
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "protocol (kvxfer/agents): a READ given up at its deadline is not cancelled in UCX and lands "
+    "once TCP gets through again, into consumer blocks vLLM has already handed to the next request "
+    "(docs/two-hosts.md, 'Found: a READ given up at its deadline lands later')"))
+def test_requests_right_after_the_link_is_back_are_token_exact(pods, plain_tokens):
+    first = pods.prefill(ORPHAN_PROMPT)
+    with pods.topology.partitioned("prefill"), pytest.raises(ServerError):
+        pods.decode(ORPHAN_PROMPT, first, timeout_s=ERROR_BOUND_S + 30)
+    # vLLM reuses a freed block that holds no full-block prefix first (LIFO): each request here
+    # gets the faulted request's block, so one of them is in flight when the late READ lands.
+    prompt, deadline = PROMPTS[0], time.monotonic() + LATE_WINDOW_S
+    while time.monotonic() < deadline:
         pods.check_round_trip(prompt, plain_tokens[prompt])
