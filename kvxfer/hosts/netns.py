@@ -23,6 +23,7 @@ from kvxfer.errors import ConfigError
 log = logging.getLogger(__name__)
 PREFIX = "kvxfer-"
 NETNS_DIR = "/run/netns"  # where `ip netns add` mounts a namespace
+ETC_DIR = "/etc/netns"  # `ip netns exec NAME` bind-mounts each file of ETC_DIR/NAME/ over /etc/
 _CLONE_NEWNET = 0x40000000
 _OWNER = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -59,7 +60,9 @@ def create(name: str) -> None:
 
 def delete(name: str) -> None:
     """SIGKILL what still runs in the namespace (processes this suite started there), then delete
-    it. Missing namespaces are fine: deletion must work on a half-built topology."""
+    it, and its files under ETC_DIR. Missing namespaces are fine: deletion must work on a
+    half-built topology."""
+    shutil.rmtree(f"{ETC_DIR}/{name}", ignore_errors=True)
     if not os.path.exists(f"{NETNS_DIR}/{name}"):
         return
     for pid in pids(name):
@@ -74,10 +77,20 @@ def pids(name: str) -> list[int]:
 
 
 def listed() -> list[str]:
-    try:
-        return sorted(os.listdir(NETNS_DIR))
-    except FileNotFoundError:
-        return []
+    """Namespaces, and names that still have files under ETC_DIR (a run killed mid-teardown)."""
+    names: set[str] = set()
+    for directory in (NETNS_DIR, ETC_DIR):
+        with contextlib.suppress(FileNotFoundError):
+            names.update(os.listdir(directory))
+    return sorted(names)
+
+
+def write_etc(name: str, filename: str, text: str) -> None:
+    """A file that processes started with `exec_prefix(name)` see as /etc/<filename>."""
+    directory = f"{ETC_DIR}/{name}"
+    os.makedirs(directory, exist_ok=True)
+    with open(f"{directory}/{filename}", "w") as out:
+        out.write(text)
 
 
 def sweep_stale() -> list[str]:

@@ -6,6 +6,10 @@ Taking a host's switch port down is the partition: the host keeps its address an
 `eth0` loses carrier, and packets either way are dropped without a word, as when a cable or a
 switch port fails (a TCP peer sees a stall, not a reset). Loopback inside each host stays up.
 
+Each host has a name (its role) that its own /etc/hosts resolves to its address, as a Kubernetes
+pod's does; `Host.pod_command` also gives the process that hostname (a UTS namespace of its own),
+so a program that binds `gethostbyname(gethostname())` binds the host's address, as in a pod.
+
 Addresses come from 198.18.0.0/24 (RFC 2544's benchmarking range) and exist only inside these
 namespaces; no host has a default route, so nothing can leave the topology.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -42,8 +47,21 @@ class Host:
         """This host's port on the switch."""
         return f"to-{self.role}"[:15]
 
+    @property
+    def hostname(self) -> str:
+        return self.role
+
     def command(self, argv: list[str]) -> list[str]:
         return [*netns.exec_prefix(self.netns), *argv]
+
+    def pod_command(self, argv: list[str]) -> list[str]:
+        """`command`, plus a UTS namespace whose hostname is this host's name: the process sees
+        the name and /etc/hosts a pod sees (each step execs in place: the pid stays argv's)."""
+        unshare, hostname = shutil.which("unshare"), shutil.which("hostname")
+        if unshare is None or hostname is None:
+            raise netns.NetnsError(f"a pod's own hostname needs `unshare` and `hostname` on PATH "
+                                   f"(found unshare={unshare}, hostname={hostname})")
+        return self.command([unshare, "--uts", "sh", "-c", f'{hostname} "$0" && exec "$@"', self.hostname, *argv])
 
     def entered(self) -> contextlib.AbstractContextManager[None]:
         return netns.entered(self.netns)
@@ -57,6 +75,13 @@ class Host:
                     fields = rest.split()
                     return int(fields[0]), int(fields[8])
         raise netns.NetnsError(f"no interface {self.interface} in {self.netns}")
+
+
+def _hosts_file(host: Host) -> str:
+    """The host's name first, then this machine's /etc/hosts: processes not started as pods still
+    resolve this machine's name as before (gloo, for one, resolves it to pick an address)."""
+    with open("/etc/hosts") as machine:
+        return f"{host.address} {host.hostname}\n{machine.read()}"
 
 
 # UCX between hosts as between nodes without RDMA: TCP only, over the host's own interface. The
@@ -108,6 +133,7 @@ class Topology:
         netns.ip("-n", self.switch, "link", "set", host.port, "up")
         netns.ip("-n", host.netns, "addr", "add", f"{host.address}/{PREFIX_LEN}", "dev", host.interface)
         netns.ip("-n", host.netns, "link", "set", host.interface, "up")
+        netns.write_etc(host.netns, "hosts", _hosts_file(host))
         return host
 
     def teardown(self) -> None:

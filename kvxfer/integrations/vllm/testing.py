@@ -105,7 +105,9 @@ def build_tiny_llama(directory: Path, *, seed: int, shape: TinyLlama = TinyLlama
 
 @dataclass
 class ServerSpec:
-    """One vLLM OpenAI server on loopback, optionally with a KV connector."""
+    """One vLLM OpenAI server, optionally with a KV connector: on loopback unless `host` and
+    `launcher` put it elsewhere (a host of kvxfer.hosts: its address, and `Host.pod_command([])`;
+    the caller then talks to it from inside that host's network)."""
 
     model: Path
     name: str
@@ -113,12 +115,14 @@ class ServerSpec:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     kv_cache_gib: int = 1
+    host: str = "127.0.0.1"  # HTTP binds it; clients dial it
+    launcher: list[str] = field(default_factory=list)  # argv prefix the server runs under
 
     def command(self, port: int) -> list[str]:
         cmd = [
-            sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
+            *self.launcher, sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
             "--model", str(self.model), "--served-model-name", "tiny",
-            "--host", "127.0.0.1", "--port", str(port),
+            "--host", self.host, "--port", str(port),
             "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8",
             "--enforce-eager", "--seed", "0", "--disable-log-stats",
         ]
@@ -142,7 +146,7 @@ class VllmServer:
     def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
         self.spec = spec
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{spec.host}:{self.port}"
         self.log_path = log_dir / f"{spec.name}.log"
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib),
                "VLLM_CPU_OMP_THREADS_BIND": "nobind", **spec.env}
