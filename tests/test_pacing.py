@@ -43,13 +43,6 @@ def test_wake_from_another_thread_ends_a_long_sleep():
     assert time.monotonic() - began < 10  # far below the 30 s wait
 
 
-def test_a_stopped_loop_is_not_reported_woken():
-    pace, stop = IdlePacer(first_s=5.0, longest_s=5.0), threading.Event()
-    stop.set()
-    pace.wake()
-    assert pace.sleep(stop) is False
-
-
 @pytest.mark.parametrize(("first", "longest"), [(0.0, 1.0), (2.0, 1.0), (-1.0, 1.0)])
 def test_rejects_a_pace_that_cannot_back_off(first, longest):
     with pytest.raises(ValueError, match=f"first_s={first}, longest_s={longest}"):

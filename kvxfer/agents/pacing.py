@@ -43,9 +43,8 @@ class IdlePacer:
         self.reset()
         self._woken.set()
 
-    def sleep(self, stop: threading.Event | None = None) -> bool:
-        """Wait `wait_s` or until woken; True if woken. Returns at once once `stop` is set
-        (a stop must also `wake`)."""
+    def sleep(self) -> bool:
+        """Wait `wait_s` or until woken; True if woken."""
         woken = self._woken.wait(self._wait_s)
         self._woken.clear()
-        return woken and not (stop is not None and stop.is_set())
+        return woken
