@@ -4,7 +4,9 @@ each decode rank talks to its own prefill ranks, kvxfer.agents.consumer), then g
 While a request waits, its lease is renewed (`Heartbeat`).
 
 A load that fails (prefill gone or restarted, deadline, refused handshake) ends the request with
-a typed `kv_load_failed` error (HTTP 502) and frees its blocks on both sides; it never hangs.
+a typed `kv_load_failed` error (HTTP 502) and frees its blocks on both sides; it never hangs. A
+failed load's blocks return to the pool once nothing can land in them any more: a READ's once no
+decode rank still runs one it gave up (kvxfer.daemons.landing), a push's after its deadline.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from dataclasses import asdict, dataclass
 from kvxfer.agents import messages as m
 from kvxfer.agents.heartbeat import Heartbeat
 from kvxfer.daemons import api
-from kvxfer.daemons.commands import Decode, Load, Moved, Token
+from kvxfer.daemons.commands import AskLanding, Decode, Load, Moved, StillLanding, Token
 from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S
 from kvxfer.daemons.enums import ModeChoice, TransferPathChoice
+from kvxfer.daemons.landing import LandingBlocks
 from kvxfer.daemons.prefill import tokenize
 from kvxfer.daemons.service import Service
 from kvxfer.errors import AuthError, ConfigError, KvxferError, LoadFailed
@@ -43,10 +46,25 @@ class DecodeService(Service):
         self._announced: dict[tuple[str, int], tuple[m.Mode, Path]] = {}
         self._costs: dict[tuple[str, int], FabricCosts | None] = {}  # per producer (engine, epoch)
         self.heartbeat: Heartbeat | None = None
+        self.landing = LandingBlocks(ask=self._still_landing, free=self.free)
 
     def start(self) -> None:
         super().start()
         self.heartbeat = Heartbeat(self.runtime.leases)
+        self.metrics.blocks_landing.set_function(lambda: self.landing.num_blocks)
+
+    def idle_work(self) -> None:
+        if self.landing.due():
+            self.executor.submit(self._check_landing)
+
+    def _check_landing(self) -> None:
+        try:
+            self.landing.check()
+        except KvxferError as err:
+            log.warning("asking the ranks about failed READs: %s", err)
+
+    def _still_landing(self, transfer_ids: list[str]) -> set[str]:
+        return {t for r in self.call(AskLanding(transfer_ids)) if isinstance(r, StillLanding) for t in r.transfer_ids}
 
     def close(self) -> None:
         if self.heartbeat is not None:
@@ -125,7 +143,8 @@ class DecodeService(Service):
         if plan.mode is m.Mode.WRITE:
             push_s = self.runtime.endpoint.deadline.seconds(self.runtime.consumer.expected_bytes(params, params.num_tokens))
             quarantine = max(0.0, not_after + push_s - time.time())
-        return LoadFailed(f"loading KV of {params.request_id[:8]} from {params.engine_id}: {err}", err.kind, quarantine)
+        return LoadFailed(f"loading KV of {params.request_id[:8]} from {params.engine_id}: {err}", err.kind, quarantine,
+                          reads_may_land=plan.mode is m.Mode.READ and not isinstance(err, AuthError))
 
     def _calibrated(self, params: m.TransferParams) -> FabricCosts | None:
         """Handshake and calibrate against a producer once per boot epoch (rank 0)."""
@@ -190,13 +209,13 @@ class DecodeService(Service):
         params, token_ids = self.prepare(request)
         num_cached = len(token_ids)
         ids = self.allocate(num_cached + request.max_tokens)
-        quarantine_s = 0.0
+        failure: LoadFailed | None = None
         self.heartbeat.track(params)  # from arrival: a request queued behind others keeps its lease
         try:
             try:
                 stats = await self.run(lambda: self.load(params, ids))
             except LoadFailed as err:
-                quarantine_s = err.quarantine_s
+                failure = err
                 raise
             token = params.first_token_id
             yield token, stats
@@ -209,10 +228,17 @@ class DecodeService(Service):
                 yield token, None
         finally:
             self.heartbeat.untrack(params.request_id)
-            if quarantine_s > 0:
-                self._free_later(ids, quarantine_s, params.request_id)
-            else:
-                self.free(ids)
+            self._give_back(ids, params.request_id, failure)
+
+    def _give_back(self, ids: list[int], request_id: str, failure: LoadFailed | None) -> None:
+        """A request's blocks back to the pool: now, or once nothing that failed can land in them."""
+        if failure is not None and failure.reads_may_land:
+            self.landing.keep(request_id, ids)
+            self.wake_idle()
+        elif failure is not None and failure.quarantine_s > 0:
+            self._free_later(ids, failure.quarantine_s, request_id)
+        else:
+            self.free(ids)
 
     def _free_later(self, ids: list[int], delay_s: float, request_id: str) -> None:
         """A failed WRITE's blocks go back once no push the producer started in time can land."""

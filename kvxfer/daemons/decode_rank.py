@@ -12,7 +12,7 @@ from kvxfer.agents.heartbeat import LeaseClient
 from kvxfer.agents.messages import TransferParams
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig
-from kvxfer.daemons.commands import Command, Load, Moved, Reply
+from kvxfer.daemons.commands import AskLanding, Command, Load, Moved, Reply, StillLanding
 from kvxfer.daemons.rank_setup import RankSetup
 from kvxfer.daemons.runtime import HANDSHAKE_TIMEOUT_S, RankRuntime
 
@@ -31,6 +31,8 @@ class DecodeRank(RankRuntime):
                                  handshake_timeout_s=HANDSHAKE_TIMEOUT_S, request_timeout_s=REQUEST_TIMEOUT_S)
 
     def execute_role(self, command: Command) -> Reply:
+        if isinstance(command, AskLanding):
+            return StillLanding([t for t in command.transfer_ids if self.consumer.landing(t)])
         if not isinstance(command, Load):
             return super().execute_role(command)
         params = command.params

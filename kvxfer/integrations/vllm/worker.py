@@ -105,6 +105,7 @@ class WorkerSide:
         self._leases: LeaseClient | None = None
         self._endpoint: Endpoint | None = None
         self._threads: list[threading.Thread] = []
+        self._landing: dict[str, str] = {}  # transfer id -> vLLM request id: a failed load's READs still run
 
     # -- setup and teardown ----------------------------------------------------------------------
 
@@ -204,7 +205,7 @@ class WorkerSide:
                 job = self._jobs.get(timeout=_IDLE_S)
             except queue.Empty:
                 if isinstance(self._role, Consumer):
-                    self._role.idle()  # confirmations still leaving, without a progress thread
+                    self._idle(self._role)
                 continue
             try:
                 if isinstance(job, ReleaseJob):
@@ -213,6 +214,15 @@ class WorkerSide:
                     self._load(job)
             except Exception:  # the thread must outlive any bug in one job
                 log.exception("kvxfer service step failed")
+
+    def _idle(self, consumer: Consumer) -> None:
+        """Confirmations still leaving (without a progress thread), and failed loads whose READs
+        have ended: only now may vLLM free their blocks."""
+        consumer.idle()
+        with self._lock:  # with `_failed`'s check: a load that settles before it is filed is not lost
+            for transfer_id in consumer.take_settled():
+                if transfer_id in self._landing:
+                    self._results.recving.add(self._landing.pop(transfer_id))
 
     def _release(self, job: ReleaseJob) -> None:
         """The producer's KV will not be read: rank 0 ends the lease on every producer rank."""
@@ -252,9 +262,16 @@ class WorkerSide:
                   job.params.engine_id, error.kind, error)
         self.metrics.observe_failure(error.kind)
         with self._lock:  # reported first: telling the producer may wait on a dead peer
+            landing = consumer.landing(job.params.request_id)
             self._stats.record_failure(error.kind)
-            self._results.recving.add(job.req_id)
             self._results.failed.add(job.req_id)
             self._results.failed_blocks.update(job.local_ids)
+            if landing:  # vLLM fails the request now and frees its blocks once it is reported done
+                self._landing[job.params.request_id] = job.req_id
+            else:
+                self._results.recving.add(job.req_id)
+        if landing:
+            log.warning("kvxfer request=%s: READs given up at the failure may still land in its %d blocks; "
+                        "vLLM gets them back once those end", job.req_id, len(job.local_ids))
         if self._leases is not None and not isinstance(error, AuthError):  # refused parameters do not
             self._leases.abort(job.params, reason=str(error), error_kind=error.kind)  # speak for a lease
