@@ -107,6 +107,11 @@ class Consumer:
         self._settled: list[str] = []  # transfer ids whose given-up READs ended since `take_settled`
         self.inbox = Inbox(endpoint.agent, lock=nixl_lock, metrics=endpoint.metrics)
 
+    @property
+    def nixl_lock(self) -> threading.RLock:
+        """The lock around this rank's NIXL agent (shared with its driver)."""
+        return self._nixl
+
     # -- one request ------------------------------------------------------------------------------
 
     def load(self, job: Load) -> Loaded:
