@@ -78,13 +78,25 @@ def server(spec: ServerSpec, logs: Path) -> Iterator[VllmServer]:
     """A ready and warm server for the length of a `with` block: one plain completion first, so
     that vLLM's own first-request work (seconds to tens of seconds on a busy 2-core machine) does
     not eat into a producer lease the test holds."""
-    running = VllmServer(spec, logs)
-    try:
-        running.wait_ready()
-        running.complete("warm up", max_tokens=1)
+    with servers(spec, logs=logs) as (running,):
         yield running
+
+
+@contextlib.contextmanager
+def servers(*specs: ServerSpec, logs: Path) -> Iterator[tuple[VllmServer, ...]]:
+    """`server` for several instances, started at once: a vLLM start is mostly one core's work,
+    so on 2 cores two start in much less than twice the time of one."""
+    running: list[VllmServer] = []
+    try:
+        for spec in specs:
+            running.append(VllmServer(spec, logs))
+        for instance in running:
+            instance.wait_ready(timeout_s=240.0 + 120.0 * (len(specs) - 1))
+            instance.complete("warm up", max_tokens=1)
+        yield tuple(running)
     finally:
-        running.stop()
+        for instance in running:
+            instance.stop()
 
 
 def connector_config(role: str, curve: dict[str, object] | None = None, **extra: object) -> dict[str, object]:

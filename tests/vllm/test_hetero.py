@@ -8,7 +8,7 @@ request still answers, with the plain tokens, computed locally."""
 
 from __future__ import annotations
 
-from conftest import consumer_spec, producer_spec, server
+from conftest import consumer_spec, producer_spec, servers
 from vllm_cases import MAX_TOKENS, ORPHAN_PROMPT, PREFIX_PROMPT, PROMPTS
 
 from kvxfer.integrations.vllm.testing import prefill_then_decode, token_ids
@@ -16,14 +16,13 @@ from kvxfer.integrations.vllm.testing import prefill_then_decode, token_ids
 
 def test_tp2_producer_writes_into_tp1_consumer(models, logs, curve, plain_tokens):
     spec = consumer_spec(models["a"], "consumer-write", curve, mode="write", staging_mib=4, policy="recompute")
-    with server(spec, logs) as cons:
-        with server(producer_spec(models["a"], "producer-tp2", curve, tp=2, staging_mib=4), logs) as prod:
-            for prompt in [*PROMPTS, PREFIX_PROMPT]:
-                first, second = prefill_then_decode(prod, cons, prompt, max_tokens=MAX_TOKENS)
-                assert first["kv_transfer_params"]["tp_size"] == 2
-                assert token_ids(second) == plain_tokens[prompt], prompt[:40]
-            first = prod.complete(ORPHAN_PROMPT, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
-            prod.kill()
+    with servers(spec, producer_spec(models["a"], "producer-tp2", curve, tp=2, staging_mib=4), logs=logs) as (cons, prod):
+        for prompt in [*PROMPTS, PREFIX_PROMPT]:
+            first, second = prefill_then_decode(prod, cons, prompt, max_tokens=MAX_TOKENS)
+            assert first["kv_transfer_params"]["tp_size"] == 2
+            assert token_ids(second) == plain_tokens[prompt], prompt[:40]
+        first = prod.complete(ORPHAN_PROMPT, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+        prod.kill()
         recomputed = cons.complete(ORPHAN_PROMPT, max_tokens=MAX_TOKENS,
                                    kv_transfer_params=first["kv_transfer_params"])
         assert token_ids(recomputed) == plain_tokens[ORPHAN_PROMPT]

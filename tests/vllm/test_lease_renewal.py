@@ -9,7 +9,7 @@ import threading
 import time
 
 import httpx
-from conftest import connector_config, consumer_spec, server
+from conftest import connector_config, consumer_spec, servers
 from vllm_cases import MAX_TOKENS, PROMPTS
 
 from kvxfer.integrations.vllm.testing import ServerSpec, token_ids
@@ -25,7 +25,7 @@ def test_request_queued_past_the_lease_still_loads(models, logs, plain_tokens):
     cons.extra_args += ["--max-num-seqs", "1"]  # one running request: the next one queues
     prod = ServerSpec(model=models["a"], name="producer-short-lease", kv_transfer_config=connector_config(
         "kv_producer", lease_s=LEASE_S, transfer_deadline_s=1))
-    with server(cons, logs) as consumer, server(prod, logs) as producer:
+    with servers(cons, prod, logs=logs) as (consumer, producer):
         prompt = PROMPTS[1]
         running = threading.Event()
         blocker = threading.Thread(target=_stream_long, args=(consumer.url, running), daemon=True)
