@@ -20,7 +20,7 @@ shape and strides.
 
 The worker calls `describe_vllm_caches` once in `register_kv_caches`: NIXL registers
 `storages` (each allocation once), the region's layer addresses are `layer_addrs`, staging copies
-address `windows`; block ids from vLLM go through `blocks.kernel_ids` before any plan sees them.
+address `windows`; `blocks` maps vLLM's block ids to the kernel ids the layout indexes.
 
 Where block ids are translated: once per side, at the connector's edge, so the protocol roles
 (kvxfer.agents) and every plan see kernel ids at the layout's block size only.
