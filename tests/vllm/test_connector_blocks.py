@@ -1,7 +1,7 @@
 """vLLM blocks of several kernel blocks through the connector's own halves: vLLM 0.32 caches built
-by `allocate_kv_cache` with kernel blocks smaller than vLLM's, one real process per worker
-(`WorkerSide`: its endpoint, side channel and protocol role), the two `SchedulerSide`s here, fed
-vLLM's own `Request` and `KVCacheBlocks`. Only vLLM's ids go in (the finished request's blocks,
+by `allocate_kv_cache` with kernel blocks smaller than vLLM's, the producers' and the consumers'
+workers in two real processes (each `WorkerSide` with its own endpoint, NIXL agent, side channel
+and protocol role), the two `SchedulerSide`s here, fed vLLM's own `Request` and `KVCacheBlocks`. Only vLLM's ids go in (the finished request's blocks,
 the blocks vLLM allocated for the load); the workers hand the scheduler their block split as
 vLLM's start-up channel would. Each decode rank then checks the K and V its backend reads, token
 by token, at the kernel blocks vLLM's own block-table expansion gives; the producer ranks see
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import uuid
 
 import pytest
 from cache_cases import NUM_TOKENS, Case, manager_ids, v32, vllm_recipe
@@ -50,10 +51,12 @@ def _allocated(ids: list[int]):
 
 
 def _instances(pair: int, taken: set[int]) -> tuple[Instance, Instance]:
+    """The two drop-in instances of a pair (CURVE with per-instance keys, as vLLM runs them)."""
     (prefill_tp, decode_tp), _, mode = PAIRS[pair]
-    producer = Instance("kv_producer", f"prod-{pair}", boot_epoch_of(f"prod-{pair}"), prefill_tp,
+    prod, cons = (f"{name}-{pair}-{uuid.uuid4().hex[:8]}" for name in ("prod", "cons"))
+    producer = Instance("kv_producer", prod, boot_epoch_of(prod), prefill_tp,
                         {"side_channel_host": "127.0.0.1", "side_channel_port": free_ports(prefill_tp, taken)})
-    consumer = Instance("kv_consumer", f"cons-{pair}", boot_epoch_of(f"cons-{pair}"), decode_tp,
+    consumer = Instance("kv_consumer", cons, boot_epoch_of(cons), decode_tp,
                         {"side_channel_host": "127.0.0.1", "mode": mode})
     return producer, consumer
 
