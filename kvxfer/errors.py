@@ -6,6 +6,8 @@ Messages say where: the field, the value seen and the value expected, e.g.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 
 class KvxferError(Exception):
     """Base of every error kvxfer raises on purpose."""
@@ -59,10 +61,21 @@ class IncompatiblePeerError(HandshakeError):
         super().__init__(f"peer {peer} is incompatible ({len(mismatches)} field(s)):\n" + "\n".join(lines))
 
 
+class Landing(Protocol):
+    """Transfers given up while NIXL still runs them (kvxfer.agents.nixl_agent.Landing)."""
+
+    def settled(self) -> bool: ...
+
+
 class TransferError(KvxferError):
-    """A transfer failed after it was posted."""
+    """A transfer failed after it was posted.
+
+    `landing`: the request's transfers still running when it was given up (a deadline, or one
+    of several failed), or None. Until it is `settled()` they may still write (or read) the local
+    memory they name: the caller keeps that memory from other requests until then."""
 
     kind = "transfer"
+    landing: Landing | None = None
 
 
 class TransferTimeout(TransferError):
@@ -94,10 +107,11 @@ class LoadFailed(KvxferError):
 
     kind = "kv_load_failed"
 
-    def __init__(self, message: str, cause: str, quarantine_s: float = 0.0):
+    def __init__(self, message: str, cause: str, quarantine_s: float = 0.0, reads_may_land: bool = False):
         super().__init__(message)
         self.cause = cause
         self.quarantine_s = quarantine_s  # the blocks may still receive a push until then
+        self.reads_may_land = reads_may_land  # a READ was posted: its blocks wait until no rank's still runs
 
 
 def _raisable(cls: type[KvxferError]) -> type[KvxferError]:

@@ -13,6 +13,9 @@ gives it, talking to them directly:
 4. Confirm: a `DONE` notification to every producer rank; each ends its lease on the last one.
 A failure raises a KvxferError naming why (`explain` turns an unreachable or restarted producer
 into one); the driver then aborts the lease (`LeaseClient.abort`) and reports the request failed.
+A READ given up while NIXL still runs it (a deadline during a partition) can land later: until
+`idle` finds it ended (`landing`, then `take_settled`), the driver keeps the request's blocks
+from other requests.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from kvxfer.agents.compat import check_compatible
 from kvxfer.agents.endpoint import Endpoint, Leg, TransferSummary, shaped_ids
 from kvxfer.agents.heartbeat import LeaseClient
 from kvxfer.agents.inbox import Inbox
+from kvxfer.agents.landings import Landings
 from kvxfer.agents.peers import Peer
 from kvxfer.agents.sidechannel import ClientCache, producer_target
 from kvxfer.agents.staged_transfer import Reservation, release_later
@@ -99,7 +103,14 @@ class Consumer:
         self._links: dict[tuple[str, int], ProducerLink] = {}
         self._once = capability.OnceOnly()
         self._to_confirm: deque[tuple[m.TransferParams, list[ProducerLink]]] = deque()
+        self._landings: Landings[str] = Landings()  # given-up READs, by transfer id, with their producer
+        self._settled: list[str] = []  # transfer ids whose given-up READs ended since `take_settled`
         self.inbox = Inbox(endpoint.agent, lock=nixl_lock, metrics=endpoint.metrics)
+
+    @property
+    def nixl_lock(self) -> threading.RLock:
+        """The lock around this rank's NIXL agent (shared with its driver)."""
+        return self._nixl
 
     # -- one request ------------------------------------------------------------------------------
 
@@ -113,8 +124,12 @@ class Consumer:
                 summary, staged = self._read(job, links, sources), False
             else:
                 summary, staged = self._pushed(job, links, sources)
-        except TransferError:
-            self.forget(params.engine_id)
+        except TransferError as err:
+            with self._nixl:
+                if err.landing is not None:
+                    self._landings.keep(params.request_id, params.engine_id, err.landing)
+                if self._landings.may_forget(params.engine_id):
+                    self.forget(params.engine_id)
             raise
         self._to_confirm.append((params, links))  # off the request's path: `idle` sends them
         return Loaded(summary, staged)
@@ -122,7 +137,9 @@ class Consumer:
     def forget(self, engine_id: str) -> None:
         """After a failed transfer: meet every rank of that producer again on the next request.
         A partition longer than UCX's keepalive leaves its endpoints dead at an unchanged boot
-        epoch; a new handshake (and NIXL connection) is what heals it."""
+        epoch; a new handshake (and NIXL connection) is what heals it. While a READ given up
+        from it still runs, not yet (`Landings.may_forget`): the old connection stays in use, and
+        works again once a partition ends, or fails, ending the landing, if UCX declared it dead."""
         for key in [k for k in self._links if k[0] == engine_id]:
             del self._links[key]
             with self._nixl:
@@ -285,7 +302,32 @@ class Consumer:
         while self._to_confirm:
             self._confirm(*self._to_confirm.popleft())
             confirmed += 1
-        return self.inbox.collect() + confirmed > 0
+        return self.inbox.collect() + confirmed + self._settle() > 0
+
+    def landing(self, request_id: str) -> bool:
+        """Whether a failed load of `request_id` left READs running that may still write its
+        blocks: its driver gives the blocks back only once `take_settled` names it."""
+        with self._nixl:
+            return self._landings.running(request_id)
+
+    def take_settled(self) -> list[str]:
+        """Transfer ids whose given-up READs have ended (landed or failed) since the last call."""
+        with self._nixl:
+            settled, self._settled = self._settled, []
+        return settled
+
+    def _settle(self) -> int:
+        if not self._landings:
+            return 0
+        with self._nixl:
+            settled = self._landings.settle()
+            for engine_id in settled.peers:
+                self.forget(engine_id)
+            for transfer_id, seconds in settled.requests:
+                log.info("request %s: the READs given up at its failure ended %.1f s later; its blocks can be "
+                         "reused", transfer_id[:8], seconds)
+                self._settled.append(transfer_id)
+        return len(settled.requests)
 
     def calibrate(self, params: m.TransferParams) -> FabricCosts | None:
         """The cost model's numbers against the first producer rank we read from."""

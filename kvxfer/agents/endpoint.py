@@ -127,31 +127,48 @@ class Endpoint:
              notif: bytes) -> TransferSummary:
         summary = TransferSummary(Mode.READ if op is Op.READ else Mode.WRITE)
         started = time.perf_counter()
-        posted: list[Transfer] = []
-        try:
-            for leg in legs:
-                posted.append(self._post(op, leg, local_ids, num_tokens, notif))
-            num_bytes = sum(x.num_bytes for x in posted)
-            stats = self.agent.wait(posted, timeout_s=self.deadline.seconds(num_bytes))
-        except KvxferError:
-            for x in posted:
-                if not x.done:
-                    x.release()
-            raise
+        posted = self._post_all(self._make_all(op, legs, local_ids, num_tokens, notif))
+        num_bytes = sum(x.num_bytes for x in posted)
+        stats = self.agent.wait(posted, timeout_s=self.deadline.seconds(num_bytes))  # may raise with a landing
         summary.seconds = time.perf_counter() - started
         summary.num_bytes = sum(s.num_bytes or x.num_bytes for s, x in zip(stats, posted, strict=True))
         summary.num_descriptors = sum(s.num_descriptors or x.num_descriptors for s, x in zip(stats, posted, strict=True))
         summary.peers = [f"{leg.peer.engine_id}/{leg.peer.rank}" for leg in legs]
         return summary
 
-    def _post(self, op: Op, leg: Leg, local_ids: np.ndarray, num_tokens: int, notif: bytes) -> Transfer:
+    def _make(self, op: Op, leg: Leg, local_ids: np.ndarray, num_tokens: int, notif: bytes) -> Transfer:
         prepared = self.peers.prepared(leg.peer, leg.heads)
         if prepared.local is not None and prepared.remote is not None and prepared.indexer is not None:
             local_idx, remote_idx = prepared.indexer.indices(local_ids, leg.remote_ids, num_tokens)
-            return self.agent.post(op, prepared.local, local_idx, prepared.remote, remote_idx, notif=notif)
+            return self.agent.make(op, prepared.local, local_idx, prepared.remote, remote_idx, notif=notif)
         spans = request_spans(prepared.plan, local_ids, leg.remote_ids, num_tokens)
-        return self.agent.post_spans(op, spans.local, spans.remote, peer=leg.peer.agent_name,
+        return self.agent.make_spans(op, spans.local, spans.remote, peer=leg.peer.agent_name,
                                      local_mem=self.mem, remote_mem=leg.peer.mem, notif=notif)
+
+    def _make_all(self, op: Op, legs: list[Leg], local_ids: np.ndarray, num_tokens: int,
+                  notif: bytes) -> list[Transfer]:
+        made: list[Transfer] = []
+        try:
+            for leg in legs:
+                made.append(self._make(op, leg, local_ids, num_tokens, notif))
+        except KvxferError:
+            for xfer in made:
+                xfer.release()
+            raise
+        return made
+
+    def _post_all(self, made: list[Transfer]) -> list[Transfer]:
+        """Post every leg (all made first: a request whose last leg cannot be planned posts
+        nothing). A post NIXL refuses gives up the legs already posted, as a landing."""
+        for i, xfer in enumerate(made):
+            try:
+                self.agent.start(xfer)
+            except TransferError as err:
+                for unposted in made[i + 1:]:
+                    unposted.release()
+                self.agent.abandon(made[:i], err)
+                raise
+        return made
 
     # ---- staged (gather, one descriptor, scatter) ------------------------------------------------
 

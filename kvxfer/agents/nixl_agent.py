@@ -176,14 +176,23 @@ class Transfer:
         self.num_bytes = num_bytes
         self.num_descriptors = num_descriptors
         self.done = False
+        self.failed = False  # NIXL reported ERR: UCX ended it, nothing more moves
         self.probe = False  # a calibration probe: counted as op="probe_read"/"probe_write"
+
+    @property
+    def running(self) -> bool:
+        return not (self.done or self.failed)
 
     def poll(self) -> bool:
         """True once complete; raises TransferError if NIXL reports a failure."""
-        if not self.done:
-            with nixl_errors(f"{self.op.value} state", self.peer):
-                state = self._agent._raw.check_xfer_state(self._handle)
-            self.done = _check_state(state, f"{self.op.value} from/to peer {self.peer}")
+        if self.running:
+            try:
+                with nixl_errors(f"{self.op.value} state", self.peer):
+                    state = self._agent._raw.check_xfer_state(self._handle)
+                self.done = _check_state(state, f"{self.op.value} from/to peer {self.peer}")
+            except TransferError:
+                self.failed = True
+                raise
         return self.done
 
     def stats(self) -> XferStats:
@@ -198,6 +207,37 @@ class Transfer:
                 self._handle.release()
         except TransferError as err:
             log.warning("transfer release failed peer=%s op=%s: %s", self.peer, self.op.value, err)
+
+
+class Landing:
+    """Transfers given up while still running. NIXL cannot stop one: releasing its handle only
+    asks UCX to cancel (a posted GET or PUT is not cancelled) and forgetting the peer closes its
+    endpoint with a flush, so a READ given up during a partition lands once the link is back
+    (docs/two-hosts.md). What can be observed is each transfer's own state: `settled()` polls
+    them and is True once every one reported DONE or ERR (their handles are released then).
+    Poll it under the lock that guards the agent."""
+
+    def __init__(self, transfers: Sequence[Transfer]) -> None:
+        self._running = list(transfers)
+        self.since = time.monotonic()
+
+    def settled(self) -> bool:
+        still = []
+        for xfer in self._running:
+            try:
+                finished = xfer.poll()
+            except TransferError:
+                finished = True
+            if finished:
+                xfer.release()
+            else:
+                still.append(xfer)
+        self._running = still
+        return not still
+
+    @property
+    def peers(self) -> list[str]:
+        return sorted({x.peer for x in self._running})
 
 
 def _check_state(state: str, where: str) -> bool:
@@ -324,6 +364,11 @@ class NixlAgent:
     def post(self, op: Op, local: DescList, local_idx: np.ndarray, remote: DescList,
              remote_idx: np.ndarray, *, notif: bytes = b"") -> Transfer:
         """Make and post one transfer: row local_idx[i] of `local` <-> remote_idx[i] of `remote`."""
+        return self.start(self.make(op, local, local_idx, remote, remote_idx, notif=notif))
+
+    def make(self, op: Op, local: DescList, local_idx: np.ndarray, remote: DescList,
+             remote_idx: np.ndarray, *, notif: bytes = b"") -> Transfer:
+        """`post` without the post (`start` it, or `release` it unposted)."""
         if remote.peer == "" or local.peer != "":
             raise ConfigError("post: `local` must be a local list and `remote` a peer's list")
         local_idx = _as_indices(local_idx, local, "local")
@@ -334,7 +379,8 @@ class NixlAgent:
         with nixl_errors(f"make {op.value}", remote.peer):
             handle = self._raw.make_prepped_xfer(op.value, local.handle, local_idx, remote.handle,
                                                 remote_idx, notif)
-        return self._start(handle, op, remote.peer, num_bytes, int(local_idx.size))
+        return Transfer(self, handle, peer=remote.peer, op=op, num_bytes=num_bytes,
+                        num_descriptors=int(local_idx.size))
 
     def post_spans(self, op: Op, local: np.ndarray, remote: np.ndarray, *, peer: str,
                    local_mem: MemoryKind, remote_mem: MemoryKind, notif: bytes = b"", probe: bool = False) -> Transfer:
@@ -360,11 +406,6 @@ class NixlAgent:
         return Transfer(self, handle, peer=peer, op=op, num_bytes=int(local[:, 1].sum()),
                         num_descriptors=int(local.shape[0]))
 
-    def _start(self, handle: nixl_xfer_handle, op: Op, peer: str, num_bytes: int,
-               num_descriptors: int) -> Transfer:
-        return self.start(Transfer(self, handle, peer=peer, op=op, num_bytes=num_bytes,
-                                   num_descriptors=num_descriptors))
-
     def start(self, xfer: Transfer) -> Transfer:
         """Post a transfer made by `make_spans` (released, and the error raised, if NIXL refuses)."""
         try:
@@ -372,6 +413,7 @@ class NixlAgent:
                 state = self._raw.transfer(xfer._handle)
             xfer.done = _check_state(state, f"post {xfer.op.value} to peer {xfer.peer}")
         except TransferError as err:
+            xfer.failed = True
             xfer.release()
             self._failed(err)
             raise
@@ -395,11 +437,23 @@ class NixlAgent:
             stats = [self._stats(x) for x in transfers]
         except TransferError as err:
             self._failed(err)
+            self.abandon(transfers, err)
             raise
-        finally:
-            for x in transfers:
-                x.release()
+        for x in transfers:
+            x.release()
         return stats
+
+    def abandon(self, transfers: Sequence[Transfer], err: TransferError) -> None:
+        """A request gives up `transfers`: release the finished ones, and hand the ones still
+        running to the error as its `landing` (see Landing) instead of pretending to cancel them."""
+        running = [x for x in transfers if x.running]
+        for x in transfers:
+            if not x.running:
+                x.release()
+        if running:
+            err.landing = Landing(running)
+            log.warning("agent=%s: %d transfer(s) to %s given up while still running; their local memory "
+                        "stays reserved until each ends", self.name, len(running), sorted({x.peer for x in running}))
 
     def _stats(self, xfer: Transfer) -> XferStats:
         if self.config.telemetry:

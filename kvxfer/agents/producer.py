@@ -32,6 +32,7 @@ from kvxfer.agents.capability import Signer, identity_of_peer
 from kvxfer.agents.compat import check_compatible
 from kvxfer.agents.endpoint import Endpoint, Leg, shaped_ids
 from kvxfer.agents.inbox import Inbox, Notice
+from kvxfer.agents.landings import Landings
 from kvxfer.agents.leases import LeaseTable, Outcome, Released
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.pacing import IdlePacer
@@ -122,6 +123,7 @@ class Producer:
         self._pushes: deque[_Push] = deque()
         self._to_prepare: deque[_ConsumerRank] = deque()  # consumer ranks that just handshook
         self._pace = IdlePacer(_IDLE_FIRST_S, _IDLE_LONGEST_S)
+        self._landings: Landings[tuple[str, int]] = Landings()  # pushes given up, by transfer id
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._server: SideChannelServer | None = None
@@ -319,7 +321,8 @@ class Producer:
             self._released(held)
         if push is not None:
             self._push(push)
-        return bool(arrived) or push is not None or prepare is not None
+        settled = self._settle()
+        return bool(arrived) or push is not None or prepare is not None or settled
 
     def _prepare(self, consumer: _ConsumerRank) -> None:
         """Before a consumer rank's first push: load its agent and prepare the descriptor lists
@@ -371,8 +374,27 @@ class Producer:
             self.metrics.observe_failure(err.kind)
             self._notify(consumer.info.agent_name, ask.request_id, err.kind)
             if isinstance(err, TransferError):  # its endpoint may be dead (a long partition): load it anew
-                with self._nixl_lock:
-                    self.endpoint.peers.forget(consumer.info.engine_id, consumer.info.tp_rank)
+                self._after_failed_push(ask.request_id, (consumer.info.engine_id, consumer.info.tp_rank), err)
+
+    def _after_failed_push(self, transfer_id: str, peer: tuple[str, int], err: TransferError) -> None:
+        """Forget the consumer rank, once no push given up to it still runs (kvxfer.agents.landings)."""
+        with self._nixl_lock:
+            if err.landing is not None:
+                self._landings.keep(transfer_id, peer, err.landing)
+            if self._landings.may_forget(peer):
+                self.endpoint.peers.forget(*peer)
+
+    def _settle(self) -> bool:
+        if not self._landings:
+            return False
+        with self._nixl_lock:
+            settled = self._landings.settle()
+            for peer in settled.peers:
+                self.endpoint.peers.forget(*peer)
+        for transfer_id, seconds in settled.requests:
+            log.info("rank %d: the push of %s given up at its failure ended %.1f s later", self.rank,
+                     transfer_id[:8], seconds)
+        return bool(settled.requests)
 
     def _push_direct(self, job: _Push, peer: Peer) -> None:
         held, ask = job.held, job.ask

@@ -35,6 +35,9 @@ PROBE_BYTES = 8 << 20
 MAX_COPIERS = 32  # unit copiers kept per rank (pairings seen most recently)
 
 
+SLOT_ALIGN = 4096  # every staging slot starts on a page: the GPU copies move 16-byte vectors
+
+
 @dataclass(frozen=True)
 class StagingConfig:
     slot_bytes: int = 0  # 0: only the probe area (calibration), no staged transfers

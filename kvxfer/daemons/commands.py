@@ -47,6 +47,17 @@ class Describe(msgspec.Struct, tag="describe", frozen=True):
     pass
 
 
+class AskLanding(msgspec.Struct, tag="ask_landing", frozen=True):
+    """Every decode rank: which of these failed loads still have READs running (that may yet
+    land in their blocks)?"""
+
+    transfer_ids: list[str]
+
+
+class StillLanding(msgspec.Struct, tag="still_landing", frozen=True):
+    transfer_ids: list[str]
+
+
 class Token(msgspec.Struct, tag="token", frozen=True):
     token: int
     expires_unix_ms: int = 0  # Prefill: when this rank's lease ends unless renewed
@@ -65,8 +76,8 @@ class Described(msgspec.Struct, tag="described", frozen=True):
     pid: int
 
 
-Command = Prefill | Decode | Load | Describe
-Reply = Token | Moved | Described | Failed
+Command = Prefill | Decode | Load | Describe | AskLanding
+Reply = Token | Moved | Described | StillLanding | Failed
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(Command)
 reply_decoder = msgspec.msgpack.Decoder(Reply)

@@ -4,7 +4,9 @@ each decode rank talks to its own prefill ranks, kvxfer.agents.consumer), then g
 While a request waits, its lease is renewed (`Heartbeat`).
 
 A load that fails (prefill gone or restarted, deadline, refused handshake) ends the request with
-a typed `kv_load_failed` error (HTTP 502) and frees its blocks on both sides; it never hangs.
+a typed `kv_load_failed` error (HTTP 502) and frees its blocks on both sides; it never hangs. A
+failed load's blocks return to the pool once nothing can land in them any more: a READ's once no
+decode rank still runs one it gave up (kvxfer.daemons.landing), a push's after its deadline.
 """
 
 from __future__ import annotations
@@ -13,40 +15,50 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from kvxfer.agents import messages as m
 from kvxfer.agents.heartbeat import Heartbeat
+from kvxfer.agents.transfer_choice import TransferChooser, TransferPlan
 from kvxfer.daemons import api
-from kvxfer.daemons.commands import Decode, Load, Moved, Token
+from kvxfer.daemons.commands import AskLanding, Decode, Load, Moved, StillLanding, Token
 from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S
-from kvxfer.daemons.enums import ModeChoice, TransferPathChoice
+from kvxfer.daemons.landing import LandingBlocks
 from kvxfer.daemons.prefill import tokenize
 from kvxfer.daemons.service import Service
 from kvxfer.errors import AuthError, ConfigError, KvxferError, LoadFailed
 from kvxfer.planning import map_tp
-from kvxfer.planning.cost import FabricCosts, Path, choose
+from kvxfer.planning.cost import Path
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TransferPlan:
-    mode: m.Mode  # READ or WRITE
-    path: Path  # direct (one descriptor per span) or staged (gather, one descriptor, scatter)
-    why: str  # for the log: the cost model's candidates, the rule, or the flag
 
 
 class DecodeService(Service):
     def __init__(self, config, **kwargs) -> None:
         super().__init__(config, **kwargs)
-        self._announced: dict[tuple[str, int], tuple[m.Mode, Path]] = {}
-        self._costs: dict[tuple[str, int], FabricCosts | None] = {}  # per producer (engine, epoch)
         self.heartbeat: Heartbeat | None = None
+        self.chooser: TransferChooser | None = None
+        self.landing = LandingBlocks(ask=self._still_landing, free=self.free)
 
     def start(self) -> None:
         super().start()
         self.heartbeat = Heartbeat(self.runtime.leases)
+        self.chooser = TransferChooser(self.runtime.consumer, mode=self.config.mode, path=self.config.transfer_path,
+                                       ranks=self.config.tp)
+        self.metrics.blocks_landing.set_function(lambda: self.landing.num_blocks)
+
+    def idle_work(self) -> None:
+        if self.landing.due():
+            self.executor.submit(self._check_landing)
+
+    def _check_landing(self) -> None:
+        try:
+            self.landing.check()
+        except KvxferError as err:
+            log.warning("asking the ranks about failed READs: %s", err)
+
+    def _still_landing(self, transfer_ids: list[str]) -> set[str]:
+        return {t for r in self.call(AskLanding(transfer_ids)) if isinstance(r, StillLanding) for t in r.transfer_ids}
 
     def close(self) -> None:
         if self.heartbeat is not None:
@@ -125,64 +137,18 @@ class DecodeService(Service):
         if plan.mode is m.Mode.WRITE:
             push_s = self.runtime.endpoint.deadline.seconds(self.runtime.consumer.expected_bytes(params, params.num_tokens))
             quarantine = max(0.0, not_after + push_s - time.time())
-        return LoadFailed(f"loading KV of {params.request_id[:8]} from {params.engine_id}: {err}", err.kind, quarantine)
-
-    def _calibrated(self, params: m.TransferParams) -> FabricCosts | None:
-        """Handshake and calibrate against a producer once per boot epoch (rank 0)."""
-        key = (params.engine_id, params.boot_epoch)
-        if key not in self._costs:
-            self.runtime.consumer.links(params)
-            try:
-                costs = self.runtime.consumer.calibrate(params)
-            except KvxferError as err:  # the rule-based choice still works; say why it is used
-                log.warning("calibration against %s failed, choosing transfers by rule: %s", params.engine_id, err)
-                costs = None
-            self._costs = {k: v for k, v in self._costs.items() if k[0] != params.engine_id}  # old epochs
-            self._costs[key] = costs
-        return self._costs[key]
+        return LoadFailed(f"loading KV of {params.request_id[:8]} from {params.engine_id}: {err}", err.kind, quarantine,
+                          reads_may_land=plan.mode is m.Mode.READ and not isinstance(err, AuthError))
 
     def plan_transfer(self, params: m.TransferParams) -> TransferPlan:
-        """How this request's KV moves. With costs calibrated against the producer (at its first
-        handshake), the cost model picks the cheapest of what `--mode` and staging allow; without
-        them a rule: `auto` pushes into GPU memory (pull over CUDA IPC falls back to a slow path)
-        and pulls from host memory, staged where both sides have slots and the memory is VRAM."""
-        runtime = self.runtime
-        if self.config.mode is ModeChoice.READ:
-            return TransferPlan(m.Mode.READ, Path.DIRECT, "--mode read")
-        costs = self._calibrated(params)
-        stage = self.config.transfer_path is not TransferPathChoice.DIRECT and runtime.can_stage(params)
-        if self.config.transfer_path is TransferPathChoice.STAGED:
-            path = Path.STAGED if stage else Path.DIRECT
-            return self._announce(params, TransferPlan(m.Mode.WRITE, path, "--transfer-path staged"
-                                                       + ("" if stage else " (does not fit a slot: direct)")))
-        if costs is None:
-            vram = runtime.endpoint.mem is m.MemoryKind.VRAM
-            mode = m.Mode.WRITE if self.config.mode is ModeChoice.WRITE or vram else m.Mode.READ
-            path = Path.STAGED if mode is m.Mode.WRITE and stage and vram else Path.DIRECT
-            return self._announce(params, TransferPlan(mode, path, "rule (no calibration)"))
-        for name, value in asdict(costs).items():
+        """How this request's KV moves (kvxfer.agents.transfer_choice; rank 0 decides for every
+        decode rank), with the cost model's figures in /metrics."""
+        plan = self.chooser.plan(params)
+        costs = self.chooser.costs(params) if plan.choice is not None else None
+        for name, value in asdict(costs).items() if costs is not None else ():
             self.metrics.fabric.labels(quantity=name).set(value)
-        allowed = [(Path.DIRECT, True)] + ([(Path.STAGED, True)] if stage else [])
-        if self.config.mode is ModeChoice.AUTO:
-            allowed.append((Path.DIRECT, False))
-        choice = choose(costs, num_bytes=runtime.consumer.expected_bytes(params, params.num_tokens) * self.config.tp,
-                        descriptors=runtime.direct_descriptors(params), allowed=tuple(allowed))
-        for c in choice.candidates:
+        for c in plan.choice.candidates if plan.choice is not None else ():
             self.metrics.estimate_seconds.labels(path=c.path.value, op="write" if c.write else "read").set(c.seconds)
-        best = choice.best
-        return self._announce(params, TransferPlan(m.Mode.WRITE if best.write else m.Mode.READ, best.path,
-                                                   f"cost model: {choice.describe()}"))
-
-    def _announce(self, params: m.TransferParams, plan: TransferPlan) -> TransferPlan:
-        """Log the first choice for each producer epoch and each change of choice (INFO), every
-        request's at DEBUG: a reader of the log sees why transfers take the path they take."""
-        key = (params.engine_id, params.boot_epoch)
-        if self._announced.get(key) != (plan.mode, plan.path):
-            self._announced[key] = (plan.mode, plan.path)
-            log.info("transfers from %s (epoch %d): %s %s, by %s", params.engine_id, params.boot_epoch,
-                     plan.path.value, plan.mode.value, plan.why)
-        else:
-            log.debug("request %s: %s %s, by %s", params.request_id[:8], plan.path.value, plan.mode.value, plan.why)
         return plan
 
     async def generate(self, request: api.CompletionRequest) -> AsyncIterator[tuple[int, api.TransferStats | None]]:
@@ -190,13 +156,13 @@ class DecodeService(Service):
         params, token_ids = self.prepare(request)
         num_cached = len(token_ids)
         ids = self.allocate(num_cached + request.max_tokens)
-        quarantine_s = 0.0
+        failure: LoadFailed | None = None
         self.heartbeat.track(params)  # from arrival: a request queued behind others keeps its lease
         try:
             try:
                 stats = await self.run(lambda: self.load(params, ids))
             except LoadFailed as err:
-                quarantine_s = err.quarantine_s
+                failure = err
                 raise
             token = params.first_token_id
             yield token, stats
@@ -209,10 +175,17 @@ class DecodeService(Service):
                 yield token, None
         finally:
             self.heartbeat.untrack(params.request_id)
-            if quarantine_s > 0:
-                self._free_later(ids, quarantine_s, params.request_id)
-            else:
-                self.free(ids)
+            self._give_back(ids, params.request_id, failure)
+
+    def _give_back(self, ids: list[int], request_id: str, failure: LoadFailed | None) -> None:
+        """A request's blocks back to the pool: now, or once nothing that failed can land in them."""
+        if failure is not None and failure.reads_may_land:
+            self.landing.keep(request_id, ids)
+            self.wake_idle()
+        elif failure is not None and failure.quarantine_s > 0:
+            self._free_later(ids, failure.quarantine_s, request_id)
+        else:
+            self.free(ids)
 
     def _free_later(self, ids: list[int], delay_s: float, request_id: str) -> None:
         """A failed WRITE's blocks go back once no push the producer started in time can land."""

@@ -1,6 +1,6 @@
 """A decode service's rank: its engine shard plus the consumer role (kvxfer.agents.consumer).
-Each rank loads its own share of a request from its own producer ranks; rank 0 also answers the
-questions the decode service's transfer choice asks (descriptors, staging, calibration)."""
+Each rank loads its own share of a request from its own producer ranks; rank 0's consumer also
+serves the decode service's transfer choice (kvxfer.agents.transfer_choice)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from kvxfer.agents.consumer import Consumer
 from kvxfer.agents.consumer import Load as LoadJob
 from kvxfer.agents.endpoint import shaped_ids
 from kvxfer.agents.heartbeat import LeaseClient
-from kvxfer.agents.messages import TransferParams
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig
-from kvxfer.daemons.commands import Command, Load, Moved, Reply
+from kvxfer.daemons.commands import AskLanding, Command, Load, Moved, Reply, StillLanding
 from kvxfer.daemons.rank_setup import RankSetup
 from kvxfer.daemons.runtime import HANDSHAKE_TIMEOUT_S, RankRuntime
 
@@ -31,6 +30,8 @@ class DecodeRank(RankRuntime):
                                  handshake_timeout_s=HANDSHAKE_TIMEOUT_S, request_timeout_s=REQUEST_TIMEOUT_S)
 
     def execute_role(self, command: Command) -> Reply:
+        if isinstance(command, AskLanding):
+            return StillLanding([t for t in command.transfer_ids if self.consumer.landing(t)])
         if not isinstance(command, Load):
             return super().execute_role(command)
         params = command.params
@@ -43,24 +44,6 @@ class DecodeRank(RankRuntime):
 
     def idle(self) -> bool:
         return self.consumer.idle()
-
-    # ---- rank 0: what the transfer choice needs ----------------------------------------------
-
-    def direct_descriptors(self, params: TransferParams) -> int:
-        """Descriptors a direct transfer of the request posts, all decode ranks (they are alike)."""
-        with self.nixl_lock:
-            per_layer = sum(self.endpoint.peers.plan(self.consumer.link(params, s.prefill_rank).peer, s.heads)
-                            .units_per_layer(params.num_tokens) for s in self.consumer.sources(params))
-        return per_layer * self.endpoint.region.desc.num_layers * self.config.tp
-
-    def can_stage(self, params: TransferParams) -> bool:
-        """Both sides have staging slots and this rank's share fits one."""
-        area = self.endpoint.staging
-        if area is None or area.pool is None:
-            return False
-        peers = [self.consumer.link(params, s.prefill_rank).peer for s in self.consumer.sources(params)]
-        return (all(p.info.staging is not None and p.info.staging.slots_bytes for p in peers)
-                and self.consumer.expected_bytes(params, params.num_tokens) <= area.pool.slot_bytes)
 
     def close(self) -> None:
         self.consumer.close()

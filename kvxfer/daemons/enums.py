@@ -3,39 +3,20 @@ A flag's accepted values are these enums' values.
 
 Concepts that also travel between ranks have one enum, in `agents.messages` (`Role`, `Mode`) or
 `planning.cost` (`Path`). A setting that offers one more choice (`auto`: decided per request)
-has its own `...Choice` enum here (`ModeChoice.fixed` says which `Mode` it fixes).
+has its own `...Choice` enum, next to what decides it (`ModeChoice` and `TransferPathChoice`
+in `agents.transfer_choice`, shared with the vLLM connector; re-exported here).
 """
 
 from __future__ import annotations
 
 from enum import Enum
 
-from kvxfer.agents.messages import Mode
+from kvxfer.agents.transfer_choice import ModeChoice, TransferPathChoice
 
 
 class Device(str, Enum):
     CPU = "cpu"
     CUDA = "cuda"
-
-
-class ModeChoice(str, Enum):
-    """`--mode`: a transfer `Mode`, or AUTO."""
-
-    READ = "read"  # decode pulls from prefill's cache
-    WRITE = "write"  # prefill pushes into blocks decode allocated first
-    AUTO = "auto"  # the faster of the two, measured at handshake
-
-    def fixed(self) -> Mode | None:
-        """The mode this choice fixes; None for AUTO (the per-request pick)."""
-        return {ModeChoice.READ: Mode.READ, ModeChoice.WRITE: Mode.WRITE}.get(self)
-
-
-class TransferPathChoice(str, Enum):
-    """`--transfer-path`: a transfer `Path`, or AUTO."""
-
-    AUTO = "auto"  # the cost model's pick (calibrated against each producer at handshake)
-    DIRECT = "direct"  # one NIXL descriptor per span, zero-copy
-    STAGED = "staged"  # gather, one descriptor, scatter (a WRITE; needs staging slots on both sides)
 
 
 class RetryPolicy(str, Enum):
@@ -46,3 +27,6 @@ class RetryPolicy(str, Enum):
 def values(enum: type[Enum]) -> tuple[str, ...]:
     """The values a flag naming one of `enum`'s members accepts, in declaration order."""
     return tuple(member.value for member in enum)
+
+
+__all__ = ["Device", "ModeChoice", "RetryPolicy", "TransferPathChoice", "values"]

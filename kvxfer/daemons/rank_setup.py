@@ -8,12 +8,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from kvxfer.agents.staged_transfer import PROBE_BYTES, StagingConfig
+from kvxfer.agents.staged_transfer import PROBE_BYTES, SLOT_ALIGN, StagingConfig
 from kvxfer.daemons.config import ServeConfig
 from kvxfer.engine.config import CacheConfig, EngineConfig, load_model_config, preset
 from kvxfer.errors import ConfigError
-
-SLOT_ALIGN = 4096  # every staging slot starts on a page: the GPU copies move 16-byte vectors
 
 
 def engine_config(config: ServeConfig) -> EngineConfig:

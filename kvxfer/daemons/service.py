@@ -59,6 +59,8 @@ class ServiceMetrics:
                                      "--mode), e.g. path=staged op=write", ["path", "op"], registry=r)
         self.estimate_seconds = Gauge("kvxfer_cost_estimate_seconds", "The cost model's estimate for the last "
                                       "request, per candidate", ["path", "op"], registry=r)
+        self.blocks_landing = Gauge("kvxfer_blocks_awaiting_late_reads", "Blocks of failed READs kept from "
+                                    "the pool until no given-up READ can still land in them", registry=r)
         self.staging_free = Gauge("kvxfer_staging_slots_free", "Free staging slots on rank 0 (a failed "
                                   "staged request's slot returns only after its deadline)", registry=r)
         self.fabric = Gauge("kvxfer_fabric_cost", "Calibrated fabric costs of the last peer calibrated "
@@ -144,6 +146,7 @@ class Service:
             self._pace.sleep()
             try:
                 self._pace.after(self.runtime.idle())
+                self.idle_work()
             except KvxferError as err:
                 log.warning("idle poll: %s", err)
             if time.monotonic() - checked > 0.5:
@@ -156,6 +159,9 @@ class Service:
                     if self.on_fatal is not None:
                         self.on_fatal()
                     return
+
+    def idle_work(self) -> None:
+        """A role's own work between requests (the idle thread; hand engine work to `executor`)."""
 
     # ---- commands -----------------------------------------------------------------------------
 

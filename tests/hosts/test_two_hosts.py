@@ -15,11 +15,13 @@ import pytest
 from hostkit import Deployment, Setup, namespaces_or_skip, reference, typed_error
 
 from kvxfer.hosts import Topology, netns
+from kvxfer.soak.run import scrape
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SETUP = Setup("read", mode="read", decode_tp=2)
 PROMPT = [(7 * i) % 250 + 1 for i in range(90)]
 MAX_TOKENS = 4
+LANDING = "kvxfer_blocks_awaiting_late_reads"
 # The decode leg's bound under a partition: side-channel calls and the transfer have deadlines of
 # seconds; twice the handshake timeout (10 s) leaves room for a loaded machine and is far below
 # the proxy's 60 s, so a hang shows.
@@ -72,6 +74,10 @@ def test_a_partition_while_a_lease_is_held_fails_typed_then_recovers(two_hosts, 
         seconds = time.monotonic() - started
         assert reply.status_code >= 500 and typed_error(reply), reply.text
         assert seconds < ERROR_BOUND_S, f"{typed_error(reply)} after {seconds:.1f} s"
+        # The READ given up still runs in UCX and lands once the link is back: decode keeps the
+        # request's blocks from the pool until then (kvxfer.daemons.landing).
+        kept = scrape(two_hosts.cluster, two_hosts.decode, LANDING)
+        assert kept.get(LANDING, 0) > 0, kept
     reply = two_hosts.complete(PROMPT, MAX_TOKENS)  # the link is back: a new request succeeds
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["token_ids"] == want

@@ -106,15 +106,16 @@ def connector_config(role: str, curve: dict[str, object] | None = None, **extra:
             "kv_role": role, "kv_connector_extra_config": {**keys, **extra}}
 
 
-def producer_spec(model: Path, name: str, curve: dict[str, object] | None, *, tp: int = 1) -> ServerSpec:
-    """A producer; `curve` None: the drop-in configuration (nothing but the connector's name)."""
+def producer_spec(model: Path, name: str, curve: dict[str, object] | None, *, tp: int = 1,
+                  **extra: object) -> ServerSpec:
+    """A producer; `curve` None and no `extra`: the drop-in configuration (nothing but the
+    connector's name)."""
     return ServerSpec(model=model, name=name, extra_args=["--tensor-parallel-size", str(tp)],
-                      kv_transfer_config=connector_config("kv_producer", curve))
+                      kv_transfer_config=connector_config("kv_producer", curve, **extra))
 
 
 def consumer_spec(model: Path, name: str, curve: dict[str, object] | None, *, tp: int = 1,
-                  mode: str = "read", policy: str = "fail") -> ServerSpec:
-    extra = {"mode": mode} if mode != "read" else {}
+                  policy: str = "fail", **extra: object) -> ServerSpec:
     config = {**connector_config("kv_consumer", curve, **extra), "kv_load_failure_policy": policy}
     return ServerSpec(model=model, name=name, extra_args=["--tensor-parallel-size", str(tp)],
                       kv_transfer_config=config)

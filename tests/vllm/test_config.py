@@ -9,8 +9,9 @@ import pytest
 
 from kvxfer.agents.keys import generate_keypair
 from kvxfer.agents.messages import Binding, TransferParams
+from kvxfer.agents.transfer_choice import ModeChoice, TransferPathChoice
 from kvxfer.errors import ConfigError
-from kvxfer.integrations.vllm.config import ConnectorRole, TransferMode, parse_config
+from kvxfer.integrations.vllm.config import ConnectorRole, parse_config
 from kvxfer.integrations.vllm.params import binding_for, consumer_params, producer_reply
 
 PRODUCER, CONSUMER = generate_keypair(), generate_keypair()
@@ -27,11 +28,13 @@ def parse(extra: dict, role: str = "kv_producer"):
 def test_producer_and_consumer_settings():
     producer = parse({**PRODUCER_KEYS, "side_channel_port": 5600, "advertise_host": "10.0.0.5",
                       "side_channel_host": "0.0.0.0", "lease_s": "60"})
-    assert producer.role is ConnectorRole.PRODUCER and producer.mode is TransferMode.READ
+    assert producer.role is ConnectorRole.PRODUCER and producer.mode is ModeChoice.AUTO and producer.staging_bytes("cuda") == 128 << 20
     assert producer.side_channel_address(3) == "tcp://10.0.0.5:5603"
     assert producer.lease_s == 60.0 and producer.keys.allowed_client_keys == {CONSUMER.public}
-    consumer = parse({**CONSUMER_KEYS, "mode": "WRITE"}, role="kv_consumer")
-    assert consumer.mode is TransferMode.WRITE and consumer.keys.server_public_key == PRODUCER.public
+    consumer = parse({**CONSUMER_KEYS, "mode": "WRITE", "transfer_path": "staged", "staging_mib": 8},
+                     role="kv_consumer")
+    assert consumer.mode is ModeChoice.WRITE and consumer.keys.server_public_key == PRODUCER.public
+    assert consumer.transfer_path is TransferPathChoice.STAGED and consumer.staging_bytes("cpu") == 8 << 20
     assert parse({"insecure_plaintext": "true"}, role="kv_consumer").keys is None
 
 
@@ -41,7 +44,8 @@ def test_producer_and_consumer_settings():
     ({**PRODUCER_KEYS, "side_channel_port": 0}, "kv_producer", "side_channel_port=0: outside"),
     ({"insecure_plaintext": True, "side_channel_host": "10.0.0.5", "side_channel_port": 1},
      "kv_producer", "only on loopback"),
-    ({**CONSUMER_KEYS, "mode": "auto"}, "kv_consumer", "mode='auto'"),
+    ({**CONSUMER_KEYS, "mode": "sideways"}, "kv_consumer", r"mode='sideways': expected one of \['read', 'write', 'auto'\]"),
+    ({**CONSUMER_KEYS, "staging_mib": -1}, "kv_consumer", "staging_mib=-1"),
     ({**CONSUMER_KEYS, "lease_s": 2, "transfer_deadline_s": 5}, "kv_consumer", "lease_s=2.0 must exceed"),
     ({**CONSUMER_KEYS, "lease_s": "soon"}, "kv_consumer", "lease_s='soon': expected a float"),
     ({"curve_server_key": PRODUCER.public.decode()}, "kv_consumer", "strict mode, which needs this consumer's key pair"),

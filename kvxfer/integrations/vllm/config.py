@@ -9,7 +9,9 @@ Keys of `kv_connector_extra_config` (all optional unless said):
 | `side_channel_host` | where a producer's side channel listens | this host's address (its hostname's) |
 | `side_channel_port` | producer: TP rank r listens on port + r | 5700 |
 | `advertise_host` | the host consumers dial (when listening on a wildcard) | side_channel_host |
-| `mode` | `read` (consumer pulls) or `write` (producer pushes) | `read` |
+| `mode` | `read` (consumer pulls), `write` (producer pushes) or `auto` (the cost model per producer) | `auto` |
+| `transfer_path` | `auto` (the cost model), `direct` (zero-copy descriptors) or `staged` (a WRITE gathered into one descriptor) | `auto` |
+| `staging_mib` | registered staging slots on each rank's cache device: staged transfers and the probes that calibrate the cost model (0: neither; the choice is then a rule) | 0 on CPU, 128 on CUDA |
 | `lease_s` | producer holds a request's blocks at most this long without a renewal | 30 |
 | `transfer_deadline_s` | slack of each transfer's deadline (plus bytes / expected_gbps) | 5 |
 | `expected_gbps` | pessimistic bandwidth for deadlines | 0.5 |
@@ -37,7 +39,7 @@ import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kvxfer.agents.capability import Signer, master_secret
 from kvxfer.agents.keys import (
@@ -50,19 +52,25 @@ from kvxfer.agents.keys import (
     load_public_key,
     parse_key,
 )
+from kvxfer.agents.transfer_choice import ModeChoice, TransferPathChoice
 from kvxfer.daemons.checks import WILDCARD_HOSTS
 from kvxfer.daemons.config import is_loopback
 from kvxfer.deadline import Deadline
 from kvxfer.errors import ConfigError
 
 _KNOWN_KEYS = frozenset({
-    "side_channel_host", "side_channel_port", "advertise_host", "mode", "lease_s",
+    "side_channel_host", "side_channel_port", "advertise_host", "mode", "transfer_path", "staging_mib", "lease_s",
     "transfer_deadline_s", "expected_gbps", "handshake_timeout_s", "curve_secret_key",
     "curve_secret_key_file", "curve_server_key", "curve_server_key_file", "curve_allowed_keys",
     "curve_allowed_keys_dir", "insecure_plaintext", "model_fingerprint", "nixl_progress_thread",
 })
 _DEADLINE = Deadline()  # transfer_deadline_s and expected_gbps default to its fields
 DEFAULT_SIDE_CHANNEL_PORT = 5700  # vLLM's own NixlConnector defaults to 5600
+# Staging per rank, by cache device. On CPU a staged copy costs more than the descriptors it saves
+# (as for the daemons); on CUDA 128 MiB holds the staged pushes of ordinary requests (KiB to a few
+# MiB per rank) outside vLLM's own memory budget, which gpu_memory_utilization does not count.
+STAGING_MIB = {"cpu": 0, "cuda": 128}
+C = TypeVar("C", ModeChoice, TransferPathChoice)
 INSTANCE_KEY_DIR = Path(tempfile.gettempdir()) / f"kvxfer-{os.getuid()}"  # 0700: instance key pairs
 
 
@@ -71,16 +79,13 @@ class ConnectorRole(Enum):
     CONSUMER = "kv_consumer"  # decode: loads KV the producer computed
 
 
-class TransferMode(Enum):
-    READ = "read"
-    WRITE = "write"
-
-
 @dataclass(frozen=True, kw_only=True)
 class ConnectorConfig:
     role: ConnectorRole
     engine_id: str
-    mode: TransferMode = TransferMode.READ
+    mode: ModeChoice = ModeChoice.AUTO
+    transfer_path: TransferPathChoice = TransferPathChoice.AUTO
+    staging_mib: int | None = None  # None: STAGING_MIB's figure for the cache's device
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = DEFAULT_SIDE_CHANNEL_PORT
     advertise_host: str = "127.0.0.1"
@@ -92,6 +97,10 @@ class ConnectorConfig:
     insecure: bool = False
     model_fingerprint: str = ""
     nixl_progress_thread: bool = False
+
+    def staging_bytes(self, device_type: str) -> int:
+        mib = self.staging_mib if self.staging_mib is not None else STAGING_MIB.get(device_type, 0)
+        return mib << 20
 
     def side_channel_address(self, rank: int) -> str:
         return f"tcp://{self.advertise_host}:{self.side_channel_port + rank}"
@@ -131,7 +140,9 @@ def parse_config(extra: dict[str, Any], *, role: str | None, engine_id: str,
     config = ConnectorConfig(
         role=connector_role,
         engine_id=engine_id,
-        mode=_mode(extra),
+        mode=_choice(extra, "mode", ModeChoice),
+        transfer_path=_choice(extra, "transfer_path", TransferPathChoice),
+        staging_mib=_number(extra, "staging_mib", 0, lo=0, hi=1 << 20, kind=int) if "staging_mib" in extra else None,
         side_channel_host=host,
         side_channel_port=port,
         advertise_host=advertise,
@@ -150,12 +161,12 @@ def parse_config(extra: dict[str, Any], *, role: str | None, engine_id: str,
     return config
 
 
-def _mode(extra: dict[str, Any]) -> TransferMode:
-    value = str(extra.get("mode", "read")).lower()
+def _choice(extra: dict[str, Any], key: str, enum: type[C]) -> C:
+    value = str(extra.get(key, "auto")).lower()
     try:
-        return TransferMode(value)
+        return enum(value)
     except ValueError:
-        raise ConfigError(f"mode={value!r}: expected one of {[m.value for m in TransferMode]}") from None
+        raise ConfigError(f"{key}={value!r}: expected one of {[c.value for c in enum]}") from None
 
 
 def _flag(extra: dict[str, Any], key: str) -> bool:

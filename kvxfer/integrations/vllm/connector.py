@@ -155,7 +155,8 @@ class KvxferConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(config, RankInfo(
                 tp_size=tp_size, tp_rank=get_tensor_model_parallel_rank(),
                 total_kv_heads=vllm_config.model_config.get_total_num_kv_heads(),
-                boot_epoch=epoch, cache=cache_source_of(vllm_config)))
+                boot_epoch=epoch, cache=cache_source_of(vllm_config),
+                max_model_len=vllm_config.model_config.max_model_len))
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:

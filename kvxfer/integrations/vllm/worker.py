@@ -30,12 +30,15 @@ from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig, Threading
 from kvxfer.agents.producer import Held, Producer
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig, ServerConfig
+from kvxfer.agents.staged_transfer import SLOT_ALIGN, StagingConfig
+from kvxfer.agents.transfer_choice import TransferChooser, TransferPlan
 from kvxfer.errors import AuthError, IncompatiblePeerError, KvxferError
 from kvxfer.integrations.vllm.caches import BlockMap, CacheSource, describe_vllm_caches
-from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole, TransferMode, signer_of
+from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole, signer_of
 from kvxfer.integrations.vllm.params import LoadJob, ReleaseJob, SendJob
 from kvxfer.integrations.vllm.stats import KvxferStats
 from kvxfer.layouts import CacheDesc
+from kvxfer.planning.cost import Path
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class RankInfo:
     total_kv_heads: int
     boot_epoch: int
     cache: CacheSource  # what vLLM's config says of its caches (backend, block size, head size)
+    max_model_len: int = 0  # the longest request (what a staging slot must be planned for)
 
 
 @dataclass
@@ -90,6 +94,7 @@ class WorkerSide:
         self.rank = rank
         self.metrics = TransferMetrics()
         self._nixl = threading.RLock()
+        self._choosing = threading.Lock()
         self._jobs: queue.Queue[LoadJob | ReleaseJob] = queue.Queue()
         self._lock = threading.Lock()
         self._results = Results()
@@ -99,6 +104,8 @@ class WorkerSide:
         self._leases: LeaseClient | None = None
         self._endpoint: Endpoint | None = None
         self._threads: list[threading.Thread] = []
+        self._landing: dict[str, str] = {}  # transfer id -> vLLM request id: a failed load's READs still run
+        self._chooser: TransferChooser | None = None  # a consumer's: how each load moves
         self.blocks: BlockMap | None = None  # how vLLM's blocks split into kernel blocks (`register`)
 
     # -- setup and teardown ----------------------------------------------------------------------
@@ -112,7 +119,8 @@ class WorkerSide:
         threading_mode = Threading.PROGRESS_THREAD if cfg.nixl_progress_thread else Threading.APP_POLL
         agent = AgentConfig(name=f"kvxfer-{cfg.engine_id}-{r.tp_rank}-{r.boot_epoch:x}", threading=threading_mode)
         self._endpoint = Endpoint(identity, tensors, desc, agent_config=agent, metrics=self.metrics,
-                                  deadline=DeadlinePolicy(cfg.transfer_deadline_s, cfg.expected_gbps))
+                                  deadline=DeadlinePolicy(cfg.transfer_deadline_s, cfg.expected_gbps),
+                                  staging=self._staging(tensors[0].device))
         log.info("kvxfer %s rank %d/%d: %d layers of %s %s (%s), heads [%d, %d) of %d", cfg.role.value,
                  r.tp_rank, r.tp_size, desc.num_layers, desc.layout, desc.shape, desc.dtype,
                  desc.first_head, desc.first_head + desc.num_heads, desc.total_heads)
@@ -121,6 +129,13 @@ class WorkerSide:
                          for i in range(LOADS_IN_FLIGHT)]
         for thread in self._threads:
             thread.start()
+
+    def _staging(self, device: torch.device) -> StagingConfig | None:
+        """One slot of `staging_mib` (staged pushes and the cost model's probes), or None."""
+        slot_bytes = self.config.staging_bytes(device.type) // SLOT_ALIGN * SLOT_ALIGN
+        if slot_bytes == 0:
+            return None
+        return StagingConfig(slot_bytes=slot_bytes, num_slots=1, max_tokens=self.rank.max_model_len)
 
     def _producer(self, endpoint: Endpoint) -> Producer:
         cfg = self.config
@@ -137,11 +152,14 @@ class WorkerSide:
         clients = ClientCache(ClientConfig(keys=cfg.keys, insecure=cfg.insecure))
         self._leases = LeaseClient(clients, timeout_s=cfg.handshake_timeout_s)
         public = cfg.keys.own.public.decode() if cfg.keys is not None else None
-        modes = (m.Mode.WRITE,) if cfg.mode is TransferMode.WRITE else (m.Mode.READ,)
-        return Consumer(endpoint, clients=clients, leases=self._leases, nixl_lock=self._nixl,
-                        identity=identity_of_peer(public, cfg.engine_id),
-                        handshake_timeout_s=cfg.handshake_timeout_s, request_timeout_s=cfg.handshake_timeout_s,
-                        modes=modes, check_producer=lambda info, name: check_whole_blocks(info, name, endpoint.region.desc))
+        fixed = cfg.mode.fixed()
+        consumer = Consumer(endpoint, clients=clients, leases=self._leases, nixl_lock=self._nixl,
+                            identity=identity_of_peer(public, cfg.engine_id),
+                            handshake_timeout_s=cfg.handshake_timeout_s, request_timeout_s=cfg.handshake_timeout_s,
+                            modes=(fixed,) if fixed else (m.Mode.READ, m.Mode.WRITE),
+                            check_producer=lambda info, name: check_whole_blocks(info, name, endpoint.region.desc))
+        self._chooser = TransferChooser(consumer, mode=cfg.mode, path=cfg.transfer_path)
+        return consumer
 
     def shutdown(self) -> None:
         """Stop serving, then release NIXL; a failure here is logged, never raised into vLLM's
@@ -199,7 +217,7 @@ class WorkerSide:
                 job = self._jobs.get(timeout=_IDLE_S)
             except queue.Empty:
                 if isinstance(self._role, Consumer):
-                    self._role.idle()  # confirmations still leaving, without a progress thread
+                    self._idle(self._role)
                 continue
             try:
                 if isinstance(job, ReleaseJob):
@@ -208,6 +226,15 @@ class WorkerSide:
                     self._load(job)
             except Exception:  # the thread must outlive any bug in one job
                 log.exception("kvxfer service step failed")
+
+    def _idle(self, consumer: Consumer) -> None:
+        """Confirmations still leaving (without a progress thread), and failed loads whose READs
+        have ended: only now may vLLM free their blocks."""
+        consumer.idle()
+        with self._lock:  # with `_failed`'s check: a load that settles before it is filed is not lost
+            for transfer_id in consumer.take_settled():
+                if transfer_id in self._landing:
+                    self._results.recving.add(self._landing.pop(transfer_id))
 
     def _release(self, job: ReleaseJob) -> None:
         """The producer's KV will not be read: rank 0 ends the lease on every producer rank."""
@@ -227,12 +254,12 @@ class WorkerSide:
             raise KvxferError("a kv_producer got a request to load")
         log.info("kvxfer loading request=%s: %d tokens after %d cached, from %s", job.req_id,
                  job.num_tokens, job.skip_tokens, job.params.engine_id)
-        write = self.config.mode is TransferMode.WRITE and job.skip_tokens == 0
         push_s = consumer.endpoint.deadline.seconds(consumer.expected_bytes(job.params, job.num_tokens))
         try:
             local = self._kernel_ids(job)
-            loaded = consumer.load(Load(job.params, local, job.num_tokens, job.skip_tokens,
-                                        m.Mode.WRITE if write else m.Mode.READ, valid_until_ms=job.valid_until_ms,
+            plan = self._plan(job)
+            loaded = consumer.load(Load(job.params, local, job.num_tokens, job.skip_tokens, plan.mode, plan.staged,
+                                        valid_until_ms=job.valid_until_ms,
                                         not_after_unix=time.time() + consumer.request_timeout_s + push_s))
         except Exception as err:  # noqa: BLE001 (a load's failure is reported, never raised)
             self._failed(job, consumer, err)
@@ -247,6 +274,14 @@ class WorkerSide:
             self._results.recving.add(job.req_id)
         consumer.idle()  # its confirmations leave now, after vLLM can see the load
 
+    def _plan(self, job: LoadJob) -> TransferPlan:
+        """The chooser's plan; a request whose prefix this consumer had cached is READ (a push
+        writes whole requests)."""
+        if job.skip_tokens:
+            return TransferPlan(m.Mode.READ, Path.DIRECT, "prefix cached locally")
+        with self._choosing:  # once per producer epoch it handshakes and calibrates: not twice at once
+            return self._chooser.plan(job.params)
+
     def _failed(self, job: LoadJob, consumer: Consumer, err: Exception) -> None:
         error = err if isinstance(err, KvxferError) else KvxferError(f"internal: {type(err).__name__}: {err}")
         error = consumer.explain(job.params, error)
@@ -254,9 +289,16 @@ class WorkerSide:
                   job.params.engine_id, error.kind, error)
         self.metrics.observe_failure(error.kind)
         with self._lock:  # reported first: telling the producer may wait on a dead peer
+            landing = consumer.landing(job.params.request_id)
             self._stats.record_failure(error.kind)
-            self._results.recving.add(job.req_id)
             self._results.failed.add(job.req_id)
             self._results.failed_blocks.update(job.local_ids)
+            if landing:  # vLLM fails the request now and frees its blocks once it is reported done
+                self._landing[job.params.request_id] = job.req_id
+            else:
+                self._results.recving.add(job.req_id)
+        if landing:
+            log.warning("kvxfer request=%s: READs given up at the failure may still land in its %d blocks; "
+                        "vLLM gets them back once those end", job.req_id, len(job.local_ids))
         if self._leases is not None and not isinstance(error, AuthError):  # refused parameters do not
             self._leases.abort(job.params, reason=str(error), error_kind=error.kind)  # speak for a lease
