@@ -15,6 +15,7 @@ from kvxfer.errors import ConfigError, LayoutError
 from kvxfer.integrations.vllm.caches import (
     BlockMap,
     CacheSource,
+    common_block_map,
     describe_vllm_caches,
     required_layout,
 )
@@ -145,6 +146,16 @@ def test_manager_blocks_map_to_kernel_blocks(r, n, manager, num_tokens, kernel, 
 def test_more_tokens_than_the_blocks_hold_is_refused():
     with pytest.raises(LayoutError, match="65 tokens need 5 kernel blocks of 16, 1 manager blocks hold 4"):
         BlockMap(4, 16).kernel_ids([3], 65)
+
+
+def test_every_rank_must_split_blocks_alike():
+    assert common_block_map({0: BlockMap(4, 16), 1: BlockMap(4, 16)}) == BlockMap(4, 16)
+    with pytest.raises(ConfigError, match=r"kernel blocks differ or are missing: \{0: BlockMap\(blocks_per_block=4"):
+        common_block_map({0: BlockMap(4, 16), 1: BlockMap(2, 32)})
+    with pytest.raises(ConfigError, match=r"differ or are missing: \{\}"):
+        common_block_map({})
+    with pytest.raises(ConfigError, match=r"differ or are missing: \{0: BlockMap.*, 1: None\}"):
+        common_block_map({0: BlockMap(4, 16), 1: None})
 
 
 def test_the_connector_asks_for_hnd_except_for_mla():

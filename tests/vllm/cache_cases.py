@@ -47,6 +47,16 @@ class Side:
         return self.form.startswith("mla")
 
 
+def v32(layout: str, block_size: int, kernel: int | None = None, backend: str = "FLASH_ATTN") -> Side:
+    """A vLLM 0.32 dense cache: `block_size` vLLM's, `kernel` the views' (default the same)."""
+    return Side("0.32", backend, layout, block_size, kernel or block_size)
+
+
+def v25(layout: str, block_size: int, kernel: int | None = None, backend: str = "FLASHINFER",
+        form: str = "0.25") -> Side:
+    return Side(form, backend, layout, block_size, kernel or block_size)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -164,7 +174,8 @@ class Prepared:
     side: Side
     kv_caches: dict[str, torch.Tensor]
     caches: VllmCaches
-    kernel_ids: np.ndarray
+    manager_ids: list[int]  # the request's blocks as vLLM allocated them
+    kernel_ids: np.ndarray  # ... as the connector translates them (what plans see)
     heads: range
 
 
@@ -175,9 +186,10 @@ def prepare(case_index: int, case: Case, role: str, tp_size: int, tp_rank: int,
     total = 1 if side.use_mla else TOTAL_HEADS
     caches = describe_vllm_caches(kv_caches, source_of(side), tp_size=tp_size, tp_rank=tp_rank,
                                   total_kv_heads=total)
-    kernel = caches.blocks.kernel_ids(manager_ids(case_index, role, side), NUM_TOKENS)
+    ids = manager_ids(case_index, role, side)
+    kernel = caches.blocks.kernel_ids(ids, NUM_TOKENS)
     hr = heads_of_rank(total, tp_size, tp_rank)
-    prepared = Prepared(side, kv_caches, caches, kernel, range(hr.start, hr.stop))
+    prepared = Prepared(side, kv_caches, caches, ids, kernel, range(hr.start, hr.stop))
     for layer, cache in enumerate(kv_caches.values()):
         for plane in backend_kv(side, cache):  # decode: a sentinel everywhere, to see what changed
             plane.copy_(torch.full_like(plane, -7.0 if role == "decode" else 0.0))
@@ -187,9 +199,13 @@ def prepare(case_index: int, case: Case, role: str, tp_size: int, tp_rank: int,
 
 
 def _positions(p: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel block, offset) of every request token, as vLLM's block table expansion places it
+    (kernel block j of vLLM block b is b * r + j), from vLLM's ids: not through the connector's
+    translation, which is under test."""
     tokens = torch.arange(NUM_TOKENS)
-    n = p.caches.blocks.kernel_block_size
-    return torch.as_tensor(p.kernel_ids)[tokens // n], tokens % n
+    n, k = p.side.block_size, p.side.kernel_block_size
+    manager = torch.as_tensor(p.manager_ids)[tokens // n]
+    return manager * (n // k) + tokens % n // k, tokens % k
 
 
 def _write_request(p: Prepared, layer: int, cache: torch.Tensor, logical: torch.Tensor) -> None:
@@ -203,7 +219,7 @@ def check_request(case_index: int, p: Prepared) -> str:
     rank's heads and no block outside the request changed; else what differs."""
     logical = logical_kv(case_index, p.side)
     blocks, offsets = _positions(p)
-    others = torch.as_tensor(sorted(set(range(p.caches.desc.num_blocks)) - set(p.kernel_ids.tolist())))
+    others = torch.as_tensor(sorted(set(range(p.caches.desc.num_blocks)) - set(blocks.tolist())))
     for layer, cache in enumerate(p.kv_caches.values()):
         for kv, plane in enumerate(backend_kv(p.side, cache)):
             want = logical[layer, kv, p.heads.start:p.heads.stop].permute(1, 0, 2)

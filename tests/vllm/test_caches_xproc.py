@@ -11,18 +11,9 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import pytest
-from cache_cases import Case, Side, rank_main, vllm_recipe
+from cache_cases import Case, Side, rank_main, v25, v32, vllm_recipe
 
 pytestmark = [pytest.mark.timeout(300)]
-
-
-def v32(layout: str, block_size: int, kernel: int | None = None, backend: str = "FLASH_ATTN") -> Side:
-    return Side("0.32", backend, layout, block_size, kernel or block_size)
-
-
-def v25(layout: str, block_size: int, kernel: int | None = None, backend: str = "FLASHINFER",
-        form: str = "0.25") -> Side:
-    return Side(form, backend, layout, block_size, kernel or block_size)
 
 
 CASES = [
@@ -46,6 +37,14 @@ CASES = [
     Case("FlashAttention [2, num_blocks, ...] HND -> 0.25 FlashInfer HND",
          v25("HND", 16, backend="FLASH_ATTN", form="fa-legacy"), v25("HND", 16)),
     Case("0.25 MLA 32 -> 16", Side("mla-0.25", "FLASHMLA", "", 32, 32), Side("mla-0.25", "FLASHMLA", "", 16, 16)),
+    # vLLM blocks of r kernel blocks (r = 1, 2, 4) on either side: equal and different vLLM and
+    # kernel block sizes. Ids start as vLLM's on both sides, as the connector gets them.
+    Case("0.32 LBHNC kernel 16 of 64 -> kernel 16 of 32", v32("LBHNC", 64, 16), v32("LBHNC", 32, 16)),
+    Case("0.32 LBHNC 32 -> kernel 16 of 64", v32("LBHNC", 32), v32("LBHNC", 64, 16)),
+    Case("0.32 Triton kernel 16 of 32, both", v32("LBHNC", 32, 16, "TRITON_ATTN"),
+         v32("LBHNC", 32, 16, "TRITON_ATTN")),
+    Case("0.32 LBHNC kernel 16 of 64 -> kernel 32 of 64", v32("LBHNC", 64, 16), v32("LBHNC", 64, 32)),
+    Case("0.25 FlashInfer HND kernel 16 of 64 -> 32", v25("HND", 64, 16), v25("HND", 32)),
 ]
 # Head slices of NHD caches, and HND to NHD, are one span per token: strict pairing refuses them
 # (the connector asks vLLM for HND), per-token spans still move them.

@@ -20,12 +20,24 @@ shape and strides.
 
 The worker calls `describe_vllm_caches` once in `register_kv_caches`: NIXL registers
 `storages` (each allocation once), the region's layer addresses are `layer_addrs`, staging copies
-address `windows`; block ids from vLLM go through `blocks.kernel_ids` before any plan sees them.
+address `windows`; `blocks` maps vLLM's block ids to the kernel ids the layout indexes.
+
+Where block ids are translated: once per side, at the connector's edge, so the protocol roles
+(kvxfer.agents) and every plan see kernel ids at the layout's block size only.
+- Producer: the scheduler, as it signs the request's `TransferParams` (`request_finished`). The
+  params carry kernel ids because the consumer's role pairs them with the producer's CacheDesc
+  (kernel block size) it learns at handshake, and the signature covers them: nobody downstream
+  could rewrite them. The scheduler has no tensors: each worker hands it the BlockMap read off its
+  own (vLLM's start-up channel `get_handshake_metadata` -> `set_xfer_handshake_metadata`), so
+  the kernel block size is derived once, from the tensors, and `common_block_map` checks ranks agree.
+- Consumer: the worker, as a LoadJob (vLLM's manager ids) becomes the role's Load; the LoadJob
+  keeps vLLM's ids, so a failed load reports exactly the blocks vLLM allocated.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -127,6 +139,17 @@ class BlockMap:
     def manager_ids(self, kernel_ids: np.ndarray | list[int]) -> np.ndarray:
         """The manager blocks holding `kernel_ids` (each once, sorted): what vLLM is told failed."""
         return np.unique(np.asarray(kernel_ids, dtype=np.int64) // self.blocks_per_block)
+
+
+def common_block_map(per_rank: Mapping[int, BlockMap | None]) -> BlockMap:
+    """The one BlockMap of an instance, from what each of its TP ranks read off its own tensors
+    (vLLM hands them to the scheduler at start-up; None: a rank said nothing): every rank splits
+    blocks alike, or block ids could not be translated once for all of them."""
+    maps = set(per_rank.values())
+    if len(maps) != 1 or None in maps:
+        raise ConfigError(f"KvxferConnector: the workers' kernel blocks differ or are missing: "
+                          f"{ {rank: per_rank[rank] for rank in sorted(per_rank)} }")
+    return next(m for m in maps if m is not None)
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1 import base as vllm_base
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
 )
 
 from kvxfer.errors import ConfigError
-from kvxfer.integrations.vllm.caches import CacheSource, required_layout
+from kvxfer.integrations.vllm.caches import BlockMap, CacheSource, required_layout
 from kvxfer.integrations.vllm.config import ConnectorConfig, model_fingerprint, parse_config
 from kvxfer.integrations.vllm.params import LoadJob, ReleaseJob, SendJob
 from kvxfer.integrations.vllm.scheduler import SchedulerSide, boot_epoch_of
@@ -65,6 +66,14 @@ class KvxferMetadata(KVConnectorMetadata):
     loads: list[LoadJob] = field(default_factory=list)
     releases: list[ReleaseJob] = field(default_factory=list)
     submitted: bool = False  # set by the worker that handed the jobs over (once per step)
+
+
+@dataclass(frozen=True)
+class WorkerBlocks(KVConnectorHandshakeMetadata):
+    """One worker -> the scheduler, once, after it registered its caches: how its tensors split
+    vLLM's blocks. The producer's scheduler signs kernel block ids with it (caches.py says why)."""
+
+    blocks: BlockMap
 
 
 def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
@@ -183,6 +192,12 @@ class KvxferConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._sched().finished(request, block_ids)
 
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        """vLLM hands over what each worker's `get_handshake_metadata` said, by TP rank, before
+        the first request."""
+        per_rank = {rank: meta.blocks if isinstance(meta, WorkerBlocks) else None for rank, meta in metadata.items()}
+        self._sched().learned_blocks(per_rank)
+
     # -- worker side -----------------------------------------------------------------------------
 
     def _work(self) -> WorkerSide:
@@ -192,6 +207,10 @@ class KvxferConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._work().register(kv_caches)
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        blocks = self._work().blocks
+        return None if blocks is None else WorkerBlocks(blocks)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Hand this step's jobs to the service thread; loads run there, between steps (vLLM keeps

@@ -72,7 +72,7 @@ class SendJob:
     """Producer: keep request `req_id`'s blocks for its consumer (READ) or push them (WRITE)."""
 
     req_id: str  # vLLM's request id
-    params: TransferParams  # what the consumer was told (transfer id, blocks, binding)
+    params: TransferParams  # what the consumer was told (transfer id, kernel block ids, binding)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class LoadJob:
 
     req_id: str
     params: TransferParams
-    local_ids: tuple[int, ...]
+    local_ids: tuple[int, ...]  # vLLM's (manager) ids: the worker maps them to kernel ids, failures report these
     skip_tokens: int
     num_tokens: int
     valid_until_ms: int = 0  # the lease's latest end the scheduler's heartbeat knows (0: the params')

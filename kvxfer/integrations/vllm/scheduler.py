@@ -9,7 +9,8 @@ It decides, per request, what the workers do, and hands that over in the step's 
 - producer: a request sent with `do_remote_decode` keeps its blocks after it finishes
   (`request_finished` returns True) -> a SendJob with parameters signed for their consumer; the
   workers free them, through vLLM, once every consumer rank confirmed, the consumer aborted or
-  the lease expired (`get_finished` on the worker side).
+  the lease expired (`get_finished` on the worker side). The parameters name kernel blocks
+  (vLLM's blocks split as the workers' tensors are: `learned_blocks`, caches.py says why here).
 No transfer, layout or planning work happens here.
 """
 
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from kvxfer.agents.heartbeat import Heartbeat, LeaseClient
 from kvxfer.agents.messages import TransferParams, new_request_id
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig
+from kvxfer.errors import ConfigError
+from kvxfer.integrations.vllm.caches import BlockMap, common_block_map
 from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole, signer_of
 from kvxfer.integrations.vllm.params import (
     LoadJob,
@@ -69,10 +72,17 @@ class SchedulerSide:
         self._loading: set[str] = set()  # consumer requests whose load was handed to workers
         self._renewing: dict[str, str] = {}  # vLLM request id -> transfer id its heartbeat renews
         self._signer = signer_of(config, boot_epoch) if config.role is ConnectorRole.PRODUCER else None
+        self._blocks: BlockMap | None = None  # the workers' kernel blocks, once they registered caches
         self._heartbeat: Heartbeat | None = None
         if config.role is ConnectorRole.CONSUMER:
             clients = ClientCache(ClientConfig(keys=config.keys, insecure=config.insecure))
             self._heartbeat = Heartbeat(LeaseClient(clients, timeout_s=config.handshake_timeout_s))
+
+    def learned_blocks(self, per_rank: dict[int, BlockMap | None]) -> None:
+        """The workers registered their caches: how they split vLLM's blocks into kernel blocks."""
+        self._blocks = common_block_map(per_rank)
+        log.info("kvxfer scheduler: vLLM blocks of %d are %d kernel block(s) of %d tokens", self.block_size,
+                 self._blocks.blocks_per_block, self._blocks.kernel_block_size)
 
     # -- consumer ------------------------------------------------------------------------------
 
@@ -151,7 +161,7 @@ class SchedulerSide:
             engine_id=self.config.engine_id,
             boot_epoch=self.boot_epoch,
             request_id=new_request_id(),
-            block_ids=list(block_ids),
+            block_ids=self._kernel_ids(block_ids, request.num_prompt_tokens),
             side_channel=self.config.side_channel_address(0),
             tp_size=self.tp_size,
             binding=binding_for(request.kv_transfer_params,
@@ -164,6 +174,14 @@ class SchedulerSide:
         ))
         self._jobs.sends.append(SendJob(request.request_id, params))
         return True, producer_reply(params)
+
+    def _kernel_ids(self, block_ids: list[int], num_tokens: int) -> list[int]:
+        """The kernel blocks holding a finished request's `num_tokens` tokens: what its consumer
+        reads, at the producer layout's block size."""
+        if self._blocks is None:
+            raise ConfigError("KvxferConnector: the workers never reported their kernel blocks (vLLM did not "
+                              "call set_xfer_handshake_metadata), so block ids cannot be translated")
+        return self._blocks.kernel_ids(block_ids, num_tokens).tolist()
 
     def take_jobs(self) -> StepJobs:
         jobs, self._jobs = self._jobs, StepJobs()

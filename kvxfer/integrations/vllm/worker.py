@@ -32,8 +32,8 @@ from kvxfer.agents.producer import Held, Producer
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig, ServerConfig
 from kvxfer.agents.staged_transfer import SLOT_ALIGN, StagingConfig
 from kvxfer.agents.transfer_choice import TransferChooser, TransferPlan
-from kvxfer.errors import AuthError, ConfigError, IncompatiblePeerError, KvxferError
-from kvxfer.integrations.vllm.caches import CacheSource, describe_vllm_caches
+from kvxfer.errors import AuthError, IncompatiblePeerError, KvxferError
+from kvxfer.integrations.vllm.caches import BlockMap, CacheSource, describe_vllm_caches
 from kvxfer.integrations.vllm.config import ConnectorConfig, ConnectorRole, signer_of
 from kvxfer.integrations.vllm.params import LoadJob, ReleaseJob, SendJob
 from kvxfer.integrations.vllm.stats import KvxferStats
@@ -68,20 +68,14 @@ class Results:
     failed_blocks: set[int] = field(default_factory=set)
 
 
-def describe_caches(kv_caches: dict[str, torch.Tensor], rank: RankInfo) -> tuple[list[torch.Tensor], CacheDesc]:
+def describe_caches(kv_caches: dict[str, torch.Tensor],
+                    rank: RankInfo) -> tuple[list[torch.Tensor], CacheDesc, BlockMap]:
     """Per layer, a uint8 window over vLLM's memory from the layer's first row (what the endpoint
-    registers and addresses; windows of cross-layer layouts overlap), and the description they
-    all share."""
+    registers and addresses; windows of cross-layer layouts overlap), the description they all
+    share (in kernel blocks), and how vLLM's blocks split into those kernel blocks."""
     caches = describe_vllm_caches(kv_caches, rank.cache, tp_size=rank.tp_size, tp_rank=rank.tp_rank,
                                   total_kv_heads=rank.total_kv_heads)
-    if caches.blocks.blocks_per_block != 1:
-        # Transfer parameters name manager blocks; mapping them to the kernel blocks the views
-        # index (caches.BlockMap) on both sides is not wired into the protocol yet.
-        raise ConfigError(f"KvxferConnector: vLLM block_size={rank.cache.block_size} is "
-                          f"{caches.blocks.blocks_per_block} kernel blocks of {caches.blocks.kernel_block_size} "
-                          f"tokens for {rank.cache.backend}; kvxfer moves whole manager blocks only: set "
-                          f"--block-size {caches.blocks.kernel_block_size}")
-    return caches.windows, caches.desc
+    return caches.windows, caches.desc, caches.blocks
 
 
 def check_whole_blocks(producer: m.EngineInfo, name: str, ours: CacheDesc) -> None:
@@ -112,11 +106,12 @@ class WorkerSide:
         self._threads: list[threading.Thread] = []
         self._landing: dict[str, str] = {}  # transfer id -> vLLM request id: a failed load's READs still run
         self._chooser: TransferChooser | None = None  # a consumer's: how each load moves
+        self.blocks: BlockMap | None = None  # how vLLM's blocks split into kernel blocks (`register`)
 
     # -- setup and teardown ----------------------------------------------------------------------
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        tensors, desc = describe_caches(kv_caches, self.rank)
+        tensors, desc, self.blocks = describe_caches(kv_caches, self.rank)
         cfg, r = self.config, self.rank
         producer = cfg.role is ConnectorRole.PRODUCER
         identity = Identity(cfg.engine_id, r.boot_epoch, Role.PREFILL if producer else Role.DECODE,
@@ -188,7 +183,7 @@ class WorkerSide:
         if sends and not isinstance(self._role, Producer):
             raise KvxferError("a kv_consumer got a request to hold blocks for a consumer")
         for job in sends:
-            p = job.params
+            p = job.params  # kernel block ids: the scheduler signed them so (caches.py says why)
             self._role.hold(Held(p.request_id, tuple(p.block_ids), p.num_tokens, p.binding, tag=job.req_id))
             log.info("kvxfer holding request=%s (transfer %s) for %.0f s", job.req_id, p.request_id, p.lease_s)
         for item in (*loads, *releases):
@@ -246,15 +241,22 @@ class WorkerSide:
         if self.rank.tp_rank == 0 and self._leases is not None:
             self._leases.abort(job.params, reason=job.reason)
 
+    def _kernel_ids(self, job: LoadJob) -> np.ndarray:
+        """The job's blocks (vLLM's ids, which the job keeps: failures report those) as the kernel
+        blocks the layout indexes, only those its tokens fill."""
+        if self.blocks is None:
+            raise KvxferError("a load before register_kv_caches")
+        return self.blocks.kernel_ids(job.local_ids, job.num_tokens)
+
     def _load(self, job: LoadJob) -> None:
         consumer = self._role
         if not isinstance(consumer, Consumer):
             raise KvxferError("a kv_producer got a request to load")
         log.info("kvxfer loading request=%s: %d tokens after %d cached, from %s", job.req_id,
                  job.num_tokens, job.skip_tokens, job.params.engine_id)
-        local = np.asarray(job.local_ids, dtype=np.int64)
         push_s = consumer.endpoint.deadline.seconds(consumer.expected_bytes(job.params, job.num_tokens))
         try:
+            local = self._kernel_ids(job)
             plan = self._plan(job)
             loaded = consumer.load(Load(job.params, local, job.num_tokens, job.skip_tokens, plan.mode, plan.staged,
                                         valid_until_ms=job.valid_until_ms,
