@@ -47,6 +47,13 @@ class Describe(msgspec.Struct, tag="describe", frozen=True):
     pass
 
 
+class Prepare(msgspec.Struct, tag="prepare", frozen=True):
+    """Every decode rank: meet the producer `params` names (no request) before its first
+    request: handshakes, NIXL connections, descriptor lists (kvxfer.daemons.warm)."""
+
+    params: m.TransferParams
+
+
 class Token(msgspec.Struct, tag="token", frozen=True):
     token: int
     expires_unix_ms: int = 0  # Prefill: when this rank's lease ends unless renewed
@@ -59,14 +66,20 @@ class Moved(msgspec.Struct, tag="moved", frozen=True):
     staged: bool = False
 
 
+class Prepared(msgspec.Struct, tag="prepared", frozen=True):
+    handshake_s: float = 0.0
+    connect_s: float = 0.0
+    prepare_s: float = 0.0
+
+
 class Described(msgspec.Struct, tag="described", frozen=True):
     info: m.EngineInfo
     side_channel: str
     pid: int
 
 
-Command = Prefill | Decode | Load | Describe
-Reply = Token | Moved | Described | Failed
+Command = Prefill | Decode | Load | Describe | Prepare
+Reply = Token | Moved | Described | Prepared | Failed
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(Command)
 reply_decoder = msgspec.msgpack.Decoder(Reply)

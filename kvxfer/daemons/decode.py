@@ -23,6 +23,7 @@ from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S
 from kvxfer.daemons.enums import ModeChoice, TransferPathChoice
 from kvxfer.daemons.prefill import tokenize
 from kvxfer.daemons.service import Service
+from kvxfer.daemons.warm import Producers
 from kvxfer.errors import AuthError, ConfigError, KvxferError, LoadFailed
 from kvxfer.planning import map_tp
 from kvxfer.planning.cost import FabricCosts, Path, choose
@@ -43,12 +44,17 @@ class DecodeService(Service):
         self._announced: dict[tuple[str, int], tuple[m.Mode, Path]] = {}
         self._costs: dict[tuple[str, int], FabricCosts | None] = {}  # per producer (engine, epoch)
         self.heartbeat: Heartbeat | None = None
+        # Producers met before their first request (kvxfer.daemons.warm); /ready waits for them.
+        self.producers = Producers(self, calibrate=None if config.mode is ModeChoice.READ else self._calibrated)
+        self.still_preparing = self.producers.waiting_for
 
     def start(self) -> None:
         super().start()
         self.heartbeat = Heartbeat(self.runtime.leases)
+        self.producers.start()
 
     def close(self) -> None:
+        self.producers.close()
         if self.heartbeat is not None:
             self.heartbeat.close()
         super().close()

@@ -11,8 +11,9 @@ from kvxfer.agents.endpoint import shaped_ids
 from kvxfer.agents.heartbeat import LeaseClient
 from kvxfer.agents.messages import TransferParams
 from kvxfer.agents.metrics import TransferMetrics
+from kvxfer.agents.prepare import prepare
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig
-from kvxfer.daemons.commands import Command, Load, Moved, Reply
+from kvxfer.daemons.commands import Command, Load, Moved, Prepare, Prepared, Reply
 from kvxfer.daemons.rank_setup import RankSetup
 from kvxfer.daemons.runtime import HANDSHAKE_TIMEOUT_S, RankRuntime
 
@@ -31,6 +32,9 @@ class DecodeRank(RankRuntime):
                                  handshake_timeout_s=HANDSHAKE_TIMEOUT_S, request_timeout_s=REQUEST_TIMEOUT_S)
 
     def execute_role(self, command: Command) -> Reply:
+        if isinstance(command, Prepare):
+            times = prepare(self.consumer, command.params, nixl_lock=self.nixl_lock)
+            return Prepared(times.handshake_s, times.connect_s, times.prepare_s)
         if not isinstance(command, Load):
             return super().execute_role(command)
         params = command.params
