@@ -24,7 +24,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,7 +34,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from kvxfer.agents import messages as m
 from kvxfer.agents.prepare import ProducerRef, discover, with_tp_size
-from kvxfer.agents.sidechannel import rank_address
+from kvxfer.agents.sidechannel import ClientCache, ClientConfig, rank_address
 from kvxfer.daemons import api
 from kvxfer.daemons.commands import Prepare, Prepared
 from kvxfer.daemons.runtime import HANDSHAKE_TIMEOUT_S
@@ -103,11 +102,15 @@ class Producers:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._waits_until = float("inf")  # set at start
-        self._warned = False
+        self._reported = False
         self._thread: threading.Thread | None = None
+        self._clients: ClientCache | None = None
 
     def start(self) -> None:
         """Begin meeting producers (once the ranks are up)."""
+        # Pings of its own: a request's side-channel calls never queue behind one.
+        runtime = self.service.runtime
+        self._clients = ClientCache(ClientConfig(keys=runtime.keys, insecure=self.service.config.insecure_plaintext))
         self._waits_until = time.monotonic() + self.wait_s
         self._thread = threading.Thread(target=self._run, name="kvxfer-producers", daemon=True)
         self._thread.start()
@@ -115,6 +118,10 @@ class Producers:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
+        if self._thread is not None:
+            self._thread.join(PING_TIMEOUT_S + 1.0)
+        if self._clients is not None:
+            self._clients.close()
 
     def waiting_for(self) -> str:
         """Why /ready is not 200 yet on this account ("" when it need not wait)."""
@@ -157,18 +164,26 @@ class Producers:
             if due:
                 try:
                     self._visit(due)
-                except CancelledError:  # the service closed its engine thread
-                    return
+                except Exception:  # the thread outlives a bug in one visit, and ends with the service
+                    if self._stop.is_set():
+                        return
+                    log.exception("meeting producers failed; asking again in %.0f s", MAX_RETRY_S)
+                    self._later(due, MAX_RETRY_S)
             self._after_visit()
             with self._lock:
                 next_due = min((p.due for p in self._producers.values()), default=now + WATCH_S)
-            if not self._warned:
+            if not self._reported:
                 next_due = min(next_due, self._waits_until)
             self._wake.wait(max(0.0, next_due - time.monotonic()))
             self._wake.clear()
 
+    def _later(self, producers: list[_Producer], delay_s: float) -> None:
+        with self._lock:
+            for p in producers:
+                p.due = time.monotonic() + delay_s
+
     def _visit(self, due: list[_Producer]) -> None:
-        refs = discover(self.service.runtime.consumer.clients, [p.side_channel for p in due], timeout_s=PING_TIMEOUT_S)
+        refs = discover(self._clients, [p.side_channel for p in due], timeout_s=PING_TIMEOUT_S)
         for producer, ref in zip(due, refs, strict=True):
             if isinstance(ref, KvxferError):
                 self._failed(producer, ref)
@@ -234,12 +249,12 @@ class Producers:
         self.metrics.met.set(sum(p.met is not None for p in producers))
         self.metrics.unmet.set(sum(p.met is None for p in producers))
         missing = [p for p in producers if p.configured and p.met is None]
-        if not self._warned and not missing and self.service.config.producers:
-            self._warned = True  # nothing left to warn about
+        if not self._reported and not missing and self.service.config.producers:
+            self._reported = True  # nothing left to warn about
             log.info("ready: every --producers service met, %.1f s after the ranks started",
                      now - self._waits_until + self.wait_s)
-        if not self._warned and now > self._waits_until:
-            self._warned = True
+        if not self._reported and now > self._waits_until:
+            self._reported = True
             for p in missing:
                 log.warning("ready without producer %s: not met within --producers-wait-s=%g (%s); its requests "
                             "meet it themselves until it is met here", p.side_channel, self.wait_s, p.error)
