@@ -172,13 +172,15 @@ class Proxy:
     def saw_producer(self, found: dict[str, Any]) -> None:
         """A prefill service's identity or transfer parameters: every decode server hears of it
         once per boot epoch."""
-        if self.backend.kind is not BackendKind.KVXFER or not isinstance(found.get("side_channel"), str):
+        engine_id = found.get("engine_id")
+        if self.backend.kind is not BackendKind.KVXFER or not isinstance(found.get("side_channel"), str) \
+                or not isinstance(engine_id, str):
             return
         notice = {k: found.get(k) for k in ("side_channel", "engine_id", "boot_epoch")}
-        known = self._producers.get(notice["engine_id"])
+        known = self._producers.get(engine_id)
         if known is not None and known["boot_epoch"] == notice["boot_epoch"]:
             return
-        self._producers[notice["engine_id"]] = notice
+        self._producers[engine_id] = notice
         for url in self.decode.urls:
             self._spawn(self._introduce(url, notice))
 
@@ -204,10 +206,10 @@ class Proxy:
         try:
             reply = await self.client.post(f"{url}/v1/kvxfer/producers", json=notice, timeout=5.0,
                                            headers=self.headers)
+            what = "" if reply.status_code in (200, 202) else f"HTTP {reply.status_code}: {_message(reply.content, reply.status_code)}"
         except httpx.HTTPError as err:
-            reply = err
-        if not isinstance(reply, httpx.Response) or reply.status_code not in (200, 202):
-            what = reply if not isinstance(reply, httpx.Response) else f"HTTP {reply.status_code}"
+            what = f"{type(err).__name__}: {err}"
+        if what:
             log.info("could not introduce producer %s to decode %s (%s)", notice["engine_id"], url, what)
 
     def _spawn(self, job) -> None:

@@ -33,10 +33,12 @@ from fastapi.responses import Response
 from prometheus_client import Counter, Gauge, Histogram
 
 from kvxfer.agents import messages as m
+from kvxfer.agents.consumer import Consumer
 from kvxfer.agents.prepare import ProducerRef, discover, with_tp_size
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig, rank_address
 from kvxfer.daemons import api
 from kvxfer.daemons.commands import Prepare, Prepared
+from kvxfer.daemons.decode_rank import DecodeRank
 from kvxfer.daemons.runtime import HANDSHAKE_TIMEOUT_S
 from kvxfer.errors import ConfigError, KvxferError
 
@@ -104,15 +106,17 @@ class Producers:
         self._waits_until = float("inf")  # set at start
         self._reported = False
         self._thread: threading.Thread | None = None
-        self._clients: ClientCache | None = None
+        self._clients: ClientCache | None = None  # Pings of its own: no request's call queues behind one
 
     def start(self) -> None:
         """Begin meeting producers (once the ranks are up)."""
-        # Pings of its own: a request's side-channel calls never queue behind one.
-        runtime = self.service.runtime
-        self._clients = ClientCache(ClientConfig(keys=runtime.keys, insecure=self.service.config.insecure_plaintext))
+        rank = self.service.runtime
+        if not isinstance(rank, DecodeRank):
+            raise ConfigError("meeting producers needs a started decode service")
+        self._clients = ClientCache(ClientConfig(keys=rank.keys, insecure=self.service.config.insecure_plaintext))
         self._waits_until = time.monotonic() + self.wait_s
-        self._thread = threading.Thread(target=self._run, name="kvxfer-producers", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(rank.consumer, self._clients), name="kvxfer-producers",
+                                        daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -156,14 +160,14 @@ class Producers:
 
     # ---- the thread ---------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, consumer: Consumer, clients: ClientCache) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
             with self._lock:
                 due = [p for p in self._producers.values() if p.due <= now]
             if due:
                 try:
-                    self._visit(due)
+                    self._visit(due, consumer, clients)
                 except Exception:  # the thread outlives a bug in one visit, and ends with the service
                     if self._stop.is_set():
                         return
@@ -182,8 +186,8 @@ class Producers:
             for p in producers:
                 p.due = time.monotonic() + delay_s
 
-    def _visit(self, due: list[_Producer]) -> None:
-        refs = discover(self._clients, [p.side_channel for p in due], timeout_s=PING_TIMEOUT_S)
+    def _visit(self, due: list[_Producer], consumer: Consumer, clients: ClientCache) -> None:
+        refs = discover(clients, [p.side_channel for p in due], timeout_s=PING_TIMEOUT_S)
         for producer, ref in zip(due, refs, strict=True):
             if isinstance(ref, KvxferError):
                 self._failed(producer, ref)
@@ -192,16 +196,17 @@ class Producers:
                 producer.answered = time.monotonic()
             if ref.key != producer.met:
                 try:
-                    self._meet(producer, ref)
+                    self._meet(producer, ref, consumer)
                 except KvxferError as err:
                     self._failed(producer, err)
                     continue
             with self._lock:
                 producer.retry_s, producer.due = 0.0, time.monotonic() + WATCH_S
 
-    def _meet(self, producer: _Producer, ref: ProducerRef) -> None:
+    def _meet(self, producer: _Producer, ref: ProducerRef, consumer: Consumer) -> None:
         started = time.perf_counter()
-        ref, first_s, replies, calibration_s = self.service.executor.submit(self._meet_on_engine_thread, ref).result()
+        met = self.service.executor.submit(self._meet_on_engine_thread, ref, consumer).result()
+        ref, first_s, replies, calibration_s = met
         ranks = [r for r in replies if isinstance(r, Prepared)]
         steps = {"handshake": first_s + max(r.handshake_s for r in ranks), "calibration": calibration_s,
                  "connect": max(r.connect_s for r in ranks), "prepare": max(r.prepare_s for r in ranks)}
@@ -216,9 +221,9 @@ class Producers:
                  f"{calibration_s * 1e3:.1f} ms" if self.calibrate else "none (--mode read)",
                  steps["connect"] * 1e3, steps["prepare"] * 1e3, len(ranks), (time.perf_counter() - started) * 1e3)
 
-    def _meet_on_engine_thread(self, ref: ProducerRef) -> tuple[ProducerRef, float, list, float]:
+    def _meet_on_engine_thread(self, ref: ProducerRef, consumer: Consumer) -> tuple[ProducerRef, float, list, float]:
         started = time.perf_counter()
-        ref = with_tp_size(self.service.runtime.consumer, ref)
+        ref = with_tp_size(consumer, ref)
         first_s = time.perf_counter() - started
         replies = self.service.call(Prepare(ref.params()), timeout_s=HANDSHAKE_TIMEOUT_S * (ref.tp_size + 1))
         calibrated = time.perf_counter()
