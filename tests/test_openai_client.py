@@ -236,8 +236,8 @@ def test_a_producer_that_never_answers_holds_ready_only_for_the_wait(cluster, no
     wait_for(waiting_for_nobody, "decode1 says it waits for its producers")
     assert nobody in reasons[-1], reasons[-1]
     cluster.wait_ready(timeout_s=60, services=[decode1])
-    assert metric(decode1.url, "kvxfer_producers_unmet") == 1
     wait_for(lambda: metric(decode1.url, "kvxfer_producers_met") == 1, "the proxy introduced prefill0 to decode1")
+    assert metric(decode1.url, "kvxfer_producers_unmet") == 1
     refused = httpx.post(f"{decode1.url}/v1/kvxfer/producers", json={"side_channel": "udp://x"},
                          headers={"authorization": f"Bearer {keys['service']}"})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "side_channel"

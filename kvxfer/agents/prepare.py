@@ -4,7 +4,7 @@ otherwise build inside that request, built ahead.
 A consumer told a producer's side channel up front learns who serves there (`discover`: a Ping
 to rank 0 gives its engine id and boot epoch), then each consumer rank `prepare`s: a handshake
 with every producer rank (all of them get our DONE), a NIXL connection to each rank it reads
-from, and the descriptor lists of its share (`endpoint.peers.prepared`). The producer prepares
+from, wired by one probe READ, and the descriptor lists of its share (`endpoint.peers.prepared`). The producer prepares
 its pushes to us on its own thread once we handshook (kvxfer.agents.producer).
 
 Built on the consumer's public API (`link`, `sources`, `endpoint.peers`): the same handshakes and
@@ -18,13 +18,19 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvxfer.agents import messages as m
 from kvxfer.agents.consumer import Consumer
+from kvxfer.agents.endpoint import Endpoint
+from kvxfer.agents.nixl_agent import Op, device_id
+from kvxfer.agents.peers import Peer
 from kvxfer.agents.sidechannel import ClientCache, Target, rank_address
 from kvxfer.errors import HandshakeError, KvxferError
 
 # The request id of parameters that name a producer but no request: never sent, never signed.
 NO_REQUEST = "0" * 32
+PROBE_READ_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,25 @@ def prepare(consumer: Consumer, params: m.TransferParams, *, nixl_lock: threadin
     with nixl_lock:
         for rank in sorted({s.prefill_rank for s in sources}):
             consumer.endpoint.agent.connect(links[rank].peer.agent_name)
+            _probe(consumer.endpoint, links[rank].peer, timeout_s=consumer.request_timeout_s)
     connected = time.perf_counter()
     with nixl_lock:
         for s in sources:
             consumer.endpoint.peers.prepared(links[s.prefill_rank].peer, s.heads)
     return PrepareTimes(linked - started, connected - linked, time.perf_counter() - connected)
+
+
+def _probe(endpoint: Endpoint, peer: Peer, *, timeout_s: float) -> None:
+    """One small READ from the peer's probe area, which holds nothing (the area calibration uses,
+    `Endpoint.calibrate`): UCX wires a connection's RDMA lanes at its first transfer, 10 ms and
+    more here, which a request's first READ would otherwise wait for. None without probe areas."""
+    remote = peer.info.staging
+    if endpoint.staging is None or remote is None:
+        return
+    probe = endpoint.staging.probe
+    size = min(PROBE_READ_BYTES, probe.numel(), remote.probe_bytes)
+    local_span = np.array([[probe.data_ptr(), size, device_id(probe)]], dtype=np.uint64)
+    remote_span = np.array([[remote.probe_addr, size, remote.device_id]], dtype=np.uint64)
+    xfer = endpoint.agent.post_spans(Op.READ, local_span, remote_span, peer=peer.agent_name,
+                                     local_mem=endpoint.staging.mem, remote_mem=remote.memory, probe=True)
+    endpoint.agent.wait([xfer], timeout_s=timeout_s)
