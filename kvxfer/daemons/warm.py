@@ -38,8 +38,9 @@ from kvxfer.agents.prepare import ProducerRef, discover, with_tp_size
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig, rank_address
 from kvxfer.daemons import api
 from kvxfer.daemons.commands import Prepare, Prepared
-from kvxfer.daemons.decode_rank import DecodeRank
+from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S, DecodeRank
 from kvxfer.daemons.runtime import HANDSHAKE_TIMEOUT_S
+from kvxfer.daemons.service import COMMAND_SLACK_S
 from kvxfer.errors import ConfigError, KvxferError
 
 if TYPE_CHECKING:
@@ -225,7 +226,9 @@ class Producers:
         started = time.perf_counter()
         ref = with_tp_size(consumer, ref)
         first_s = time.perf_counter() - started
-        replies = self.service.call(Prepare(ref.params()), timeout_s=HANDSHAKE_TIMEOUT_S * (ref.tp_size + 1))
+        # Each rank's bound: a handshake per producer rank, a Ping round and a probe READ per rank.
+        bound_s = (HANDSHAKE_TIMEOUT_S + REQUEST_TIMEOUT_S) * (ref.tp_size + 1) + COMMAND_SLACK_S
+        replies = self.service.call(Prepare(ref.params()), timeout_s=bound_s)
         calibrated = time.perf_counter()
         if self.calibrate is not None:
             self.calibrate(ref.params())
@@ -242,29 +245,31 @@ class Producers:
                                            producer.side_channel, producer.error)
 
     def _after_visit(self) -> None:
-        """Metrics, the warning once /ready stops waiting, and forgetting producers the proxy
-        named that went away."""
+        """Metrics, forgetting producers the proxy named that went away, and the one report of
+        how the wait for `--producers` ended."""
         now = time.monotonic()
         with self._lock:
-            gone = [a for a, p in self._producers.items()
-                    if not p.configured and p.met is None and now - p.answered > FORGET_S]
+            gone = [a for a, p in self._producers.items() if not p.configured and now - p.answered > FORGET_S]
             for address in gone:
                 del self._producers[address]
             producers = list(self._producers.values())
+        for address in gone:
+            log.info("forgot producer %s: named by the proxy, not answering for %.0f s", address, FORGET_S)
         self.metrics.met.set(sum(p.met is not None for p in producers))
         self.metrics.unmet.set(sum(p.met is None for p in producers))
-        missing = [p for p in producers if p.configured and p.met is None]
-        if not self._reported and not missing and self.service.config.producers:
-            self._reported = True  # nothing left to warn about
+        if not self._reported:
+            self._report([p for p in producers if p.configured and p.met is None], now)
+
+    def _report(self, missing: list[_Producer], now: float) -> None:
+        if not missing and self.service.config.producers:
+            self._reported = True
             log.info("ready: every --producers service met, %.1f s after the ranks started",
                      now - self._waits_until + self.wait_s)
-        if not self._reported and now > self._waits_until:
+        elif now > self._waits_until:
             self._reported = True
             for p in missing:
                 log.warning("ready without producer %s: not met within --producers-wait-s=%g (%s); its requests "
                             "meet it themselves until it is met here", p.side_channel, self.wait_s, p.error)
-        for address in gone:
-            log.info("forgot producer %s: named by the proxy, not answering for %.0f s", address, FORGET_S)
 
 
 def add_routes(app: FastAPI, producers: Producers) -> None:
