@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many prompts (default: {len(PROMPTS)})")
     p.add_argument("--meet-producers", action=argparse.BooleanOptionalAction, default=True,
                    help="decode meets prefill before /ready (`kvxfer serve decode --producers`: handshakes, "
-                        "descriptor lists, calibration); off: the first request meets it (default: on)")
+                        "descriptor lists, calibration); off: only the proxy's introduction, in the "
+                        "background, races the first request (default: on)")
     p.add_argument("--insecure-plaintext", action="store_true", help="no CURVE on the side channel")
     p.add_argument("--workdir", type=Path, help="logs and keys (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -41,7 +41,7 @@ from kvxfer.daemons.commands import Prepare, Prepared
 from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S, DecodeRank
 from kvxfer.daemons.runtime import HANDSHAKE_TIMEOUT_S
 from kvxfer.daemons.service import COMMAND_SLACK_S
-from kvxfer.errors import ConfigError, KvxferError
+from kvxfer.errors import ConfigError, KvxferError, TransferError
 
 if TYPE_CHECKING:
     from kvxfer.daemons.decode import DecodeService
@@ -70,6 +70,7 @@ class _Producer:
     side_channel: str
     configured: bool  # --producers: /ready waits for it; else the proxy named it
     met: tuple[str, int] | None = None  # (engine id, boot epoch) prepared
+    refused: tuple[str, int] | None = None  # (engine id, boot epoch) whose meeting was refused (incompatible...)
     error: str = "not asked yet"
     retry_s: float = 0.0
     due: float = 0.0  # monotonic time of the next ask
@@ -195,11 +196,14 @@ class Producers:
                 continue
             with self._lock:
                 producer.answered = time.monotonic()
-            if ref.key != producer.met:
+            if ref.key not in (producer.met, producer.refused):
                 try:
                     self._meet(producer, ref, consumer)
-                except KvxferError as err:
+                except TransferError as err:  # lost on the way: asked again
                     self._failed(producer, err)
+                    continue
+                except KvxferError as err:  # refused (incompatible, unauthorised...): until its next epoch
+                    self._failed(producer, err, refused=ref)
                     continue
             with self._lock:
                 producer.retry_s, producer.due = 0.0, time.monotonic() + WATCH_S
@@ -234,15 +238,20 @@ class Producers:
             self.calibrate(ref.params())
         return ref, first_s, replies, time.perf_counter() - calibrated
 
-    def _failed(self, producer: _Producer, err: KvxferError) -> None:
+    def _failed(self, producer: _Producer, err: KvxferError, *, refused: ProducerRef | None = None) -> None:
         self.metrics.failures.labels(kind=err.kind).inc()
         first = producer.retry_s == 0.0
         with self._lock:
             producer.error = f"{err.kind}: {err}"
             producer.retry_s = min(max(FIRST_RETRY_S, producer.retry_s * 2), MAX_RETRY_S)
             producer.due = time.monotonic() + producer.retry_s
-        (log.info if first else log.debug)("producer %s not met (%s); asking again with backoff",
-                                           producer.side_channel, producer.error)
+            producer.refused = refused.key if refused is not None else producer.refused
+        if refused is not None:
+            log.warning("cannot meet producer %s (epoch %d) at %s: %s; asked again once it restarts",
+                        refused.engine_id, refused.boot_epoch, producer.side_channel, producer.error)
+        else:
+            (log.info if first else log.debug)("producer %s not met (%s); asking again with backoff",
+                                               producer.side_channel, producer.error)
 
     def _after_visit(self) -> None:
         """Metrics, forgetting producers the proxy named that went away, and the one report of
