@@ -18,19 +18,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from kvxfer.agents import messages as m
 from kvxfer.agents.consumer import Consumer
-from kvxfer.agents.endpoint import Endpoint
-from kvxfer.agents.nixl_agent import Op, device_id
-from kvxfer.agents.peers import Peer
 from kvxfer.agents.sidechannel import ClientCache, Target, rank_address
+from kvxfer.agents.wiring import wire_connection
 from kvxfer.errors import HandshakeError, KvxferError
 
 # The request id of parameters that name a producer but no request: never sent, never signed.
 NO_REQUEST = "0" * 32
-PROBE_READ_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -98,26 +93,9 @@ def prepare(consumer: Consumer, params: m.TransferParams, *, nixl_lock: threadin
     linked = time.perf_counter()
     with nixl_lock:
         for rank in sorted({s.prefill_rank for s in sources}):
-            consumer.endpoint.agent.connect(links[rank].peer.agent_name)
-            _probe(consumer.endpoint, links[rank].peer, timeout_s=consumer.request_timeout_s)
+            wire_connection(consumer.endpoint, links[rank].peer, timeout_s=consumer.request_timeout_s)
     connected = time.perf_counter()
     with nixl_lock:
         for s in sources:
             consumer.endpoint.peers.prepared(links[s.prefill_rank].peer, s.heads)
     return PrepareTimes(linked - started, connected - linked, time.perf_counter() - connected)
-
-
-def _probe(endpoint: Endpoint, peer: Peer, *, timeout_s: float) -> None:
-    """One small READ from the peer's probe area, which holds nothing (the area calibration uses,
-    `Endpoint.calibrate`): UCX wires a connection's RDMA lanes at its first transfer, 10 ms and
-    more here, which a request's first READ would otherwise wait for. None without probe areas."""
-    remote = peer.info.staging
-    if endpoint.staging is None or remote is None:
-        return
-    probe = endpoint.staging.probe
-    size = min(PROBE_READ_BYTES, probe.numel(), remote.probe_bytes)
-    local_span = np.array([[probe.data_ptr(), size, device_id(probe)]], dtype=np.uint64)
-    remote_span = np.array([[remote.probe_addr, size, remote.device_id]], dtype=np.uint64)
-    xfer = endpoint.agent.post_spans(Op.READ, local_span, remote_span, peer=peer.agent_name,
-                                     local_mem=endpoint.staging.mem, remote_mem=remote.memory, probe=True)
-    endpoint.agent.wait([xfer], timeout_s=timeout_s)
