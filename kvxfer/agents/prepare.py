@@ -4,8 +4,9 @@ otherwise build inside that request, built ahead.
 A consumer told a producer's side channel up front learns who serves there (`discover`: a Ping
 to rank 0 gives its engine id and boot epoch), then each consumer rank `prepare`s: a handshake
 with every producer rank (all of them get our DONE), a NIXL connection to each rank it reads
-from, wired by one probe READ, and the descriptor lists of its share (`endpoint.peers.prepared`). The producer prepares
-its pushes to us on its own thread once we handshook (kvxfer.agents.producer).
+from, wired by one probe READ (kvxfer.agents.wiring), and the descriptor lists of its share
+(`endpoint.peers.prepared`). The producer prepares its pushes to us, and wires its own
+connection, on its own thread once we handshook (kvxfer.agents.producer).
 
 Built on the consumer's public API (`link`, `sources`, `endpoint.peers`): the same handshakes and
 prepared pairs a request makes, made earlier, so a request finds them cached per (producer rank,
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from kvxfer.agents import messages as m
 from kvxfer.agents.consumer import Consumer
-from kvxfer.agents.sidechannel import ClientCache, Target, rank_address
+from kvxfer.agents.sidechannel import ClientCache, Target, producer_target, rank_address
 from kvxfer.agents.wiring import wire_connection
 from kvxfer.errors import HandshakeError, KvxferError
 
@@ -88,8 +89,8 @@ def prepare(consumer: Consumer, params: m.TransferParams, *, nixl_lock: threadin
     links = consumer.links(params)
     sources = consumer.sources(params)
     # Every side-channel client a WRITE asks through at once (and the pool that asks), made now.
-    consumer.clients.request_all([(Target(rank_address(params.side_channel, r)), m.Ping())
-                                  for r in range(params.tp_size)], timeout_s=consumer.request_timeout_s)
+    consumer.clients.request_all([(producer_target(params, r), m.Ping()) for r in range(params.tp_size)],
+                                 timeout_s=consumer.request_timeout_s)
     linked = time.perf_counter()
     with nixl_lock:
         for rank in sorted({s.prefill_rank for s in sources}):
