@@ -2,6 +2,8 @@
 services (separate processes, real NIXL, real HTTP), all three started with API keys: models,
 completions and chat, whole and streamed, stop strings, keys refused (401), bodies refused (400
 naming the field). Every answer is checked against a single-process run of the same model.
+The same cluster shows readiness that includes the transfer path (docs/readiness.md): decode0 is
+told its producer (`--producers`), decode1 one that never comes up.
 """
 
 from __future__ import annotations
