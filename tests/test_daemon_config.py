@@ -178,6 +178,30 @@ def test_model_source_errors(argv, env, message):
     assert message in str(err.value)
 
 
+def test_producers_of_a_decode_service():
+    assert (serve(["decode", *PLAIN]).producers, serve(["decode", *PLAIN]).producers_wait_s) == ((), 60.0)
+    c = serve(["decode", *PLAIN, "--producers", "tcp://p0:5600", "--producers", "tcp://[::1]:5600"])
+    assert c.producers == ("tcp://p0:5600", "tcp://[::1]:5600")
+    c = serve(["decode", *PLAIN], {"KVXFER_PRODUCERS": "tcp://a:1, tcp://b:2", "KVXFER_PRODUCERS_WAIT_S": "2.5"})
+    assert (c.producers, c.producers_wait_s) == (("tcp://a:1", "tcp://b:2"), 2.5)
+
+
+@pytest.mark.parametrize(
+    ("role", "argv", "env", "message"),
+    [
+        ("prefill", ["--producers", "tcp://p:1"], {}, "--producers='tcp://p:1': a decode setting"),
+        ("decode", ["--producers", "http://p:8100"], {}, "--producers='http://p:8100': expected tcp://HOST:PORT"),
+        ("decode", [], {"KVXFER_PRODUCERS": "tcp://p"}, "KVXFER_PRODUCERS='tcp://p' (for --producers): expected tcp://HOST:PORT"),
+        ("decode", ["--producers", "tcp://p:1", "tcp://p:1"], {}, "an address is listed twice"),
+        ("decode", ["--producers-wait-s", "0"], {}, "--producers-wait-s='0': must be in (0.0, inf]"),
+    ],
+)
+def test_producers_errors_name_flag_and_value(role, argv, env, message):
+    with pytest.raises(ConfigError) as err:
+        serve([role, *PLAIN, *argv], env)
+    assert message in str(err.value)
+
+
 def test_curve_is_on_by_default_and_needs_keys():
     with pytest.raises(ConfigError, match="CURVE is on and no key pair is set: give --curve-secret-key-file"):
         serve(["prefill", "--preset", "tiny"])
@@ -310,6 +334,7 @@ def _typed(value: object) -> str:
     ("--transfer-deadline-s", lambda c: c.deadline.slack_s), ("--expected-gbps", lambda c: c.deadline.expected_gbps),
     ("--lease-s", lambda c: c.lease_s), ("--nixl-threads", lambda c: c.nixl_threads), ("--warmup", lambda c: c.warmup),
     ("--staging-slots", lambda c: c.staging_slots), ("--transfer-path", lambda c: c.transfer_path),
+    ("--producers-wait-s", lambda c: c.producers_wait_s),
 ])  # fmt: skip
 def test_serve_help_states_the_default_a_service_gets(flag, of):
     assert f"(default: {_typed(of(serve(['decode', *PLAIN])))})" in _help_of(add_serve_arguments, flag)

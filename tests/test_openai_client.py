@@ -2,11 +2,14 @@
 services (separate processes, real NIXL, real HTTP), all three started with API keys: models,
 completions and chat, whole and streamed, stop strings, keys refused (401), bodies refused (400
 naming the field). Every answer is checked against a single-process run of the same model.
+The same cluster shows readiness that includes the transfer path (docs/readiness.md): decode0 is
+told its producer (`--producers`), decode1 one that never comes up.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 
 import httpx
 import openai
@@ -17,6 +20,7 @@ from kvxfer.daemons.cluster import LocalCluster, ServiceSpec
 from kvxfer.engine.config import CacheConfig, EngineConfig, preset
 from kvxfer.engine.engine import Engine
 from kvxfer.engine.tokenizer import byte_level_tokenizer
+from kvxfer.ports import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -52,9 +56,19 @@ def keys(tmp_path_factory) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, keys):
+def nobody() -> str:
+    """A side channel nobody listens on: decode1's producer that never comes up."""
+    return f"tcp://127.0.0.1:{free_ports(1, set())}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, keys, nobody):
+    # decode0 is told its producer up front; decode1 is told of one that never comes up (and
+    # hears of prefill0 from the proxy).
+    decode = [ServiceSpec("decode", num_blocks=64, meet_producers=True),
+              ServiceSpec("decode", num_blocks=64, extra=("--producers", nobody, "--producers-wait-s", "3"))]
     cluster = LocalCluster(tmp_path_factory.mktemp("openai"), [ServiceSpec("prefill", num_blocks=64)],
-                           [ServiceSpec("decode", num_blocks=64)] * 2, preset=MODEL, log_level="WARNING",
+                           decode, preset=MODEL, log_level="INFO",
                            extra=("--api-key-file", str(keys["service_file"])),
                            proxy_args=("--api-key-file", str(keys["client_file"]),
                                        "--backend-api-key-file", str(keys["service_file"])))
@@ -178,6 +192,64 @@ def test_proxy_metrics_time_streams(cluster, client):
         line = next(x for x in metrics.splitlines() if x.startswith(name) and '"/v1/completions"' in x)
         assert float(line.split()[-1]) >= 1, line
     assert 'kvxfer_proxy_requests_total{backend="kvxfer",endpoint="auth",outcome="invalid_api_key"}' in metrics
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in {url}/metrics")
+
+
+def test_decode_told_its_producer_meets_it_before_ready_and_requests_handshake_no_more(cluster, client):
+    """decode0 (`--producers` prefill0) was ready only once it had met prefill0: a request
+    through it handshakes with nobody; every handshake in its log precedes that meeting."""
+    decode0 = cluster.by_name("decode0")
+    assert metric(decode0.url, "kvxfer_producers_met") == 1
+    assert metric(decode0.url, "kvxfer_producer_meetings_total") == 1
+    before, want = ok_count(decode0.url), reference(PROMPT, 4)
+    while ok_count(decode0.url) == before:  # round robin: within two requests one is decode0's
+        assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4).choices[0].token_ids == want
+    lines = decode0.log_path.read_text().splitlines()
+    met = next(i for i, x in enumerate(lines) if "met producer prefill0" in x)
+    handshakes = [i for i, x in enumerate(lines) if "handshake with producer prefill0" in x]
+    assert handshakes and max(handshakes) < met, lines[met]
+    assert "handshake" in lines[met] and "prepare" in lines[met]
+
+
+def test_a_producer_that_never_answers_holds_ready_only_for_the_wait(cluster, nobody, keys):
+    """decode1's --producers names a side channel nobody listens on: /ready says so while it
+    waits, then turns 200 without it (a warning names it); the proxy meanwhile tells decode1
+    of prefill0, which it meets in the background."""
+    decode1 = cluster.by_name("decode1")
+    assert any("ready without producer " + nobody in x for x in decode1.log_path.read_text().splitlines())
+    cluster.relaunch("decode1")
+    reasons = [""]
+
+    def waiting_for_nobody() -> bool:
+        try:
+            reply = httpx.get(f"{decode1.url}/ready", timeout=2.0)
+        except httpx.TransportError:  # not listening yet
+            return False
+        assert reply.status_code == 503, f"ready before the wait ended; it said {reasons}"
+        reasons.append(reply.json()["reason"])
+        return "meeting producers" in reasons[-1]
+
+    wait_for(waiting_for_nobody, "decode1 says it waits for its producers")
+    assert nobody in reasons[-1], reasons[-1]
+    cluster.wait_ready(timeout_s=60, services=[decode1])
+    wait_for(lambda: metric(decode1.url, "kvxfer_producers_met") == 1, "the proxy introduced prefill0 to decode1")
+    assert metric(decode1.url, "kvxfer_producers_unmet") == 1
+    refused = httpx.post(f"{decode1.url}/v1/kvxfer/producers", json={"side_channel": "udp://x"},
+                         headers={"authorization": f"Bearer {keys['service']}"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "side_channel"
+
+
+def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s:.0f} s: {what}"
+        time.sleep(0.05)
 
 
 def ok_count(url: str) -> float:

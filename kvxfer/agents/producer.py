@@ -38,6 +38,7 @@ from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.pacing import IdlePacer
 from kvxfer.agents.peers import Peer
 from kvxfer.agents.sidechannel import PeerInfo, ServerConfig, SideChannelServer, check_binding
+from kvxfer.agents.wiring import wire_connection
 from kvxfer.errors import (
     AuthError,
     KvxferError,
@@ -54,6 +55,7 @@ CONSUMER = "consumer"  # a lease's one logical consumer; its ranks are tallied i
 EARLY_TTL_S = 60.0  # notifications and push requests that beat their `hold` wait this long
 EARLY_MAX = 4096  # for at most this many requests
 ENDED_MAX = 4096  # leases remembered after their end: a late push request is refused, not filed
+WIRE_TIMEOUT_S = 1.0  # the probe READ wiring a new consumer's connection (this thread's pushes wait)
 # Idle polling: confirmations wait at most 10 ms (never a request: a push request wakes the
 # thread at once); every producer rank of a host polls, so not much more often.
 _IDLE_FIRST_S, _IDLE_LONGEST_S = 20e-6, 10e-3
@@ -334,10 +336,11 @@ class Producer:
                 peer = self.endpoint.peers.admit(info)
                 for heads in self._targets(info.tp_size, info.tp_rank):
                     self.endpoint.peers.prepared(peer, heads)
+                wire_connection(self.endpoint, peer, timeout_s=WIRE_TIMEOUT_S)  # a first push waits on no wiring
         except KvxferError as err:  # the push will say so again, with its request
             log.warning("could not prepare pushes to %s rank %d: %s", info.engine_id, info.tp_rank, err)
             return
-        log.info("rank %d prepared pushes to %s rank %d (agent, descriptor lists) in %.1f ms", self.rank,
+        log.info("rank %d prepared pushes to %s rank %d (agent, descriptor lists, connection) in %.1f ms", self.rank,
                  info.engine_id, info.tp_rank, (time.perf_counter() - started) * 1e3)
 
     def _confirm(self, notice: Notice) -> tuple[Held, Outcome] | None:

@@ -57,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     p.add_argument("--max-tokens", type=int, default=12, help="tokens to generate per prompt (default: 12)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many prompts (default: {len(PROMPTS)})")
+    p.add_argument("--meet-producers", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode meets prefill before /ready (`kvxfer serve decode --producers`: handshakes, "
+                        "descriptor lists, calibration); off: only the proxy's introduction, in the "
+                        "background, races the first request (default: on)")
     p.add_argument("--insecure-plaintext", action="store_true", help="no CURVE on the side channel")
     p.add_argument("--workdir", type=Path, help="logs and keys (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         prefill=[ServiceSpec("prefill", args.prefill_tp, args.prefill_layout or args.layout,
                              args.prefill_block_size or args.block_size)],
         decode=[ServiceSpec("decode", args.decode_tp, args.decode_layout or args.layout,
-                            args.decode_block_size or args.block_size)],
+                            args.decode_block_size or args.block_size, meet_producers=args.meet_producers)],
         preset=args.preset, model_dir=args.model, seed=args.seed, device=args.device, mode=args.mode,
         insecure=args.insecure_plaintext, extra=("--dtype", args.dtype))
     rows = []

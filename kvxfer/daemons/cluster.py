@@ -48,6 +48,7 @@ class ServiceSpec:
     num_blocks: int = 256
     extra: tuple[str, ...] = ()  # more `kvxfer serve` flags (mode, deadlines, lease...)
     host: Host | None = None  # None: loopback of this machine
+    meet_producers: bool = False  # decode: `--producers` naming every prefill service of the cluster
 
 
 @dataclass
@@ -235,6 +236,8 @@ class LocalCluster:
         if spec.host is not None:  # as deploy/k8s/base: HTTP on every address, side channel on the pod IP
             args += ["--host", "0.0.0.0", "--side-channel-host", spec.host.address,
                      "--advertise-host", spec.host.address]
+        if spec.meet_producers:  # the prefill services come first in `services`
+            args += ["--producers", *[f"tcp://{s.address}:{s.side_port}" for s in self.services if s.spec.role == "prefill"]]
         if keys is None:
             args.append("--insecure-plaintext")
         else:

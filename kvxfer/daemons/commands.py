@@ -58,6 +58,13 @@ class StillLanding(msgspec.Struct, tag="still_landing", frozen=True):
     transfer_ids: list[str]
 
 
+class Prepare(msgspec.Struct, tag="prepare", frozen=True):
+    """Every decode rank: meet the producer `params` names (no request) before its first
+    request: handshakes, NIXL connections, descriptor lists (kvxfer.daemons.warm)."""
+
+    params: m.TransferParams
+
+
 class Token(msgspec.Struct, tag="token", frozen=True):
     token: int
     expires_unix_ms: int = 0  # Prefill: when this rank's lease ends unless renewed
@@ -70,14 +77,20 @@ class Moved(msgspec.Struct, tag="moved", frozen=True):
     staged: bool = False
 
 
+class Prepared(msgspec.Struct, tag="prepared", frozen=True):
+    handshake_s: float = 0.0
+    connect_s: float = 0.0
+    prepare_s: float = 0.0
+
+
 class Described(msgspec.Struct, tag="described", frozen=True):
     info: m.EngineInfo
     side_channel: str
     pid: int
 
 
-Command = Prefill | Decode | Load | Describe | AskLanding
-Reply = Token | Moved | Described | StillLanding | Failed
+Command = Prefill | Decode | Load | Describe | AskLanding | Prepare
+Reply = Token | Moved | Described | StillLanding | Prepared | Failed
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(Command)
 reply_decoder = msgspec.msgpack.Decoder(Reply)

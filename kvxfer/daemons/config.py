@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kvxfer.agents.messages import Role
+from kvxfer.agents.sidechannel import rank_address
 from kvxfer.daemons.checks import advertise_host, check_serve, is_loopback
 from kvxfer.daemons.curve import CURVE_KEY_ENV_VARS, curve_config, load_curve_keys
 from kvxfer.daemons.enums import Device, ModeChoice, RetryPolicy, TransferPathChoice, values
@@ -123,6 +124,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--warmup", "compile and run attention kernels before /ready turns 200", S.warmup, action=argparse.BooleanOptionalAction)
     _add(g, "--staging-mib", "MiB of registered staging slots for staged transfers (gather, one descriptor, scatter); a request larger than one slot moves directly; 0: none (staging loses on cpu)", _by_device("staging_mib"), metavar="MIB")
     _add(g, "--staging-slots", "how many requests may stage at once; each slot is staging-mib / slots", S.staging_slots, metavar="N")
+    _add(g, "--producers", "decode: the prefill services to meet before /ready turns 200, by the side channel of their rank 0 (tcp://HOST:PORT, the address their transfer parameters carry; the handshake's own channel, authenticated with CURVE, so no HTTP API key is shared): handshake with every rank, calibrate, prepare descriptor lists, so that no first request pays for it; repeatable; the variable takes a comma-separated list", "none", metavar="ADDR", nargs="+", action="extend")
+    _add(g, "--producers-wait-s", "decode: how long after start /ready waits for a --producers service that does not answer; then ready without it, with a warning, and it is met in the background once it answers", S.producers_wait_s, metavar="S")
     _add(g, "--transfer-path", "decode: auto (the cost model, calibrated against each prefill at handshake, picks), direct, or staged (WRITE; falls back to direct, logged, when a request does not fit a slot)", S.transfer_path, metavar="PATH")
 
 
@@ -178,6 +181,8 @@ def serve_config_from_args(args: argparse.Namespace, *, environ: Mapping[str, st
         staging_mib=s.integer("--staging-mib", by_device.staging_mib, lo=0, hi=1 << 20),
         staging_slots=s.integer("--staging-slots", S.staging_slots, hi=1024),
         transfer_path=s.member("--transfer-path", S.transfer_path),
+        producers=_producers(s, role),
+        producers_wait_s=s.number("--producers-wait-s", S.producers_wait_s),
     )
     check_serve(config, s)
     return config
@@ -202,6 +207,20 @@ def _cache_size(s: Resolver, device: Device) -> tuple[int | None, float | None]:
     if num_blocks is None and fraction is None:
         return DEVICE_DEFAULTS[device].num_blocks, DEVICE_DEFAULTS[device].memory_fraction
     return num_blocks, fraction
+
+
+def _producers(s: Resolver, role: Role) -> tuple[str, ...]:
+    addresses = s.items("--producers")
+    if addresses and role is not Role.DECODE:
+        raise s.bad("--producers", ",".join(addresses), "a decode setting: prefill services meet no producers")
+    for address in addresses:
+        try:
+            rank_address(address, 0)
+        except ConfigError:
+            raise s.bad("--producers", address, "expected tcp://HOST:PORT (rank 0's side channel)") from None
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError(f"{s.source('--producers')}: an address is listed twice in {list(addresses)}")
+    return addresses
 
 
 def _engine_id(s: Resolver) -> str:

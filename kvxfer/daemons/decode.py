@@ -19,13 +19,14 @@ from dataclasses import asdict
 
 from kvxfer.agents import messages as m
 from kvxfer.agents.heartbeat import Heartbeat
-from kvxfer.agents.transfer_choice import TransferChooser, TransferPlan
+from kvxfer.agents.transfer_choice import ModeChoice, TransferChooser, TransferPlan
 from kvxfer.daemons import api
 from kvxfer.daemons.commands import AskLanding, Decode, Load, Moved, StillLanding, Token
 from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S
 from kvxfer.daemons.landing import LandingBlocks
 from kvxfer.daemons.prefill import tokenize
 from kvxfer.daemons.service import Service
+from kvxfer.daemons.warm import Producers
 from kvxfer.errors import AuthError, ConfigError, KvxferError, LoadFailed
 from kvxfer.planning import map_tp
 from kvxfer.planning.cost import Path
@@ -39,6 +40,9 @@ class DecodeService(Service):
         self.heartbeat: Heartbeat | None = None
         self.chooser: TransferChooser | None = None
         self.landing = LandingBlocks(ask=self._still_landing, free=self.free)
+        # Producers met before their first request (kvxfer.daemons.warm); /ready waits for them.
+        self.producers = Producers(self, calibrate=None if config.mode is ModeChoice.READ else self._calibrated)
+        self.still_preparing = self.producers.waiting_for
 
     def start(self) -> None:
         super().start()
@@ -46,6 +50,7 @@ class DecodeService(Service):
         self.chooser = TransferChooser(self.runtime.consumer, mode=self.config.mode, path=self.config.transfer_path,
                                        ranks=self.config.tp)
         self.metrics.blocks_landing.set_function(lambda: self.landing.num_blocks)
+        self.producers.start()
 
     def idle_work(self) -> None:
         if self.landing.due():
@@ -57,10 +62,15 @@ class DecodeService(Service):
         except KvxferError as err:
             log.warning("asking the ranks about failed READs: %s", err)
 
+    def _calibrated(self, params: m.TransferParams) -> object:
+        """Rank 0's calibration against a producer, once per boot epoch (the chooser's cache)."""
+        return self.chooser.costs(params)
+
     def _still_landing(self, transfer_ids: list[str]) -> set[str]:
         return {t for r in self.call(AskLanding(transfer_ids)) if isinstance(r, StillLanding) for t in r.transfer_ids}
 
     def close(self) -> None:
+        self.producers.close()
         if self.heartbeat is not None:
             self.heartbeat.close()
         super().close()

@@ -10,8 +10,18 @@ from kvxfer.agents.consumer import Load as LoadJob
 from kvxfer.agents.endpoint import shaped_ids
 from kvxfer.agents.heartbeat import LeaseClient
 from kvxfer.agents.metrics import TransferMetrics
+from kvxfer.agents.prepare import prepare
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig
-from kvxfer.daemons.commands import AskLanding, Command, Load, Moved, Reply, StillLanding
+from kvxfer.daemons.commands import (
+    AskLanding,
+    Command,
+    Load,
+    Moved,
+    Prepare,
+    Prepared,
+    Reply,
+    StillLanding,
+)
 from kvxfer.daemons.rank_setup import RankSetup
 from kvxfer.daemons.runtime import HANDSHAKE_TIMEOUT_S, RankRuntime
 
@@ -32,6 +42,9 @@ class DecodeRank(RankRuntime):
     def execute_role(self, command: Command) -> Reply:
         if isinstance(command, AskLanding):
             return StillLanding([t for t in command.transfer_ids if self.consumer.landing(t)])
+        if isinstance(command, Prepare):
+            times = prepare(self.consumer, command.params, nixl_lock=self.nixl_lock)
+            return Prepared(times.handshake_s, times.connect_s, times.prepare_s)
         if not isinstance(command, Load):
             return super().execute_role(command)
         params = command.params

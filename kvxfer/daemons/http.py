@@ -27,6 +27,7 @@ from kvxfer.daemons.formats import ChatFormat, CompletionsFormat, Format
 from kvxfer.daemons.prefill import PrefillService
 from kvxfer.daemons.service import Service
 from kvxfer.daemons.stop_text import StopText
+from kvxfer.daemons.warm import add_routes as add_producer_routes
 from kvxfer.errors import ConfigError, KvxferError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,12 @@ def create_app(service: Service, *, api_keys: ApiKeys = NO_KEYS) -> FastAPI:
                 "blocks_in_use": service.blocks_in_use() if service.ready else None}
         if isinstance(service, DecodeService) and service.ready:
             info.update(service.identity())
+        if isinstance(service, PrefillService) and service.ready:  # what decode meets it by (warm.py)
+            info["side_channel"] = service.ranks[0].side_channel
         return Response(msgspec.json.encode(info), media_type=JSON)
+
+    if isinstance(service, DecodeService):
+        add_producer_routes(app, service.producers)
 
     for fmt in formats:
         app.add_api_route(fmt.path, _endpoint(service, fmt, model), methods=["POST"])

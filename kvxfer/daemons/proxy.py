@@ -8,6 +8,13 @@ puts servers that just failed or fail their health check last, and turns every f
 OpenAI-shaped error instead of a hang or an empty 200: prefill down (503), decode load failure
 (502, or retried once through a fresh prefill when the policy says so), deadline (504), bad
 request (400 naming the field, the backend's own 4xx relayed as it is).
+
+It also introduces kvxfer's services to each other, so that a pair meets before its first
+request (kvxfer.daemons.warm): every decode server hears of each prefill service (its rank 0 side
+channel, engine id and boot epoch) once per boot epoch, when a health check finds it newly ready
+(from its `/v1/kvxfer/identity`) or its transfer parameters name one not seen before, and a decode
+server that turns ready hears of every prefill service known. Off the requests' path: the
+introductions are tasks of their own, and a failed one is only logged.
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ class Proxy:
         self.headers = {"authorization": f"Bearer {backend_api_key}"} if backend_api_key else {}
         self.client = client or httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=5.0))
         self.metrics = ProxyMetrics(backend.value)
+        self._producers: dict[str, dict[str, Any]] = {}  # engine id -> its latest ProducerNotice (JSON)
+        self._ready: dict[str, bool] = {}  # url -> its last health check
+        self._tasks: set[asyncio.Task] = set()
 
     # ---- one request ----------------------------------------------------------------------------
 
@@ -66,6 +76,7 @@ class Proxy:
             params = prefilled.get("kv_transfer_params")
             if not params:
                 raise ProxyError("prefill_unavailable", "prefill answered without kv_transfer_params", 502)
+            self.saw_producer(params)
             try:
                 return await self.decode_at(url, path, decode_body(body, params))
             except ProxyError as err:
@@ -153,7 +164,58 @@ class Proxy:
                 else:
                     self._failed(pool, url, "not_ready")
             counts[pool.name] = sum(results)
+            self._turned_ready(pool, [u for u, ok in zip(pool.urls, results, strict=True) if ok])
         return counts
+
+    # ---- introductions (kvxfer backend) ---------------------------------------------------------
+
+    def saw_producer(self, found: dict[str, Any]) -> None:
+        """A prefill service's identity or transfer parameters: every decode server hears of it
+        once per boot epoch."""
+        engine_id = found.get("engine_id")
+        if self.backend.kind is not BackendKind.KVXFER or not isinstance(found.get("side_channel"), str) \
+                or not isinstance(engine_id, str):
+            return
+        notice = {k: found.get(k) for k in ("side_channel", "engine_id", "boot_epoch")}
+        known = self._producers.get(engine_id)
+        if known is not None and known["boot_epoch"] == notice["boot_epoch"]:
+            return
+        self._producers[engine_id] = notice
+        for url in self.decode.urls:
+            self._spawn(self._introduce(url, notice))
+
+    def _turned_ready(self, pool: Pool, ready: list[str]) -> None:
+        """Prefill newly ready: learn who it is. Decode newly ready: tell it every producer."""
+        for url in pool.urls:
+            was, self._ready[url] = self._ready.get(url, False), url in ready
+            if self._ready[url] and not was and self.backend.kind is BackendKind.KVXFER:
+                if pool is self.prefill:
+                    self._spawn(self._learn(url))
+                else:
+                    for notice in list(self._producers.values()):
+                        self._spawn(self._introduce(url, notice))
+
+    async def _learn(self, url: str) -> None:
+        try:
+            reply = await self.client.get(f"{url}/v1/kvxfer/identity", timeout=5.0, headers=self.headers)
+            self.saw_producer(reply.json() if reply.status_code == 200 else {})
+        except (httpx.HTTPError, ValueError) as err:
+            log.info("could not ask prefill %s who it is (%s); decode meets it at its first request", url, err)
+
+    async def _introduce(self, url: str, notice: dict[str, Any]) -> None:
+        try:
+            reply = await self.client.post(f"{url}/v1/kvxfer/producers", json=notice, timeout=5.0,
+                                           headers=self.headers)
+            what = "" if reply.status_code in (200, 202) else f"HTTP {reply.status_code}: {_message(reply.content, reply.status_code)}"
+        except httpx.HTTPError as err:
+            what = f"{type(err).__name__}: {err}"
+        if what:
+            log.info("could not introduce producer %s to decode %s (%s)", notice["engine_id"], url, what)
+
+    def _spawn(self, job) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._tasks.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._tasks.discard)
 
     async def health_loop(self) -> None:
         while True:

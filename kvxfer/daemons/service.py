@@ -86,6 +86,7 @@ class Service:
         self._idle_thread: threading.Thread | None = None
         self._pace = IdlePacer()  # the idle thread's; `wake_idle` after work that leaves it some
         self.on_fatal: Callable[[], None] | None = None  # called once if a rank dies
+        self.still_preparing: Callable[[], str] = lambda: ""  # why not ready yet once started ("" : ready)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -127,7 +128,7 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        ok = self.started.is_set() and self.bus.alive() and self.start_error is None
+        ok = self.started.is_set() and self.bus.alive() and self.start_error is None and not self.still_preparing()
         self.metrics.ready.set(1 if ok else 0)
         return ok
 
@@ -138,7 +139,7 @@ class Service:
             return "starting: loading the model, registering caches, warming kernels"
         if not self.bus.alive():
             return self.bus.out_of_step or "a rank process died"
-        return ""
+        return self.still_preparing()
 
     def _idle_loop(self) -> None:
         checked = time.monotonic()

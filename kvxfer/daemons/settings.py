@@ -101,6 +101,8 @@ class ServeConfig:
     staging_mib: int  # staging slots in all (0: no staged transfers; calibration still runs)
     staging_slots: int = 2
     transfer_path: TransferPathChoice = TransferPathChoice.AUTO
+    producers: tuple[str, ...] = ()  # decode: rank 0 side channels of prefill services met before /ready
+    producers_wait_s: float = 60.0  # decode: how long /ready waits for a producer that does not answer
 
     @property
     def side_channel_ports(self) -> tuple[int, ...]:
