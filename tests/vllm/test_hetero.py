@@ -1,8 +1,9 @@
 """Heterogeneous TP and WRITE, in the strict configuration (pre-shared CURVE keys): a TP 2 producer (one KV head per rank) pushes into a TP 1 consumer
 in WRITE mode; a request whose prompt prefix the consumer already holds loads only the rest,
 falling back to READ from both producer ranks. Both sides have staging slots, so the consumer
-calibrates against the producer and the cost model picks each push's path (direct or staged), as
-the daemons' decode service does. Tokens must equal the plain instance's. Then the
+calibrates against the producer and the cost model estimates each push (direct pushes only here:
+the failed one below must be a push into the consumer's own blocks), as the daemons' decode
+service does. Tokens must equal the plain instance's. Then the
 producer is killed after a prefill: this consumer's kv_load_failure_policy is `recompute`, so the
 request still answers, with the plain tokens, computed locally."""
 
@@ -15,7 +16,8 @@ from kvxfer.integrations.vllm.testing import prefill_then_decode, token_ids
 
 
 def test_tp2_producer_writes_into_tp1_consumer(models, logs, curve, plain_tokens):
-    spec = consumer_spec(models["a"], "consumer-write", curve, mode="write", staging_mib=4, policy="recompute")
+    spec = consumer_spec(models["a"], "consumer-write", curve, mode="write", transfer_path="direct", staging_mib=4,
+                         policy="recompute")
     with servers(spec, producer_spec(models["a"], "producer-tp2", curve, tp=2, staging_mib=4), logs=logs) as (cons, prod):
         for prompt in [*PROMPTS, PREFIX_PROMPT]:
             first, second = prefill_then_decode(prod, cons, prompt, max_tokens=MAX_TOKENS)
@@ -29,4 +31,6 @@ def test_tp2_producer_writes_into_tp1_consumer(models, logs, curve, plain_tokens
     log = (logs / "consumer-write.log").read_text()
     assert log.count("(write)") == len(PROMPTS) and log.count("(read)") == 1, "expected 3 writes, 1 read"
     assert log.count("kvxfer load failed") == 1  # so the plain tokens above were recomputed
-    assert "write, by cost model:" in log, "the consumer did not calibrate against the producer"
+    assert "direct write, by cost model:" in log, "the consumer did not calibrate against the producer"
+    # The failed load was a direct push: its blocks went back only after the push's deadline.
+    assert log.count("a push the producer started in time may still land") == 1

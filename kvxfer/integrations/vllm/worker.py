@@ -105,6 +105,7 @@ class WorkerSide:
         self._endpoint: Endpoint | None = None
         self._threads: list[threading.Thread] = []
         self._landing: dict[str, str] = {}  # transfer id -> vLLM request id: a failed load's READs still run
+        self._pushes_may_land: list[tuple[float, str]] = []  # (until, vLLM request id): a failed direct push
         self._chooser: TransferChooser | None = None  # a consumer's: how each load moves
         self.blocks: BlockMap | None = None  # how vLLM's blocks split into kernel blocks (`register`)
 
@@ -235,6 +236,9 @@ class WorkerSide:
             for transfer_id in consumer.take_settled():
                 if transfer_id in self._landing:
                     self._results.recving.add(self._landing.pop(transfer_id))
+            now = time.time()
+            self._results.recving.update(req_id for until, req_id in self._pushes_may_land if until <= now)
+            self._pushes_may_land = [(until, req_id) for until, req_id in self._pushes_may_land if until > now]
 
     def _release(self, job: ReleaseJob) -> None:
         """The producer's KV will not be read: rank 0 ends the lease on every producer rank."""
@@ -255,14 +259,17 @@ class WorkerSide:
         log.info("kvxfer loading request=%s: %d tokens after %d cached, from %s", job.req_id,
                  job.num_tokens, job.skip_tokens, job.params.engine_id)
         push_s = consumer.endpoint.deadline.seconds(consumer.expected_bytes(job.params, job.num_tokens))
+        not_after = time.time() + consumer.request_timeout_s + push_s
+        plan: TransferPlan | None = None
         try:
             local = self._kernel_ids(job)
             plan = self._plan(job)
             loaded = consumer.load(Load(job.params, local, job.num_tokens, job.skip_tokens, plan.mode, plan.staged,
-                                        valid_until_ms=job.valid_until_ms,
-                                        not_after_unix=time.time() + consumer.request_timeout_s + push_s))
+                                        valid_until_ms=job.valid_until_ms, not_after_unix=not_after))
         except Exception as err:  # noqa: BLE001 (a load's failure is reported, never raised)
-            self._failed(job, consumer, err)
+            # A direct push started by `not_after` writes our blocks until its own deadline.
+            direct_push = plan is not None and plan.mode is m.Mode.WRITE and not plan.staged
+            self._failed(job, consumer, err, push_until=not_after + push_s if direct_push else 0.0)
             return
         summary = loaded.summary
         log.info("kvxfer loaded request=%s from %s: %d tokens, %d bytes, %d descriptors, %.1f ms (%s)",
@@ -282,7 +289,11 @@ class WorkerSide:
         with self._choosing:  # once per producer epoch it handshakes and calibrates: not twice at once
             return self._chooser.plan(job.params)
 
-    def _failed(self, job: LoadJob, consumer: Consumer, err: Exception) -> None:
+    def _failed(self, job: LoadJob, consumer: Consumer, err: Exception, *, push_until: float = 0.0) -> None:
+        """Report the failure to vLLM now; the request's blocks go back only once nothing can
+        land in them: a READ given up still running (until it ends), a direct push the producer
+        may still make (until its deadline, `push_until`: the producer's transfer cannot be
+        watched from here)."""
         error = err if isinstance(err, KvxferError) else KvxferError(f"internal: {type(err).__name__}: {err}")
         error = consumer.explain(job.params, error)
         log.error("kvxfer load failed request=%s producer=%s kind=%s: %s", job.req_id,
@@ -295,10 +306,16 @@ class WorkerSide:
             self._results.failed_blocks.update(job.local_ids)
             if landing:  # vLLM fails the request now and frees its blocks once it is reported done
                 self._landing[job.params.request_id] = job.req_id
+            elif push_until > time.time():
+                self._pushes_may_land.append((push_until, job.req_id))
             else:
                 self._results.recving.add(job.req_id)
         if landing:
             log.warning("kvxfer request=%s: READs given up at the failure may still land in its %d blocks; "
                         "vLLM gets them back once those end", job.req_id, len(job.local_ids))
+        elif push_until > time.time():
+            log.warning("kvxfer request=%s: a push the producer started in time may still land in its %d "
+                        "blocks; vLLM gets them back in %.1f s", job.req_id, len(job.local_ids),
+                        push_until - time.time())
         if self._leases is not None and not isinstance(error, AuthError):  # refused parameters do not
             self._leases.abort(job.params, reason=str(error), error_kind=error.kind)  # speak for a lease
