@@ -105,6 +105,9 @@ class Consumer:
         self._to_confirm: deque[tuple[m.TransferParams, list[ProducerLink]]] = deque()
         self._landings: Landings[str] = Landings()  # given-up READs, by transfer id, with their producer
         self._settled: list[str] = []  # transfer ids whose given-up READs ended since `take_settled`
+        # Guards the two above, held only for bookkeeping: a driver asks `landing` from threads
+        # that must not wait behind another load's transfer (which holds the NIXL lock).
+        self._landing_lock = threading.Lock()
         self.inbox = Inbox(endpoint.agent, lock=nixl_lock, metrics=endpoint.metrics)
 
     @property
@@ -126,9 +129,11 @@ class Consumer:
                 summary, staged = self._pushed(job, links, sources)
         except TransferError as err:
             with self._nixl:
-                if err.landing is not None:
-                    self._landings.keep(params.request_id, params.engine_id, err.landing)
-                if self._landings.may_forget(params.engine_id):
+                with self._landing_lock:
+                    if err.landing is not None:
+                        self._landings.keep(params.request_id, params.engine_id, err.landing)
+                    forget_now = self._landings.may_forget(params.engine_id)
+                if forget_now:
                     self.forget(params.engine_id)
             raise
         self._to_confirm.append((params, links))  # off the request's path: `idle` sends them
@@ -307,12 +312,12 @@ class Consumer:
     def landing(self, request_id: str) -> bool:
         """Whether a failed load of `request_id` left READs running that may still write its
         blocks: its driver gives the blocks back only once `take_settled` names it."""
-        with self._nixl:
+        with self._landing_lock:
             return self._landings.running(request_id)
 
     def take_settled(self) -> list[str]:
         """Transfer ids whose given-up READs have ended (landed or failed) since the last call."""
-        with self._nixl:
+        with self._landing_lock:
             settled, self._settled = self._settled, []
         return settled
 
@@ -320,13 +325,14 @@ class Consumer:
         if not self._landings:
             return 0
         with self._nixl:
-            settled = self._landings.settle()
+            with self._landing_lock:  # polling a landing only asks NIXL for states: it never waits
+                settled = self._landings.settle()
+                self._settled.extend(transfer_id for transfer_id, _ in settled.requests)
             for engine_id in settled.peers:
                 self.forget(engine_id)
-            for transfer_id, seconds in settled.requests:
-                log.info("request %s: the READs given up at its failure ended %.1f s later; its blocks can be "
-                         "reused", transfer_id[:8], seconds)
-                self._settled.append(transfer_id)
+        for transfer_id, seconds in settled.requests:
+            log.info("request %s: the READs given up at its failure ended %.1f s later; its blocks can be "
+                     "reused", transfer_id[:8], seconds)
         return len(settled.requests)
 
     def calibrate(self, params: m.TransferParams) -> FabricCosts | None:

@@ -232,8 +232,9 @@ class WorkerSide:
         """Confirmations still leaving (without a progress thread), and failed loads whose READs
         have ended: only now may vLLM free their blocks."""
         consumer.idle()
+        settled = consumer.take_settled()
         with self._lock:  # with `_failed`'s check: a load that settles before it is filed is not lost
-            for transfer_id in consumer.take_settled():
+            for transfer_id in settled:
                 if transfer_id in self._landing:
                     self._results.recving.add(self._landing.pop(transfer_id))
             now = time.time()
