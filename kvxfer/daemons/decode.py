@@ -104,9 +104,11 @@ class DecodeService(Service):
         from its own producer ranks at once. Raises LoadFailed."""
         started = time.perf_counter()
         plan = TransferPlan(self.config.mode.fixed() or m.Mode.READ, Path.DIRECT, "")
-        not_after = time.time() + self._push_start_s(params)
+        not_after = 0.0  # a push asked for starts by then (WRITE only: no push, no deadline)
         try:
             plan = self.plan_transfer(params)
+            if plan.mode is m.Mode.WRITE:
+                not_after = time.time() + self._push_start_s(params)
             moved = self.call(Load(params, ids, plan.mode, plan.path is Path.STAGED,
                                    self.heartbeat.valid_until_ms(params), not_after))
         except KvxferError as err:
