@@ -219,7 +219,7 @@ class Consumer:
             # notification, or an answer that refuses it, whichever comes first.
             for rank in ranks:
                 calls.append(self.clients.call(producer_target(params, rank), ask, timeout_s=self.request_timeout_s))
-            self.inbox.wait(params.request_id, m.NotifKind.PUSHED, set(ranks),
+            self.inbox.wait(params.request_id, m.NotifKind.PUSHED, {r: links[r].peer.agent_name for r in ranks},
                             timeout_s=max(0.0, job.not_after_unix - time.time()) + push_s,
                             what=lambda missing: f"request {params.request_id[:8]}: pushes from producer "
                                                  f"rank(s) {sorted(missing)}",
