@@ -37,7 +37,7 @@ from kvxfer.agents.heartbeat import LeaseClient
 from kvxfer.agents.inbox import Inbox
 from kvxfer.agents.landings import Landings
 from kvxfer.agents.peers import Peer
-from kvxfer.agents.sidechannel import ClientCache, PendingCall, producer_target
+from kvxfer.agents.sidechannel import ClientCache, PendingCall, Target, producer_target
 from kvxfer.agents.staged_transfer import Reservation, release_later
 from kvxfer.errors import (
     AuthError,
@@ -82,6 +82,7 @@ class ProducerLink:
     peer: Peer
     params_key: bytes
     unbound_params_key: bytes
+    target: Target  # its side channel
 
 
 class Consumer:
@@ -218,7 +219,7 @@ class Consumer:
             # Each rank answers after running its push: what ends the wait is the push's
             # notification, or an answer that refuses it, whichever comes first.
             for rank in ranks:
-                calls.append(self.clients.call(producer_target(params, rank), ask, timeout_s=self.request_timeout_s))
+                calls.append(self.clients.call(links[rank].target, ask, timeout_s=self.request_timeout_s))
             self.inbox.wait(params.request_id, m.NotifKind.PUSHED, {r: links[r].peer.agent_name for r in ranks},
                             timeout_s=max(0.0, job.not_after_unix - time.time()) + push_s,
                             what=lambda missing: f"request {params.request_id[:8]}: pushes from producer "
@@ -292,7 +293,7 @@ class Consumer:
             self._check_producer(remote, f"{params.engine_id}/{rank}")
         with self._nixl:
             peer = self.endpoint.peers.admit(remote)
-        link = ProducerLink(peer, reply.params_key, reply.unbound_params_key)
+        link = ProducerLink(peer, reply.params_key, reply.unbound_params_key, target)
         self._links[params.engine_id, rank] = link
         log.info("handshake with producer %s rank %d (epoch %d) from rank %d: %.1f ms", params.engine_id,
                  rank, params.boot_epoch, self.rank, (time.perf_counter() - started) * 1e3)
