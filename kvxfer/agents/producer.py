@@ -61,8 +61,8 @@ EARLY_MAX = 4096  # for at most this many requests
 ENDED_MAX = 4096  # leases remembered after their end: a late push request is refused, not filed
 WIRE_TIMEOUT_S = 1.0  # the probe READ wiring a new consumer's connection (this thread's pushes wait)
 INLINE_PUSH_S = 2e-3  # a direct push the server thread posted: it waits this long, then leaves it
-# Idle polling: confirmations wait at most 10 ms (never a request: a push request wakes the
-# thread at once); every producer rank of a host polls, so not much more often.
+# Idle polling: confirmations wait at most 10 ms (never a push: the server thread runs it, or
+# wakes this thread for it); every producer rank of a host polls, so not much more often.
 _IDLE_FIRST_S, _IDLE_LONGEST_S = 20e-6, 10e-3
 
 
