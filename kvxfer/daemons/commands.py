@@ -81,6 +81,7 @@ class Prepared(msgspec.Struct, tag="prepared", frozen=True):
     handshake_s: float = 0.0
     connect_s: float = 0.0
     prepare_s: float = 0.0
+    copiers_s: float = 0.0  # the staging copiers built (GPU; 0: none to build)
 
 
 class Described(msgspec.Struct, tag="described", frozen=True):
