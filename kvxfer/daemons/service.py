@@ -185,7 +185,10 @@ class Service:
         if (self._kernels_asked and now - self._kernels_asked < KERNELS_EVERY_S) or not self.ready:
             return
         self._kernels_asked = now
-        self.executor.submit(self._count_kernels)
+        try:
+            self.executor.submit(self._count_kernels)
+        except RuntimeError:  # closing: the executor takes no more work
+            return
 
     def _count_kernels(self) -> None:
         try:
