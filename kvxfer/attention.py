@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kvxfer.errors import ConfigError, LayoutError
+from kvxfer.kernels import FLASHINFER, KERNELS
 from kvxfer.layouts import Geometry, get_layout
 
 log = logging.getLogger(__name__)
@@ -387,9 +388,10 @@ def _warm_one(attn: PagedAttention, shape: WarmupShape, kind: str, q_len: int) -
     compiled = tuple(sorted(jit_libraries() - before))
     name = (f"{kind} {shape.layout} q_heads={shape.num_q_heads} kv_heads={shape.num_kv_heads} "
             f"head_dim={shape.head_dim} page={shape.block_size} {str(shape.dtype).removeprefix('torch.')}")
-    if compiled:
-        log.info("warmup: %s kernel %s compiled %s in %.2f s", attn.backend, name, ", ".join(compiled), seconds)
+    if attn.backend == "flashinfer":
+        KERNELS.record(FLASHINFER, f"{name}{' (' + ', '.join(compiled) + ')' if compiled else ''}", seconds,
+                       compiled=bool(compiled))
     else:
-        log.info("warmup: %s kernel %s ready in %.2f s (nothing compiled)", attn.backend, name, seconds)
+        log.info("warmup: %s kernel %s ready in %.2f s (nothing to compile)", attn.backend, name, seconds)
     return WarmupRecord(name, attn.backend, seconds, compiled)
 

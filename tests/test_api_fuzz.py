@@ -313,3 +313,13 @@ def test_after_fuzzing_ready_no_stray_transfers_no_leaks(harness):
     for url in (decode, prefill):
         assert metric(client, url, "kvxfer_blocks_in_use ") == 0
         assert metric(client, url, "kvxfer_blocks_held ") == 0
+
+
+def test_no_kernel_compiled_after_ready(harness):
+    """Every rank answered the service's count of its kernel compiles (prefill runs TP 2, so rank
+    1 answered over the bus) and none compiled after ready (on CPU nothing compiles at all)."""
+    client = harness.client
+    for url in (harness.decode, harness.prefill):
+        text = client.get(f"{url}/metrics").text
+        assert 'kvxfer_kernel_compiles{when="before_ready"}' in text, f"{url}: the ranks' counts never arrived"
+        assert metric(client, url, 'kvxfer_kernel_compiles{when="after_ready"}') == 0

@@ -231,8 +231,7 @@ class Endpoint:
                               f"{'this rank' if self.staging is None else 'the peer'}")
         started = time.perf_counter()
         plan = self.peers.plan(leg.peer, leg.heads)
-        key = ("gather", leg.peer.engine_id, leg.peer.boot_epoch, leg.peer.rank, leg.heads)
-        part = self.staging.parts(key, [plan], local_ids, num_tokens, self.tensors, to_slot=True)
+        part = self.staging.parts(_gather_key(leg), [plan], local_ids, num_tokens, self.tensors, to_slot=True)
         num_bytes, _ = send_part(
             self.agent, self.staging, part, peer_agent=leg.peer.agent_name, remote=remote,
             remote_offset=remote_offset, notif=notif, timeout_s=self.deadline.seconds(sum(part.sizes)))
@@ -245,8 +244,23 @@ class Endpoint:
         if self.staging is None or any(leg.peer.info.staging is None for leg in legs):
             return None
         plans = [self.peers.plan(leg.peer, leg.heads) for leg in legs]
-        key = ("scatter", *((leg.peer.engine_id, leg.peer.boot_epoch, leg.peer.rank, leg.heads) for leg in legs))
-        return self.staging.parts(key, plans, local_ids, num_tokens, self.tensors, to_slot=False)
+        return self.staging.parts(_scatter_key(legs), plans, local_ids, num_tokens, self.tensors, to_slot=False)
+
+    def warm_staging(self, legs: list[Leg], *, to_slot: bool) -> float:
+        """Build the GPU copier of a staged transfer with these legs ahead of its first request
+        (compiled or loaded by Triton, its graph captured): the producer's gather of each leg
+        (`to_slot`), or the consumer's scatter of all of them. Returns the seconds it took (0:
+        nothing to build, staging is torch indexing here or off on a side)."""
+        if self.staging is None or any(leg.peer.info.staging is None for leg in legs):
+            return 0.0
+        started = time.perf_counter()
+        if to_slot:
+            built = [self.staging.warm(_gather_key(leg), [self.peers.plan(leg.peer, leg.heads)], self.tensors,
+                                       to_slot=True) for leg in legs]
+        else:
+            plans = [self.peers.plan(leg.peer, leg.heads) for leg in legs]
+            built = [self.staging.warm(_scatter_key(legs), plans, self.tensors, to_slot=False)]
+        return time.perf_counter() - started if any(built) else 0.0
 
     def reserve(self, parts: Parts) -> Reservation | None:
         """A staging slot holding `parts` back to back, waiting for one up to the transfer
@@ -274,6 +288,14 @@ class Endpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _gather_key(leg: Leg) -> tuple:
+    return ("gather", leg.peer.engine_id, leg.peer.boot_epoch, leg.peer.rank, leg.heads)
+
+
+def _scatter_key(legs: list[Leg]) -> tuple:
+    return ("scatter", *((leg.peer.engine_id, leg.peer.boot_epoch, leg.peer.rank, leg.heads) for leg in legs))
 
 
 def shaped_ids(desc: CacheDesc, block_ids: Sequence[int] | np.ndarray, num_tokens: int, *,

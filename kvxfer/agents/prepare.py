@@ -19,8 +19,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvxfer.agents import messages as m
 from kvxfer.agents.consumer import Consumer
+from kvxfer.agents.endpoint import Leg
 from kvxfer.agents.sidechannel import ClientCache, Target, producer_target, rank_address
 from kvxfer.agents.wiring import wire_connection
 from kvxfer.errors import HandshakeError, KvxferError
@@ -56,6 +59,7 @@ class PrepareTimes:
     handshake_s: float = 0.0
     connect_s: float = 0.0
     prepare_s: float = 0.0
+    copiers_s: float = 0.0
 
 
 def discover(clients: ClientCache, side_channels: list[str], *, timeout_s: float) -> list[ProducerRef | KvxferError]:
@@ -83,8 +87,9 @@ def with_tp_size(consumer: Consumer, ref: ProducerRef) -> ProducerRef:
 
 def prepare(consumer: Consumer, params: m.TransferParams, *, nixl_lock: threading.RLock) -> PrepareTimes:
     """Everything this consumer rank's first load from `params`'s producer would build: a link
-    with every producer rank, a NIXL connection to each it reads from, and the prepared
-    descriptor lists of its share. Raises the KvxferError of the step that failed."""
+    with every producer rank, a NIXL connection to each it reads from, the prepared descriptor
+    lists of its share, and on a GPU the copier that scatters a staged push of it (compiled or
+    loaded, its graph captured). Raises the KvxferError of the step that failed."""
     started = time.perf_counter()
     links = consumer.links(params)
     sources = consumer.sources(params)
@@ -99,4 +104,8 @@ def prepare(consumer: Consumer, params: m.TransferParams, *, nixl_lock: threadin
     with nixl_lock:
         for s in sources:
             consumer.endpoint.peers.prepared(links[s.prefill_rank].peer, s.heads)
-    return PrepareTimes(linked - started, connected - linked, time.perf_counter() - connected)
+    prepared = time.perf_counter()
+    legs = [Leg(links[s.prefill_rank].peer, s.heads, np.empty(0, dtype=np.int64)) for s in sources]
+    with nixl_lock:
+        copiers_s = consumer.endpoint.warm_staging(legs, to_slot=False)
+    return PrepareTimes(linked - started, connected - linked, prepared - connected, copiers_s)

@@ -29,6 +29,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvxfer.agents import messages as m
@@ -64,6 +65,7 @@ INLINE_PUSH_S = 2e-3  # a direct push the server thread posted: it waits this lo
 # Idle polling: confirmations wait at most 10 ms (never a push: the server thread runs it, or
 # wakes this thread for it); every producer rank of a host polls, so not much more often.
 _IDLE_FIRST_S, _IDLE_LONGEST_S = 20e-6, 10e-3
+_NO_IDS = np.empty(0, dtype=np.int64)  # legs that only name a peer's heads
 
 
 @dataclass(frozen=True)
@@ -352,10 +354,13 @@ class Producer:
                 for heads in consumer.targets:
                     self.endpoint.peers.prepared(peer, heads)
                 wire_connection(self.endpoint, peer, timeout_s=WIRE_TIMEOUT_S)  # a first push waits on no wiring
+                # and on a GPU compiles (or loads) no copier and captures no graph
+                self.endpoint.warm_staging([Leg(peer, h, _NO_IDS) for h in consumer.targets], to_slot=True)
         except KvxferError as err:  # the push will say so again, with its request
             log.warning("could not prepare pushes to %s rank %d: %s", info.engine_id, info.tp_rank, err)
             return
-        log.info("rank %d prepared pushes to %s rank %d (agent, descriptor lists, connection) in %.1f ms", self.rank,
+        log.info("rank %d prepared pushes to %s rank %d (agent, descriptor lists, connection, staging copiers) in "
+                 "%.1f ms", self.rank,
                  info.engine_id, info.tp_rank, (time.perf_counter() - started) * 1e3)
 
     def _confirm(self, notice: Notice) -> tuple[Held, Outcome] | None:

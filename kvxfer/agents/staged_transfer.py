@@ -84,6 +84,15 @@ class StagingArea:
 
         return Parts([size] * len(plans), copy)
 
+    def warm(self, key: tuple, plans: list[PairPlan], tensors: list[torch.Tensor], *, to_slot: bool) -> bool:
+        """Build the copier `parts` will use for `key` and capture its graph, ahead of the first
+        request. False where torch indexing serves (no CUDA, Triton or pool): nothing to build."""
+        copier = self._copier(key, plans, tensors, to_slot=to_slot)
+        if copier is None:
+            return False
+        copier.warm()
+        return True
+
     def _copier(self, key: tuple, plans: list[PairPlan], tensors: list[torch.Tensor], *,
                 to_slot: bool) -> UnitCopier | None:
         """Built on first use of `key` (Triton compiles once per shape, then loads from its

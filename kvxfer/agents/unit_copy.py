@@ -24,7 +24,9 @@ layer of a cache and a staging buffer, in either direction, replayed as a CUDA g
   to the WRITEs.
 
 Triton compiles the kernel when the first copier is built (about a second; cached on disk
-afterwards). Without CUDA and Triton, staging uses `staging.Gather` (torch).
+afterwards, `kvxfer warmup` fills that cache ahead; kvxfer.kernels logs and counts each), and
+`warm` captures its graph: both before a service is ready, so no request pays for them.
+Without CUDA and Triton, staging uses `staging.Gather` (torch).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from kvxfer.errors import ConfigError
+from kvxfer.kernels import watch_triton
 from kvxfer.planning import PairPlan, request_block_ids, unit_terms
 
 try:
@@ -54,7 +57,9 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # Only the constexprs and the pointers' alignment pick a binary, not the sizes: a copier
+    # built by `kvxfer warmup` on small caches compiles the kernels a service's copiers load.
+    @triton.jit(do_not_specialize=["block_stride", "first_layer", "max_units", "num_parts"])
     def _copy_units(cache, buffer, layer_starts, which, within, request, block_stride, first_layer, max_units,
                     num_parts, UNIT: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, TO_SLOT: tl.constexpr):
         # program (unit chunk, layer, part); offsets in elements;
@@ -145,8 +150,17 @@ class UnitCopier:
         self._uploaded = torch.cuda.Event()
         self._upload_pending = False
         self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        watch_triton()
         with torch.cuda.device(device):  # Triton launches on the current device
             self._launch(range(len(layers)))  # compile now (0 units: nothing moves), not in a request
+
+    def warm(self) -> None:
+        """Capture the graph a request replays (an empty request: nothing moves), so that the
+        first real one only replays it."""
+        rows = self._host_ids.shape[0]
+        self.stage(np.zeros((rows, 0), dtype=np.int64), 0, [0] * self.num_parts)
+        self.run()
+        self._uploaded.synchronize()
 
     def part_bytes(self, num_tokens: int) -> int:
         """Bytes of one part of a `num_tokens` request (every layer)."""

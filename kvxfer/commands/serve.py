@@ -15,6 +15,7 @@ from kvxfer.agents.messages import Role
 from kvxfer.daemons.auth import NO_KEYS, ApiKeys, add_api_key_arguments, api_keys_from_args
 from kvxfer.daemons.config import ServeConfig, add_serve_arguments, serve_config_from_args
 from kvxfer.errors import KvxferError
+from kvxfer.kernels import use_cache_dir
 
 log = logging.getLogger("kvxfer.serve")
 FATAL_EXIT_S = 5.0  # after a rank died: how long the service may take to stop before a hard exit
@@ -30,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = serve_config_from_args(args)
+    if config.kernel_cache is not None:  # before any rank imports Triton or FlashInfer
+        use_cache_dir(config.kernel_cache)
     return serve(config, log_level=args.log_level.upper(), api_keys=api_keys_from_args(args, os.environ))
 
 

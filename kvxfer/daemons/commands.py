@@ -81,6 +81,7 @@ class Prepared(msgspec.Struct, tag="prepared", frozen=True):
     handshake_s: float = 0.0
     connect_s: float = 0.0
     prepare_s: float = 0.0
+    copiers_s: float = 0.0  # the staging copiers built (GPU; 0: none to build)
 
 
 class Described(msgspec.Struct, tag="described", frozen=True):
@@ -89,8 +90,20 @@ class Described(msgspec.Struct, tag="described", frozen=True):
     pid: int
 
 
-Command = Prefill | Decode | Load | Describe | AskLanding | Prepare
-Reply = Token | Moved | Described | StillLanding | Prepared | Failed
+class CountKernels(msgspec.Struct, tag="count_kernels", frozen=True):
+    """Every rank: how many kernels it compiled before and after ready (kvxfer.kernels);
+    `ready`: the service is ready now, so later compiles are on a request's path."""
+
+    ready: bool
+
+
+class Kernels(msgspec.Struct, tag="kernels", frozen=True):
+    before_ready: int
+    after_ready: int
+
+
+Command = Prefill | Decode | Load | Describe | AskLanding | Prepare | CountKernels
+Reply = Token | Moved | Described | StillLanding | Prepared | Kernels | Failed
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(Command)
 reply_decoder = msgspec.msgpack.Decoder(Reply)

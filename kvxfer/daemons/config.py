@@ -122,6 +122,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--engine-id", "this service's id in transfer parameters and handshakes", "random", metavar="ID")
     _add(g, "--nixl-threads", "on: NIXL progress threads (each busy-polls a core); off: the service polls", S.nixl_threads, metavar="on|off")
     _add(g, "--warmup", "compile and run attention kernels before /ready turns 200", S.warmup, action=argparse.BooleanOptionalAction)
+    _add(g, "--kernel-cache", "directory of compiled kernels (Triton's staging copiers, FlashInfer's attention): `kvxfer warmup --cache-dir DIR` fills it ahead (in an image build), a service started with it loads them instead of compiling; may be read-only once filled", "the libraries' own (~/.triton, ~/.cache/flashinfer)", metavar="DIR")
     _add(g, "--staging-mib", "MiB of registered staging slots for staged transfers (gather, one descriptor, scatter); a request larger than one slot moves directly; 0: none (staging loses on cpu)", _by_device("staging_mib"), metavar="MIB")
     _add(g, "--staging-slots", "how many requests may stage at once; each slot is staging-mib / slots", S.staging_slots, metavar="N")
     _add(g, "--producers", "decode: the prefill services to meet before /ready turns 200, by the side channel of their rank 0 (tcp://HOST:PORT, the address their transfer parameters carry; the handshake's own channel, authenticated with CURVE, so no HTTP API key is shared): handshake with every rank, calibrate, prepare descriptor lists, so that no first request pays for it; repeatable; the variable takes a comma-separated list", "none", metavar="ADDR", nargs="+", action="extend")
@@ -183,6 +184,7 @@ def serve_config_from_args(args: argparse.Namespace, *, environ: Mapping[str, st
         transfer_path=s.member("--transfer-path", S.transfer_path),
         producers=_producers(s, role),
         producers_wait_s=s.number("--producers-wait-s", S.producers_wait_s),
+        kernel_cache=s.path("--kernel-cache"),
     )
     check_serve(config, s)
     return config

@@ -44,7 +44,7 @@ class DecodeRank(RankRuntime):
             return StillLanding([t for t in command.transfer_ids if self.consumer.landing(t)])
         if isinstance(command, Prepare):
             times = prepare(self.consumer, command.params, nixl_lock=self.nixl_lock)
-            return Prepared(times.handshake_s, times.connect_s, times.prepare_s)
+            return Prepared(times.handshake_s, times.connect_s, times.prepare_s, times.copiers_s)
         if not isinstance(command, Load):
             return super().execute_role(command)
         params = command.params

@@ -18,7 +18,17 @@ from kvxfer.agents.messages import Role
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig, Threading
 from kvxfer.agents.producer import Release
-from kvxfer.daemons.commands import Command, Decode, Describe, Described, Prefill, Reply, Token
+from kvxfer.daemons.commands import (
+    Command,
+    CountKernels,
+    Decode,
+    Describe,
+    Described,
+    Kernels,
+    Prefill,
+    Reply,
+    Token,
+)
 from kvxfer.daemons.config import load_curve_keys
 from kvxfer.daemons.rank_setup import (
     RankSetup,
@@ -31,6 +41,7 @@ from kvxfer.engine.engine import DecodeRequest, Engine
 from kvxfer.engine.parallel import TPGroup
 from kvxfer.engine.sampling import SamplingParams
 from kvxfer.errors import ConfigError
+from kvxfer.kernels import KERNELS
 from kvxfer.planning import Fallback
 
 log = logging.getLogger(__name__)
@@ -78,6 +89,10 @@ class RankRuntime:
                 return Token(out.tokens[0])
             case Describe():
                 return Described(self.info, self.advertised_side_channel, os.getpid())
+            case CountKernels():
+                if command.ready:
+                    KERNELS.mark_ready()
+                return Kernels(KERNELS.compiles(after_ready=False), KERNELS.compiles(after_ready=True))
         return self.execute_role(command)
 
     def execute_role(self, command: Command) -> Reply:

@@ -21,7 +21,15 @@ from prometheus_client import Counter, Gauge, Histogram
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.pacing import IdlePacer
 from kvxfer.daemons.bus import Bus
-from kvxfer.daemons.commands import Command, Described, Reply, command_encoder, reply_decoder
+from kvxfer.daemons.commands import (
+    Command,
+    CountKernels,
+    Described,
+    Kernels,
+    Reply,
+    command_encoder,
+    reply_decoder,
+)
 from kvxfer.daemons.config import ServeConfig
 from kvxfer.daemons.rank_setup import RankSetup
 from kvxfer.daemons.runtime import RankRuntime, build_runtime
@@ -35,6 +43,7 @@ T = TypeVar("T")
 
 STARTUP_TIMEOUT_S = 600.0  # model load + kernel compilation on a cold GPU node
 COMMAND_SLACK_S = 30.0
+KERNELS_EVERY_S = 10.0  # how often the ranks' compile counts are asked for, once ready
 
 
 class ServiceMetrics:
@@ -65,6 +74,9 @@ class ServiceMetrics:
                                   "staged request's slot returns only after its deadline)", registry=r)
         self.fabric = Gauge("kvxfer_fabric_cost", "Calibrated fabric costs of the last peer calibrated "
                             "(seconds, or bytes per second)", ["quantity"], registry=r)
+        self.kernel_compiles = Gauge("kvxfer_kernel_compiles", "Kernels compiled (Triton, FlashInfer JIT) by "
+                                     "every rank, before the service was ready and after (a request waited); "
+                                     "loads from the kernel cache are not compiles", ["when"], registry=r)
 
 
 class Service:
@@ -87,6 +99,7 @@ class Service:
         self._pace = IdlePacer()  # the idle thread's; `wake_idle` after work that leaves it some
         self.on_fatal: Callable[[], None] | None = None  # called once if a rank dies
         self.still_preparing: Callable[[], str] = lambda: ""  # why not ready yet once started ("" : ready)
+        self._kernels_asked = 0.0  # monotonic; 0: the ranks were not told the service is ready
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -152,6 +165,7 @@ class Service:
                 log.warning("idle poll: %s", err)
             if time.monotonic() - checked > 0.5:
                 checked = time.monotonic()
+                self._ask_kernels()
                 if not self.bus.alive():
                     dead = [pid for pid, alive in zip(self.bus.pids(), self.bus.alive_each(), strict=True) if not alive]
                     log.error("%s: the service cannot serve; exiting so that its supervisor restarts it",
@@ -163,6 +177,27 @@ class Service:
 
     def idle_work(self) -> None:
         """A role's own work between requests (the idle thread; hand engine work to `executor`)."""
+
+    def _ask_kernels(self) -> None:
+        """Once ready, tell every rank (later compiles are on a request's path) and export their
+        compile counts, then ask again every KERNELS_EVERY_S, between requests."""
+        now = time.monotonic()
+        if (self._kernels_asked and now - self._kernels_asked < KERNELS_EVERY_S) or not self.ready:
+            return
+        self._kernels_asked = now
+        try:
+            self.executor.submit(self._count_kernels)
+        except RuntimeError:  # closing: the executor takes no more work
+            return
+
+    def _count_kernels(self) -> None:
+        try:
+            counts = [r for r in self.call(CountKernels(ready=True)) if isinstance(r, Kernels)]
+        except KvxferError as err:
+            log.warning("asking the ranks for their kernel compiles: %s", err)
+            return
+        self.metrics.kernel_compiles.labels(when="before_ready").set(sum(c.before_ready for c in counts))
+        self.metrics.kernel_compiles.labels(when="after_ready").set(sum(c.after_ready for c in counts))
 
     # ---- commands -----------------------------------------------------------------------------
 

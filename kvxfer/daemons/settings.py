@@ -103,6 +103,7 @@ class ServeConfig:
     transfer_path: TransferPathChoice = TransferPathChoice.AUTO
     producers: tuple[str, ...] = ()  # decode: rank 0 side channels of prefill services met before /ready
     producers_wait_s: float = 60.0  # decode: how long /ready waits for a producer that does not answer
+    kernel_cache: Path | None = None  # compiled kernels (Triton, FlashInfer) kept here; None: the libraries' own
 
     @property
     def side_channel_ports(self) -> tuple[int, ...]:

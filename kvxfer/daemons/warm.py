@@ -214,17 +214,20 @@ class Producers:
         ref, first_s, replies, calibration_s = met
         ranks = [r for r in replies if isinstance(r, Prepared)]
         steps = {"handshake": first_s + max(r.handshake_s for r in ranks), "calibration": calibration_s,
-                 "connect": max(r.connect_s for r in ranks), "prepare": max(r.prepare_s for r in ranks)}
+                 "connect": max(r.connect_s for r in ranks), "prepare": max(r.prepare_s for r in ranks),
+                 "copiers": max(r.copiers_s for r in ranks)}
         for step, seconds in steps.items():
             self.metrics.seconds.labels(step=step).observe(seconds)
         self.metrics.meetings.inc()
         with self._lock:
             producer.met, producer.error = ref.key, "met"
         log.info("met producer %s (epoch %d, TP %d) at %s before its requests: handshake %.1f ms, calibration "
-                 "%s, connect %.1f ms, prepare %.1f ms (slowest of %d decode ranks); %.1f ms in all",
+                 "%s, connect %.1f ms, prepare %.1f ms, staging copiers %s (slowest of %d decode ranks); %.1f ms in all",
                  ref.engine_id, ref.boot_epoch, ref.tp_size, ref.side_channel, steps["handshake"] * 1e3,
                  f"{calibration_s * 1e3:.1f} ms" if self.calibrate else "none (--mode read)",
-                 steps["connect"] * 1e3, steps["prepare"] * 1e3, len(ranks), (time.perf_counter() - started) * 1e3)
+                 steps["connect"] * 1e3, steps["prepare"] * 1e3,
+                 f"{steps['copiers'] * 1e3:.1f} ms" if steps["copiers"] else "none (torch indexing or no staging)",
+                 len(ranks), (time.perf_counter() - started) * 1e3)
 
     def _meet_on_engine_thread(self, ref: ProducerRef, consumer: Consumer) -> tuple[ProducerRef, float, list, float]:
         started = time.perf_counter()
