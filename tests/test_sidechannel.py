@@ -161,6 +161,13 @@ def test_a_call_sent_now_is_answered_later_and_its_untaken_reply_never_reaches_t
             release.set()
             assert pending.wait() == m.Ack(request_id="held")
             assert pending.poll() == m.Ack(request_id="held")  # taken once, kept
+            # a taken reply frees the client at once: another thread's call need not wait for close
+            answers: list[m.Message] = []
+            other = threading.Thread(target=lambda: answers.append(
+                client.request(m.Abort(request_id="other"), timeout_s=TIMEOUT_S)))
+            other.start()
+            other.join(TIMEOUT_S + SLACK_S)
+            assert answers == [m.Ack(request_id="other")]
         with client.call(m.LeaseRenew(request_ids=["r9"]), timeout_s=TIMEOUT_S) as pending:
             with pytest.raises(LeaseError, match="r9 expired"):
                 pending.wait()

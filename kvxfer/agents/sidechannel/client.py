@@ -98,8 +98,8 @@ class SideChannelClient:
     def call(self, msg: m.Message, *, timeout_s: float) -> PendingCall:
         """Send `msg` and return at once: the reply is taken by `PendingCall.poll` (without
         waiting) or `wait`, with `request`'s errors and deadline. The client is the call's until
-        `PendingCall.close`: later calls wait for it, each within its own deadline; a reply
-        nobody took is dropped by the next call (its call id differs)."""
+        its reply (or error) is taken or it is closed: later calls wait for it, each within its
+        own deadline; a reply nobody took is dropped by the next call (its call id differs)."""
         deadline = time.monotonic() + timeout_s
         what = type(msg).__name__
         if not self._lock.acquire(timeout=max(0.0, timeout_s)):
@@ -256,8 +256,8 @@ class SideChannelClient:
 
 
 class PendingCall:
-    """A call sent by `SideChannelClient.call` whose reply has not been taken yet. Holds its
-    client until `close` (a context manager)."""
+    """A call sent by `SideChannelClient.call`. Holds its client until its reply (or error) is
+    taken or `close` (a context manager), whichever comes first."""
 
     def __init__(self, client: SideChannelClient, link: _Link, call_id: bytes, deadline: float, what: str) -> None:
         self._client = client
@@ -284,7 +284,14 @@ class PendingCall:
     def _take(self, *, block: bool) -> m.Message | None:
         if self._closed:
             raise ConfigError(f"side channel {self._client.address}: {self._what}'s reply taken after close")
-        return self._client._reply(self._link, self._call_id, self._deadline, what=self._what, block=block)
+        try:
+            reply = self._client._reply(self._link, self._call_id, self._deadline, what=self._what, block=block)
+        except BaseException:
+            self.close()
+            raise
+        if reply is not None:
+            self.close()  # the call is over: the client serves the next one now
+        return reply
 
     def close(self) -> None:
         if not self._closed:
