@@ -143,6 +143,42 @@ def test_slow_handler_times_out_and_its_late_reply_is_dropped(keys: Keys) -> Non
         assert client.request(m.Abort(request_id="next"), timeout_s=TIMEOUT_S) == m.Ack(request_id="next")
 
 
+def test_a_call_sent_now_is_answered_later_and_its_untaken_reply_never_reaches_the_next(keys: Keys) -> None:
+    release, handled = threading.Event(), threading.Event()
+
+    def handler(peer: PeerInfo, msg: m.Message) -> m.Message:
+        if isinstance(msg, m.LeaseRenew):
+            raise LeaseError("request r9 expired")
+        if isinstance(msg, m.Abort) and msg.request_id == "held":
+            release.wait(2.0)
+            handled.set()
+        return m.Ack(request_id=getattr(msg, "request_id", ""))
+
+    with SideChannelServer(keys.server_config(), handler) as srv, SideChannelClient(srv.address, keys.client_config()) as client:
+        client.request(m.Ping(), timeout_s=TIMEOUT_S)  # connected: `call` sends without waiting
+        with client.call(m.Abort(request_id="held"), timeout_s=TIMEOUT_S) as pending:
+            assert pending.poll() is None  # sent, not answered: the handler waits for `release`
+            release.set()
+            assert pending.wait() == m.Ack(request_id="held")
+            assert pending.poll() == m.Ack(request_id="held")  # taken once, kept
+            # a taken reply frees the client at once: another thread's call need not wait for close
+            answers: list[m.Message] = []
+            other = threading.Thread(target=lambda: answers.append(
+                client.request(m.Abort(request_id="other"), timeout_s=TIMEOUT_S)))
+            other.start()
+            other.join(TIMEOUT_S + SLACK_S)
+            assert answers == [m.Ack(request_id="other")]
+        with client.call(m.LeaseRenew(request_ids=["r9"]), timeout_s=TIMEOUT_S) as pending:
+            with pytest.raises(LeaseError, match="r9 expired"):
+                pending.wait()
+        release.clear()
+        handled.clear()
+        with client.call(m.Abort(request_id="held"), timeout_s=TIMEOUT_S):
+            release.set()
+        assert handled.wait(TIMEOUT_S)  # its Ack is on its way, untaken: the next call must skip it
+        assert client.request(m.Abort(request_id="next"), timeout_s=TIMEOUT_S) == m.Ack(request_id="next")
+
+
 def test_handler_errors_become_typed_errors_and_the_server_keeps_serving(keys: Keys) -> None:
     def handler(peer: PeerInfo, msg: m.Message) -> m.Message:
         if isinstance(msg, m.LeaseRenew):

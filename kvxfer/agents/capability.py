@@ -23,7 +23,6 @@ against mistakes, not attackers.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import threading
 import time
@@ -80,7 +79,7 @@ def mac_of(params: TransferParams, key: bytes) -> str:
               params.block_ids, params.side_channel, params.tp_size, params.binding.consumer_key,
               params.binding.consumer_engine_id, params.num_tokens, params.first_token_id,
               params.lease_s, params.expires_unix_ms)
-    return hmac.new(key, msgspec.msgpack.encode(fields), hashlib.sha256).hexdigest()[:MAC_HEX]
+    return hmac.digest(key, msgspec.msgpack.encode(fields), "sha256").hex()[:MAC_HEX]
 
 
 def check(params: TransferParams, key: bytes) -> None:

@@ -37,7 +37,7 @@ from kvxfer.agents.heartbeat import LeaseClient
 from kvxfer.agents.inbox import Inbox
 from kvxfer.agents.landings import Landings
 from kvxfer.agents.peers import Peer
-from kvxfer.agents.sidechannel import ClientCache, producer_target
+from kvxfer.agents.sidechannel import ClientCache, PendingCall, Target, producer_target
 from kvxfer.agents.staged_transfer import Reservation, release_later
 from kvxfer.errors import (
     AuthError,
@@ -82,6 +82,7 @@ class ProducerLink:
     peer: Peer
     params_key: bytes
     unbound_params_key: bytes
+    target: Target  # its side channel
 
 
 class Consumer:
@@ -101,6 +102,7 @@ class Consumer:
         self._hello = m.HandshakeRequest(engine=endpoint.info(modes))
         self._check_producer = check_producer  # the driver's own pairing rules, if any
         self._links: dict[tuple[str, int], ProducerLink] = {}
+        self._sources: dict[int, tuple[Assignment, ...]] = {}  # producer TP size -> this rank's sources
         self._once = capability.OnceOnly()
         self._to_confirm: deque[tuple[m.TransferParams, list[ProducerLink]]] = deque()
         self._landings: Landings[str] = Landings()  # given-up READs, by transfer id, with their producer
@@ -173,9 +175,13 @@ class Consumer:
             raise LeaseError(f"request {params.request_id[:8]}: its lease at {params.engine_id} has ended "
                              f"(expired, aborted or never granted); its blocks may hold other data now")
 
-    def sources(self, params: m.TransferParams) -> list[Assignment]:
-        mapping = map_tp(self.endpoint.region.desc.total_heads, params.tp_size, self.tp_size)
-        return list(mapping.sources_of(self.rank))
+    def sources(self, params: m.TransferParams) -> tuple[Assignment, ...]:
+        """The producer ranks and heads this rank loads from (the TP mapping, once per TP size)."""
+        found = self._sources.get(params.tp_size)
+        if found is None:
+            mapping = map_tp(self.endpoint.region.desc.total_heads, params.tp_size, self.tp_size)
+            found = self._sources[params.tp_size] = tuple(mapping.sources_of(self.rank))
+        return found
 
     def _remote_ids(self, job: Load, peer: Peer) -> np.ndarray:
         block_size = peer.region.desc.block_size
@@ -185,7 +191,7 @@ class Consumer:
         return shaped_ids(peer.region.desc, job.params.block_ids, job.num_tokens,
                           skip_blocks=job.skip_tokens // block_size)
 
-    def _read(self, job: Load, links: list[ProducerLink], sources: list[Assignment]) -> TransferSummary:
+    def _read(self, job: Load, links: list[ProducerLink], sources: tuple[Assignment, ...]) -> TransferSummary:
         legs = [Leg(links[s.prefill_rank].peer, s.heads, self._remote_ids(job, links[s.prefill_rank].peer))
                 for s in sources]
         with self._nixl:
@@ -193,7 +199,8 @@ class Consumer:
 
     # -- WRITE ------------------------------------------------------------------------------------
 
-    def _pushed(self, job: Load, links: list[ProducerLink], sources: list[Assignment]) -> tuple[TransferSummary, bool]:
+    def _pushed(self, job: Load, links: list[ProducerLink],
+                sources: tuple[Assignment, ...]) -> tuple[TransferSummary, bool]:
         """Ask each producer rank for its push at once, wait for every one's notification, then
         scatter from the staging slot if there is one. A failure keeps the slot away from other
         requests until no push started in time can land in it."""
@@ -207,15 +214,17 @@ class Consumer:
                              staging_offsets=reservation.wire_offsets() if reservation else None,
                              not_after_unix=job.not_after_unix)
         push_s = self.endpoint.deadline.seconds(self.expected_bytes(params, job.num_tokens))
+        calls: list[PendingCall] = []
         try:
-            calls = [(producer_target(params, r), ask) for r in ranks]
-            for reply in self.clients.request_all(calls, timeout_s=self.request_timeout_s):
-                if isinstance(reply, KvxferError):
-                    raise reply
-            self.inbox.wait(params.request_id, m.NotifKind.PUSHED, set(ranks),
+            # Each rank answers after running its push: what ends the wait is the push's
+            # notification, or an answer that refuses it, whichever comes first.
+            for rank in ranks:
+                calls.append(self.clients.call(links[rank].target, ask, timeout_s=self.request_timeout_s))
+            self.inbox.wait(params.request_id, m.NotifKind.PUSHED, {r: links[r].peer.agent_name for r in ranks},
                             timeout_s=max(0.0, job.not_after_unix - time.time()) + push_s,
                             what=lambda missing: f"request {params.request_id[:8]}: pushes from producer "
-                                                 f"rank(s) {sorted(missing)}")
+                                                 f"rank(s) {sorted(missing)}",
+                            between=lambda: [call.poll() for call in calls])
             if reservation is not None:
                 self._scatter(reservation)
         except KvxferError:
@@ -223,12 +232,15 @@ class Consumer:
                 release_later(self.endpoint.staging, reservation,
                               max(0.0, job.not_after_unix + push_s - time.time()))
             raise
+        finally:
+            for call in calls:
+                call.close()
         num_bytes = self.expected_bytes(params, job.num_tokens)
         return TransferSummary(m.Mode.WRITE, num_bytes=num_bytes, num_descriptors=len(ranks) if reservation else 0,
                                seconds=time.perf_counter() - started,
                                peers=[f"{params.engine_id}/{r}" for r in ranks]), reservation is not None
 
-    def _reserve(self, job: Load, links: list[ProducerLink], sources: list[Assignment]) -> Reservation | None:
+    def _reserve(self, job: Load, links: list[ProducerLink], sources: tuple[Assignment, ...]) -> Reservation | None:
         """A staging slot for every source's part, or None (the push goes directly into our
         blocks): staging is off on a side, the request does not fit a slot, or no slot freed in
         time (back-pressure)."""
@@ -281,7 +293,7 @@ class Consumer:
             self._check_producer(remote, f"{params.engine_id}/{rank}")
         with self._nixl:
             peer = self.endpoint.peers.admit(remote)
-        link = ProducerLink(peer, reply.params_key, reply.unbound_params_key)
+        link = ProducerLink(peer, reply.params_key, reply.unbound_params_key, target)
         self._links[params.engine_id, rank] = link
         log.info("handshake with producer %s rank %d (epoch %d) from rank %d: %.1f ms", params.engine_id,
                  rank, params.boot_epoch, self.rank, (time.perf_counter() - started) * 1e3)

@@ -20,8 +20,10 @@ from kvxfer.agents.messages import EngineInfo, Mode, RegionInfo, Role
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import (
     AgentConfig,
+    Backoff,
     NixlAgent,
     Op,
+    PollPolicy,
     Transfer,
     device_id,
 )
@@ -64,6 +66,20 @@ class Leg:
     peer: Peer
     heads: HeadRange
     remote_ids: np.ndarray
+
+
+@dataclass(frozen=True)
+class Posted:
+    """One request's transfers to its legs, posted and not yet waited for."""
+
+    op: Op
+    legs: list[Leg]
+    transfers: list[Transfer]
+    started: float  # perf_counter at the post: the deadline counts from here
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(x.num_bytes for x in self.transfers)
 
 
 @dataclass
@@ -123,18 +139,51 @@ class Endpoint:
         bytes landed."""
         return self._run(Op.WRITE, legs, local_ids, num_tokens, notif)
 
+    def post_write(self, legs: list[Leg], local_ids: np.ndarray, num_tokens: int, *, notif: bytes) -> Posted:
+        """`write` without the wait: every leg posted (`landed`, then `finish`)."""
+        return self._post(Op.WRITE, legs, local_ids, num_tokens, notif)
+
+    def landed(self, posted: Posted, within_s: float) -> bool:
+        """Drive `posted` for at most `within_s`: True once every transfer ended (`finish` then
+        returns at once), False if some still run. A failure NIXL reports raises it (the
+        transfers still running given up, as `finish` would)."""
+        until = time.monotonic() + within_s
+        backoff = Backoff(PollPolicy.for_transfers(self.agent.config.threading))
+        try:
+            while not all([x.poll() for x in posted.transfers]):
+                if time.monotonic() > until:
+                    return False
+                backoff.pause()
+        except TransferError as err:
+            self.agent.abandon(posted.transfers, err)
+            raise
+        return True
+
+    def overdue(self, posted: Posted) -> bool:
+        """Whether `posted` ran past its deadline (`finish` then raises TransferTimeout)."""
+        return time.perf_counter() - posted.started > self.deadline.seconds(posted.num_bytes)
+
+    def finish(self, posted: Posted) -> TransferSummary:
+        """Wait for `posted` within its deadline (counted from its post); raises with a landing
+        if it fails or runs past it."""
+        timeout_s = self.deadline.seconds(posted.num_bytes) - (time.perf_counter() - posted.started)
+        stats = self.agent.wait(posted.transfers, timeout_s=max(0.0, timeout_s))  # may raise with a landing
+        done = zip(stats, posted.transfers, strict=True)
+        summary = TransferSummary(Mode.READ if posted.op is Op.READ else Mode.WRITE,
+                                  seconds=time.perf_counter() - posted.started,
+                                  peers=[f"{leg.peer.engine_id}/{leg.peer.rank}" for leg in posted.legs])
+        for s, x in done:
+            summary.num_bytes += s.num_bytes or x.num_bytes
+            summary.num_descriptors += s.num_descriptors or x.num_descriptors
+        return summary
+
     def _run(self, op: Op, legs: list[Leg], local_ids: np.ndarray, num_tokens: int,
              notif: bytes) -> TransferSummary:
-        summary = TransferSummary(Mode.READ if op is Op.READ else Mode.WRITE)
+        return self.finish(self._post(op, legs, local_ids, num_tokens, notif))
+
+    def _post(self, op: Op, legs: list[Leg], local_ids: np.ndarray, num_tokens: int, notif: bytes) -> Posted:
         started = time.perf_counter()
-        posted = self._post_all(self._make_all(op, legs, local_ids, num_tokens, notif))
-        num_bytes = sum(x.num_bytes for x in posted)
-        stats = self.agent.wait(posted, timeout_s=self.deadline.seconds(num_bytes))  # may raise with a landing
-        summary.seconds = time.perf_counter() - started
-        summary.num_bytes = sum(s.num_bytes or x.num_bytes for s, x in zip(stats, posted, strict=True))
-        summary.num_descriptors = sum(s.num_descriptors or x.num_descriptors for s, x in zip(stats, posted, strict=True))
-        summary.peers = [f"{leg.peer.engine_id}/{leg.peer.rank}" for leg in legs]
-        return summary
+        return Posted(op, legs, self._post_all(self._make_all(op, legs, local_ids, num_tokens, notif)), started)
 
     def _make(self, op: Op, leg: Leg, local_ids: np.ndarray, num_tokens: int, notif: bytes) -> Transfer:
         prepared = self.peers.prepared(leg.peer, leg.heads)
@@ -258,4 +307,4 @@ def shaped_ids(desc: CacheDesc, block_ids: Sequence[int] | np.ndarray, num_token
     return ids.reshape(2, -1)[:, pages] if desc.separate_kv_pages else ids[pages]
 
 
-__all__ = ["DeadlinePolicy", "Endpoint", "Identity", "Leg", "TransferError", "TransferSummary", "shaped_ids"]
+__all__ = ["DeadlinePolicy", "Endpoint", "Identity", "Leg", "Posted", "TransferError", "TransferSummary", "shaped_ids"]

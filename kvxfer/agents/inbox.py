@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kvxfer.agents.messages import NotifKind, Status, XferNotif, decode_notif
@@ -22,8 +22,9 @@ from kvxfer.errors import TransferTimeout, error_class
 
 log = logging.getLogger(__name__)
 # Waiting for a peer's notification: sleep between looks from the start. A spin would take the
-# core the peer (on the same host) needs to do the very work we wait for.
-WAIT_POLICY = PollPolicy(spin_s=0.0, min_sleep_s=20e-6, max_sleep_s=500e-6)
+# core the peer (on the same host) needs to do the very work we wait for; a long sleep would
+# leave a notification that came meanwhile waiting for its end (on average half of it).
+WAIT_POLICY = PollPolicy(spin_s=0.0, min_sleep_s=20e-6, max_sleep_s=100e-6)
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,22 @@ class Inbox:
             filed, self._filed = self._filed, {}
         return [n for _, notices in filed.values() for n in notices]
 
-    def wait(self, request_id: str, kind: NotifKind, ranks: set[int], *, timeout_s: float,
-             what: Callable[[set[int]], str]) -> None:
-        """Until a notification of `kind` arrived from each of `ranks` for `request_id`. A sender
-        that reports an error raises it (its kind) at once; past `timeout_s`, TransferTimeout
-        with `what(missing ranks)`."""
-        missing = set(ranks)
+    def wait(self, request_id: str, kind: NotifKind, senders: Mapping[int, str], *, timeout_s: float,
+             what: Callable[[set[int]], str], between: Callable[[], object] | None = None) -> None:
+        """Until a notification of `kind` for `request_id` arrived from each rank of `senders`,
+        sent by that rank's own NIXL agent (rank -> agent name: another agent's is ignored). A
+        sender that reports an error raises it (its kind) at once; past `timeout_s`,
+        TransferTimeout with `what(missing ranks)`. `between` runs before each look: it raises
+        to end the wait (say, a side-channel answer that refuses what we wait for)."""
+        missing = set(senders)
         deadline, backoff = time.monotonic() + timeout_s, Backoff(WAIT_POLICY)
         while True:
+            if between is not None:
+                between()
             self.collect()
             for notice in self.take(request_id):
                 notif = notice.notif
-                if notif.kind is not kind or notif.rank not in missing:
+                if notif.kind is not kind or notif.rank not in missing or notice.agent != senders[notif.rank]:
                     continue
                 if notif.status is Status.ERROR:
                     raise error_class(notif.error_kind)(f"{what({notif.rank})}: the sender reports "

@@ -8,12 +8,16 @@ the lease ends exactly once:
 - expired: the consumer stopped renewing (`LeaseRenew`, its heartbeat) for `lease_s`.
 The driver learns of each end through `on_release` (the daemons free the blocks on rank 0; vLLM
 reports the request as finished sending). In WRITE mode a consumer rank asks this rank for a push
-(`WriteRequest`); the push runs on this role's own thread, never behind the driver's compute,
-and its notification (`PUSHED`) tells the consumer rank when the bytes landed or why they did not.
+(`WriteRequest`); the push never waits behind the driver's compute, and its notification
+(`PUSHED`) tells the consumer rank when the bytes landed or why they did not.
 
-Threads: the side-channel server's thread runs `handle` (no NIXL calls); this role's thread runs
-`poll` (every NIXL call: notifications, pushes); the driver's thread calls `hold`. `_lock` guards
-the state they share; the NIXL lock is the driver's, shared with anything else using the agent.
+Threads: the side-channel server's thread runs `handle`, and in it the direct pushes it admits,
+before it answers (no hand-off to another thread on the request's path; the consumer rank waits
+for the push's notification, not for the answer; a push still running after `INLINE_PUSH_S` is
+left to this role's thread, so the server never waits behind a slow consumer). This role's
+thread runs `poll` (notifications, staged pushes, pushes asked for before `hold`, pushes left to
+finish); the driver's thread calls `hold`. `_lock` guards the state they share; the NIXL lock is
+the driver's, shared with anything else using the agent.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from kvxfer.agents import messages as m
 from kvxfer.agents.capability import Signer, identity_of_peer
 from kvxfer.agents.compat import check_compatible
-from kvxfer.agents.endpoint import Endpoint, Leg, shaped_ids
+from kvxfer.agents.endpoint import Endpoint, Leg, Posted, shaped_ids
 from kvxfer.agents.inbox import Inbox, Notice
 from kvxfer.agents.landings import Landings
 from kvxfer.agents.leases import LeaseTable, Outcome, Released
@@ -48,7 +52,7 @@ from kvxfer.errors import (
     TransferError,
     TransferTimeout,
 )
-from kvxfer.planning import map_tp
+from kvxfer.planning import HeadRange, map_tp
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,9 @@ EARLY_TTL_S = 60.0  # notifications and push requests that beat their `hold` wai
 EARLY_MAX = 4096  # for at most this many requests
 ENDED_MAX = 4096  # leases remembered after their end: a late push request is refused, not filed
 WIRE_TIMEOUT_S = 1.0  # the probe READ wiring a new consumer's connection (this thread's pushes wait)
-# Idle polling: confirmations wait at most 10 ms (never a request: a push request wakes the
-# thread at once); every producer rank of a host polls, so not much more often.
+INLINE_PUSH_S = 2e-3  # a direct push the server thread posted: it waits this long, then leaves it
+# Idle polling: confirmations wait at most 10 ms (never a push: the server thread runs it, or
+# wakes this thread for it); every producer rank of a host polls, so not much more often.
 _IDLE_FIRST_S, _IDLE_LONGEST_S = 20e-6, 10e-3
 _NO_IDS = np.empty(0, dtype=np.int64)  # legs that only name a peer's heads
 
@@ -90,6 +95,7 @@ class _ConsumerRank:
     info: m.EngineInfo
     peer: PeerInfo
     identity: str
+    targets: tuple[HeadRange, ...]  # the heads this producer rank pushes to it (map_tp, once)
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,9 @@ class Producer:
         self._by_rank: dict[tuple[str, int], _ConsumerRank] = {}  # (engine id, rank) -> consumer rank
         self._early: dict[str, tuple[float, list[Notice | tuple[PeerInfo, m.WriteRequest]]]] = {}
         self._ended: OrderedDict[str, Outcome] = OrderedDict()  # transfer id -> how its lease ended
-        self._pushes: deque[_Push] = deque()
+        self._pushes: deque[_Push] = deque()  # for this role's thread
+        self._pushes_now: deque[_Push] = deque()  # the server thread's, run before its answer
+        self._finishing: list[tuple[_Push, Posted]] = []  # posted inline, still running
         self._to_prepare: deque[_ConsumerRank] = deque()  # consumer ranks that just handshook
         self._pace = IdlePacer(_IDLE_FIRST_S, _IDLE_LONGEST_S)
         self._landings: Landings[tuple[str, int]] = Landings()  # pushes given up, by transfer id
@@ -202,7 +210,8 @@ class Producer:
             case m.LeaseRenew():
                 return self._renew(peer, msg)
             case m.WriteRequest():
-                self._write_request(peer, msg)
+                self._write_request(peer, msg, now=True)
+                self._push_now()
                 return m.Ack(request_id=msg.request_id)
         return m.ErrorReply(kind="malformed", message=f"a producer rank does not take {type(msg).__name__}")
 
@@ -210,7 +219,7 @@ class Producer:
         reply = m.HandshakeReply(engine=self.info)
         check_compatible(reply, msg, peer=f"{msg.engine.engine_id}/{msg.engine.tp_rank}")
         identity = identity_of_peer(peer.public_key, msg.engine.engine_id)
-        consumer = _ConsumerRank(msg.engine, peer, identity)
+        consumer = _ConsumerRank(msg.engine, peer, identity, self._targets(msg.engine.tp_size, msg.engine.tp_rank))
         with self._lock:
             self._consumers[msg.engine.agent_name] = consumer
             self._by_rank[msg.engine.engine_id, msg.engine.tp_rank] = consumer
@@ -249,7 +258,9 @@ class Producer:
         return m.LeaseRenewed(renewed=renewed, unknown=tuple(unknown),
                               expires_unix_ms=int((time.time() + self.lease_s) * 1e3))
 
-    def _write_request(self, peer: PeerInfo, msg: m.WriteRequest) -> None:
+    def _write_request(self, peer: PeerInfo, msg: m.WriteRequest, *, now: bool = False) -> None:
+        """Admit a push, or refuse it (raises). `now`: the server thread asks, and runs a direct
+        push itself (`_push_now`); else this role's thread runs it."""
         try:
             with self._lock:
                 lease = self._held.get(msg.request_id)
@@ -260,13 +271,16 @@ class Producer:
                                          f"ended ({ended.value}); its blocks may hold other data now")
                     self._file_early(msg.request_id, (peer, msg))
                     return
-                self._admit_push_locked(peer, msg, lease.held)
+                push = self._admit_push_locked(peer, msg, lease.held)
+                inline = now and msg.staging_offsets is None  # staged: the role's thread has the device
+                (self._pushes_now if inline else self._pushes).append(push)
         except KvxferError as err:  # the reply carries it; the log and metric say it here too
             log.warning("push of %s to %s rank %d refused: %s", msg.request_id[:8], msg.decode_engine_id,
                         msg.decode_rank, err)
             self.metrics.observe_failure(err.kind)
             raise
-        self._pace.wake()
+        if not inline:
+            self._pace.wake()
 
     def _answer_early_write(self, peer: PeerInfo, msg: m.WriteRequest) -> None:
         """A push asked for before `hold`: admitted now, or refused with a PUSHED error."""
@@ -277,7 +291,7 @@ class Producer:
             if consumer is not None:
                 self._notify(consumer.info.agent_name, msg.request_id, err.kind)
 
-    def _admit_push_locked(self, peer: PeerInfo, msg: m.WriteRequest, held: Held) -> None:
+    def _admit_push_locked(self, peer: PeerInfo, msg: m.WriteRequest, held: Held) -> _Push:
         """Refuse a push the asking peer may not aim where it aims, or that comes too late."""
         self._check_binding(peer, held.binding, engine_id=msg.decode_engine_id)
         consumer = self._by_rank.get((msg.decode_engine_id, msg.decode_rank))
@@ -285,10 +299,10 @@ class Producer:
             raise AuthError(f"push of {msg.request_id[:8]}: decode {msg.decode_engine_id} rank {msg.decode_rank} "
                             f"did not handshake with the key that asked for it; refusing")
         _check_in_time(msg)
-        if not self._targets(consumer.info.tp_size, msg.decode_rank):
+        if not consumer.targets:
             raise PlanError(f"push of {msg.request_id[:8]}: producer rank {self.rank} holds none of the heads "
                             f"of decode rank {msg.decode_rank} (decode TP {consumer.info.tp_size})")
-        self._pushes.append(_Push(held, msg, consumer))
+        return _Push(held, msg, consumer)
 
     # -- this role's thread -------------------------------------------------------------------------
 
@@ -308,6 +322,7 @@ class Producer:
 
     def poll(self) -> bool:
         """Drive NIXL, apply confirmations, run queued pushes, expire leases. True if it did work."""
+        finishing = self._finish_pushes()
         arrived = self._inbox.collect()
         for notice in self._inbox.take_all():
             if notice.notif.kind is m.NotifKind.DONE:
@@ -326,7 +341,7 @@ class Producer:
         if push is not None:
             self._push(push)
         settled = self._settle()
-        return bool(arrived) or push is not None or prepare is not None or settled
+        return bool(arrived) or push is not None or prepare is not None or settled or finishing
 
     def _prepare(self, consumer: _ConsumerRank) -> None:
         """Before a consumer rank's first push: load its agent and prepare the descriptor lists
@@ -336,12 +351,11 @@ class Producer:
         try:
             with self._nixl_lock:
                 peer = self.endpoint.peers.admit(info)
-                heads_pushed = self._targets(info.tp_size, info.tp_rank)
-                for heads in heads_pushed:
+                for heads in consumer.targets:
                     self.endpoint.peers.prepared(peer, heads)
                 wire_connection(self.endpoint, peer, timeout_s=WIRE_TIMEOUT_S)  # a first push waits on no wiring
                 # and on a GPU compiles (or loads) no copier and captures no graph
-                self.endpoint.warm_staging([Leg(peer, h, _NO_IDS) for h in heads_pushed], to_slot=True)
+                self.endpoint.warm_staging([Leg(peer, h, _NO_IDS) for h in consumer.targets], to_slot=True)
         except KvxferError as err:  # the push will say so again, with its request
             log.warning("could not prepare pushes to %s rank %d: %s", info.engine_id, info.tp_rank, err)
             return
@@ -367,23 +381,59 @@ class Producer:
                 return None
             return self._end_locked(self._leases.confirm(transfer_id, CONSUMER, now=time.monotonic()))
 
-    def _push(self, job: _Push) -> None:
+    def _push_now(self) -> None:
+        """The server thread: the direct pushes it just admitted."""
+        while self._pushes_now:
+            self._push(self._pushes_now.popleft(), inline=True)
+
+    def _push(self, job: _Push, *, inline: bool = False) -> None:
+        """Run one push. `inline` (the server thread): a direct push still running after
+        INLINE_PUSH_S is left to this role's thread to finish."""
         ask, consumer = job.ask, job.consumer
         try:
             _check_in_time(ask)
             with self._nixl_lock:
                 peer = self.endpoint.peers.admit(consumer.info)
-                if ask.staging_offsets is None:
-                    self._push_direct(job, peer)
-                else:
+                if ask.staging_offsets is not None:
                     self._push_staged(job, peer)
+                    return
+                posted = self._post_direct(job, peer)
+                if not inline or self.endpoint.landed(posted, INLINE_PUSH_S):
+                    self.endpoint.finish(posted)
+                    return
+            with self._lock:
+                self._finishing.append((job, posted))
+            self._pace.wake()
         except KvxferError as err:
-            log.warning("push of %s to %s rank %d failed: %s", ask.request_id[:8], ask.decode_engine_id,
-                        ask.decode_rank, err)
-            self.metrics.observe_failure(err.kind)
-            self._notify(consumer.info.agent_name, ask.request_id, err.kind)
-            if isinstance(err, TransferError):  # its endpoint may be dead (a long partition): load it anew
-                self._after_failed_push(ask.request_id, (consumer.info.engine_id, consumer.info.tp_rank), err)
+            self._push_failed(job, err)
+
+    def _finish_pushes(self) -> bool:
+        """This role's thread: finish the pushes left running by the server thread, each once it
+        ended or ran past its deadline (never waiting for one under the NIXL lock)."""
+        with self._lock:
+            finishing, self._finishing = self._finishing, []
+        still = []
+        for job, posted in finishing:
+            try:
+                with self._nixl_lock:
+                    if self.endpoint.landed(posted, 0.0) or self.endpoint.overdue(posted):
+                        self.endpoint.finish(posted)  # overdue: raises TransferTimeout, with its landing
+                    else:
+                        still.append((job, posted))
+            except KvxferError as err:
+                self._push_failed(job, err)
+        with self._lock:
+            self._finishing.extend(still)
+        return bool(finishing)
+
+    def _push_failed(self, job: _Push, err: KvxferError) -> None:
+        ask, consumer = job.ask, job.consumer
+        log.warning("push of %s to %s rank %d failed: %s", ask.request_id[:8], ask.decode_engine_id,
+                    ask.decode_rank, err)
+        self.metrics.observe_failure(err.kind)
+        self._notify(consumer.info.agent_name, ask.request_id, err.kind)
+        if isinstance(err, TransferError):  # its endpoint may be dead (a long partition): load it anew
+            self._after_failed_push(ask.request_id, (consumer.info.engine_id, consumer.info.tp_rank), err)
 
     def _after_failed_push(self, transfer_id: str, peer: tuple[str, int], err: TransferError) -> None:
         """Forget the consumer rank, once no push given up to it still runs (kvxfer.agents.landings)."""
@@ -405,12 +455,12 @@ class Producer:
                      transfer_id[:8], seconds)
         return bool(settled.requests)
 
-    def _push_direct(self, job: _Push, peer: Peer) -> None:
+    def _post_direct(self, job: _Push, peer: Peer) -> Posted:
         held, ask = job.held, job.ask
         remote = shaped_ids(peer.region.desc, ask.block_ids, held.num_tokens)
-        legs = [Leg(peer, heads, remote) for heads in self._targets(peer.info.tp_size, ask.decode_rank)]
+        legs = [Leg(peer, heads, remote) for heads in job.consumer.targets]
         local = shaped_ids(self.endpoint.region.desc, held.block_ids, held.num_tokens)
-        self.endpoint.write(ask.request_id, legs, local, held.num_tokens, notif=self._pushed(ask.request_id))
+        return self.endpoint.post_write(legs, local, held.num_tokens, notif=self._pushed(ask.request_id))
 
     def _push_staged(self, job: _Push, peer: Peer) -> None:
         """Gather each of our parts for the decode rank into one WRITE each, into the slot
@@ -449,9 +499,9 @@ class Producer:
             return  # insecure mode, a message that names no engine: nothing to compare (docs/security.md)
         check_binding(peer, binding, engine_id=engine_id)
 
-    def _targets(self, consumer_tp: int, decode_rank: int) -> list:
+    def _targets(self, consumer_tp: int, decode_rank: int) -> tuple[HeadRange, ...]:
         mapping = map_tp(self.endpoint.region.desc.total_heads, self.tp_size, consumer_tp)
-        return [a.heads for a in mapping.targets_of(self.rank) if a.decode_rank == decode_rank]
+        return tuple(a.heads for a in mapping.targets_of(self.rank) if a.decode_rank == decode_rank)
 
     # -- ending leases ------------------------------------------------------------------------------
 

@@ -73,6 +73,8 @@ class Bus:
         return [p.pid or 0 for p in self._procs]
 
     def send_all(self, command: msgspec.Struct) -> None:
+        if not self._conns:  # rank 0 alone (TP 1): nothing to encode
+            return
         payload = self._encoder.encode(command)
         for who, conn in zip(self._labels, self._conns, strict=True):
             try:

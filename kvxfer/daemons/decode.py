@@ -29,7 +29,7 @@ from kvxfer.daemons.service import Service
 from kvxfer.daemons.warm import Producers
 from kvxfer.errors import AuthError, ConfigError, KvxferError, LoadFailed
 from kvxfer.planning import map_tp
-from kvxfer.planning.cost import Path
+from kvxfer.planning.cost import Choice, FabricCosts, Path
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class DecodeService(Service):
         self.heartbeat: Heartbeat | None = None
         self.chooser: TransferChooser | None = None
         self.landing = LandingBlocks(ask=self._still_landing, free=self.free)
+        self._shown_costs: FabricCosts | None = None  # the calibration /metrics shows
+        self._estimates: dict[tuple[str, str], float] = {}  # the latest estimate of each (path, op)
+        self._estimate_gauges: set[tuple[str, str]] = set()
         # Producers met before their first request (kvxfer.daemons.warm); /ready waits for them.
         self.producers = Producers(self, calibrate=None if config.mode is ModeChoice.READ else self._calibrated)
         self.still_preparing = self.producers.waiting_for
@@ -104,9 +107,11 @@ class DecodeService(Service):
         from its own producer ranks at once. Raises LoadFailed."""
         started = time.perf_counter()
         plan = TransferPlan(self.config.mode.fixed() or m.Mode.READ, Path.DIRECT, "")
-        not_after = time.time() + self._push_start_s(params)
+        not_after = 0.0  # a push asked for starts by then (WRITE only: no push, no deadline)
         try:
             plan = self.plan_transfer(params)
+            if plan.mode is m.Mode.WRITE:
+                not_after = time.time() + self._push_start_s(params)
             moved = self.call(Load(params, ids, plan.mode, plan.path is Path.STAGED,
                                    self.heartbeat.valid_until_ms(params), not_after))
         except KvxferError as err:
@@ -152,14 +157,23 @@ class DecodeService(Service):
 
     def plan_transfer(self, params: m.TransferParams) -> TransferPlan:
         """How this request's KV moves (kvxfer.agents.transfer_choice; rank 0 decides for every
-        decode rank), with the cost model's figures in /metrics."""
+        decode rank), with the cost model's figures in /metrics (read when scraped: a request
+        only keeps its choice)."""
         plan = self.chooser.plan(params)
-        costs = self.chooser.costs(params) if plan.choice is not None else None
-        for name, value in asdict(costs).items() if costs is not None else ():
-            self.metrics.fabric.labels(quantity=name).set(value)
-        for c in plan.choice.candidates if plan.choice is not None else ():
-            self.metrics.estimate_seconds.labels(path=c.path.value, op="write" if c.write else "read").set(c.seconds)
+        if plan.choice is not None:
+            self._show_costs(self.chooser.costs(params), plan.choice)
         return plan
+
+    def _show_costs(self, costs: FabricCosts | None, choice: Choice) -> None:
+        if costs is not None and costs is not self._shown_costs:  # a new calibration: once per producer epoch
+            self._shown_costs = costs
+            for name, value in asdict(costs).items():
+                self.metrics.fabric.labels(quantity=name).set(value)
+        self._estimates.update({(c.path.value, "write" if c.write else "read"): c.seconds for c in choice.candidates})
+        for key in self._estimates.keys() - self._estimate_gauges:
+            self._estimate_gauges.add(key)
+            self.metrics.estimate_seconds.labels(path=key[0], op=key[1]).set_function(
+                lambda key=key: self._estimates[key])
 
     async def generate(self, request: api.CompletionRequest) -> AsyncIterator[tuple[int, api.TransferStats | None]]:
         """Yields (token, stats-once-at-start). Frees the request's blocks when done or cancelled."""

@@ -62,6 +62,7 @@ class PairPlan:
 
 # Fields that must agree for any pairing; each mismatch is reported with both values.
 _MUST_MATCH = ("num_layers", "head_dim", "dtype", "total_heads", "has_v")
+_FEW_IDS = 1024  # block ids a request checks as a Python list (`_few_valid_ids`); numpy above
 
 
 def pair(
@@ -230,8 +231,10 @@ def _request_ids(desc: CacheDesc, block_ids: np.ndarray, num_tokens: int, who: s
 def _checked_ids(desc: CacheDesc, block_ids: np.ndarray, num_tokens: int, who: str) -> np.ndarray:
     """The request's ids as given (`[n]`, or `[2, n]` for separate K/V pages), checked: in
     range, distinct, as many blocks as `num_tokens` needs."""
+    raw = np.asarray(block_ids)
+    small = _few_valid_ids(raw, desc.num_blocks)
     try:
-        raw = check_block_ids(block_ids, desc, who=f"{who} {desc.layout}")
+        raw = raw.astype(np.int64, copy=False) if small else check_block_ids(raw, desc, who=f"{who} {desc.layout}")
     except LayoutError as err:
         raise PlanError(str(err)) from None
     if raw.ndim != (2 if desc.separate_kv_pages else 1) or (desc.separate_kv_pages and raw.shape[0] != 2):
@@ -242,12 +245,23 @@ def _checked_ids(desc: CacheDesc, block_ids: np.ndarray, num_tokens: int, who: s
             f"{who} block ids: {num_tokens} tokens at block_size={desc.block_size} need {needed} "
             f"blocks, got {raw.shape[-1]}"
         )
-    if raw.size > 1:
+    if raw.size > 1 and not small:
         flat = np.sort(raw, axis=None)
         repeats = flat[1:][flat[1:] == flat[:-1]]
         if repeats.size:
             raise PlanError(f"{who} block ids: block {int(repeats[0])} appears more than once")
     return raw
+
+
+def _few_valid_ids(raw: np.ndarray, num_blocks: int) -> bool:
+    """Whether `raw` is a few distinct integer ids in [0, num_blocks), checked as one Python
+    list: for a request of a few blocks each numpy call costs more than the whole check (tens of
+    microseconds once the process has slept). False sends them to numpy's checks, which name
+    what is wrong."""
+    if raw.dtype.kind not in "iu" or raw.size > _FEW_IDS:
+        return False
+    ids = raw.ravel().tolist()
+    return not ids or (min(ids) >= 0 and max(ids) < num_blocks and len(set(ids)) == len(ids))
 
 
 def _request_shape(raw: np.ndarray, desc: CacheDesc) -> None:

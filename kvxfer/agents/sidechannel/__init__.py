@@ -1,7 +1,8 @@
 """The side channel: authenticated request/response between ranks over ZeroMQ.
 
 Server: a ROUTER socket served by its own thread (`SideChannelServer`, a context manager). Client:
-a DEALER socket (`SideChannelClient`). Frames are `[call_id (8 bytes), body]`, where `body` is one
+a DEALER socket (`SideChannelClient`): a call waited for (`request`), or sent now and its reply
+taken later (`call`). Frames are `[call_id (8 bytes), body]`, where `body` is one
 `messages.Message`; the reply carries the same call id, so a late reply to an abandoned call is
 recognised and dropped.
 
@@ -16,7 +17,12 @@ Hostile input never stops the server: a frame it cannot parse is counted (`Serve
 (rate limited), and answered with `ErrorReply` when it carried a well-formed call id.
 """
 
-from kvxfer.agents.sidechannel.client import ClientConfig, SideChannelClient, raise_for_reply
+from kvxfer.agents.sidechannel.client import (
+    ClientConfig,
+    PendingCall,
+    SideChannelClient,
+    raise_for_reply,
+)
 from kvxfer.agents.sidechannel.clients import ClientCache, Target, producer_target, rank_address
 from kvxfer.agents.sidechannel.common import (
     CALL_ID_BYTES,
@@ -34,6 +40,7 @@ __all__ = [
     "ClientConfig",
     "Handler",
     "PeerInfo",
+    "PendingCall",
     "ServerConfig",
     "ServerStats",
     "SideChannelClient",

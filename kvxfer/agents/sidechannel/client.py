@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import zmq
@@ -65,6 +65,7 @@ class _Link:
     monitor: Sock
     events: int = 0  # OR of every event seen
     connected: bool = False  # a ZMTP handshake succeeded and no disconnect since
+    pollers: dict[int, zmq.Poller] = field(default_factory=dict)  # by the socket's flags: made once
 
 
 class SideChannelClient:
@@ -91,25 +92,37 @@ class SideChannelClient:
         """Send `msg`, return the reply. Raises within `timeout_s`: TransferTimeout (no reply),
         PeerGoneError (no connection, or it dropped), AuthError (CURVE handshake refused), or
         the typed error an `ErrorReply` stands for (`raise_for_reply`)."""
+        with self.call(msg, timeout_s=timeout_s) as pending:
+            return pending.wait()
+
+    def call(self, msg: m.Message, *, timeout_s: float) -> PendingCall:
+        """Send `msg` and return at once: the reply is taken by `PendingCall.poll` (without
+        waiting) or `wait`, with `request`'s errors and deadline. The client is the call's until
+        its reply (or error) is taken or it is closed: later calls wait for it, each within its
+        own deadline; a reply nobody took is dropped by the next call (its call id differs)."""
         deadline = time.monotonic() + timeout_s
         what = type(msg).__name__
         if not self._lock.acquire(timeout=max(0.0, timeout_s)):
             raise TransferTimeout(f"side channel {self.address}: {what} waited {timeout_s}s behind another call")
-        try:
-            reply = self._call(m.encode(msg), deadline, what=what)
-        finally:
-            self._lock.release()
-        return raise_for_reply(reply, peer=self.address)
-
-    def _call(self, body: bytes, deadline: float, *, what: str) -> m.Message:
         call_id = os.urandom(CALL_ID_BYTES)
         try:
             link = self._ensure_link()
-            self._send(link, [call_id, body], deadline, what=what)
-            return self._receive(link, call_id, deadline, what=what)
+            self._send(link, [call_id, m.encode(msg)], deadline, what=what)
+        except BaseException as err:
+            if isinstance(err, KvxferError):
+                self._drop_link()
+            self._lock.release()
+            raise
+        return PendingCall(self, link, call_id, deadline, what)
+
+    def _reply(self, link: _Link, call_id: bytes, deadline: float, *, what: str, block: bool) -> m.Message | None:
+        """The call's reply (None: not yet, `block` false); a failure drops the link."""
+        try:
+            reply = self._receive(link, call_id, deadline, what=what, block=block)
         except KvxferError:
             self._drop_link()
             raise
+        return None if reply is None else raise_for_reply(reply, peer=self.address)
 
     def close(self) -> None:
         with self._lock:
@@ -174,9 +187,11 @@ class SideChannelClient:
 
     def _poll(self, link: _Link, flags: int, deadline: float) -> bool:
         """Wait until the socket has `flags` ready or the deadline passes; reads the monitor."""
-        poller = zmq.Poller()
-        poller.register(link.sock, flags)
-        poller.register(link.monitor, zmq.POLLIN)
+        poller = link.pollers.get(flags)
+        if poller is None:
+            poller = link.pollers[flags] = zmq.Poller()
+            poller.register(link.sock, flags)
+            poller.register(link.monitor, zmq.POLLIN)
         remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
         ready = dict(poller.poll(remaining_ms))
         if link.monitor in ready:
@@ -184,6 +199,12 @@ class SideChannelClient:
         return bool(ready.get(link.sock, 0) & flags)
 
     def _send(self, link: _Link, frames: list[bytes], deadline: float, *, what: str) -> None:
+        if link.connected:  # the usual case: the send queues at once (IMMEDIATE refuses it otherwise)
+            try:
+                link.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
         while True:
             self._raise_if_refused(link)
             if self._poll(link, zmq.POLLOUT, deadline):
@@ -199,16 +220,20 @@ class SideChannelClient:
                     f"(nothing listening, unreachable, or handshake not finished)"
                 )
 
-    def _receive(self, link: _Link, call_id: bytes, deadline: float, *, what: str) -> m.Message:
+    def _receive(self, link: _Link, call_id: bytes, deadline: float, *, what: str,
+                 block: bool = True) -> m.Message | None:
         while True:
-            if self._poll(link, zmq.POLLIN, deadline):
+            if self._poll(link, zmq.POLLIN, deadline if block else 0.0):
                 reply = self._read_reply(link, call_id)
                 if reply is not None:
                     return reply
+                continue  # a late reply to an earlier call: the next frame may be ours
             if link.events & zmq.EVENT_DISCONNECTED and not link.connected:
                 raise PeerGoneError(f"side channel {self.address}: connection lost while waiting for the reply to {what}")
             if time.monotonic() >= deadline:
                 raise TransferTimeout(f"side channel {self.address}: no reply to {what} before the deadline")
+            if not block:
+                return None
 
     def _read_reply(self, link: _Link, call_id: bytes) -> m.Message | None:
         try:
@@ -228,3 +253,53 @@ class SideChannelClient:
                 f"side channel {self.address}: handshake refused (our CURVE key is not allowed, the "
                 f"server key is wrong, or one side is insecure and the other is not)"
             )
+
+
+class PendingCall:
+    """A call sent by `SideChannelClient.call`. Holds its client until its reply (or error) is
+    taken or `close` (a context manager), whichever comes first."""
+
+    def __init__(self, client: SideChannelClient, link: _Link, call_id: bytes, deadline: float, what: str) -> None:
+        self._client = client
+        self._link = link
+        self._call_id = call_id
+        self._deadline = deadline
+        self._what = what
+        self._closed = False
+        self.reply: m.Message | None = None
+
+    def poll(self) -> m.Message | None:
+        """The reply if it has come (raising the typed error of an `ErrorReply`), else None;
+        past the deadline, or once the connection dropped, raises as `request` would."""
+        if self.reply is None:
+            self.reply = self._take(block=False)
+        return self.reply
+
+    def wait(self) -> m.Message:
+        """The reply, waiting for it up to the deadline."""
+        if self.reply is None:
+            self.reply = self._take(block=True)
+        return self.reply
+
+    def _take(self, *, block: bool) -> m.Message | None:
+        if self._closed:
+            raise ConfigError(f"side channel {self._client.address}: {self._what}'s reply taken after close")
+        try:
+            reply = self._client._reply(self._link, self._call_id, self._deadline, what=self._what, block=block)
+        except BaseException:
+            self.close()
+            raise
+        if reply is not None:
+            self.close()  # the call is over: the client serves the next one now
+        return reply
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client._lock.release()
+
+    def __enter__(self) -> PendingCall:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from kvxfer.agents import messages as m
-from kvxfer.agents.sidechannel.client import ClientConfig, SideChannelClient
+from kvxfer.agents.sidechannel.client import ClientConfig, PendingCall, SideChannelClient
 from kvxfer.errors import ConfigError, KvxferError
 
 MAX_CLIENTS = 64  # distinct producer addresses a consumer keeps a client for
@@ -78,6 +78,10 @@ class ClientCache:
 
     def request(self, target: Target | str, msg: m.Message, *, timeout_s: float) -> m.Message:
         return self.get(target).request(msg, timeout_s=timeout_s)
+
+    def call(self, target: Target | str, msg: m.Message, *, timeout_s: float) -> PendingCall:
+        """`msg` sent, its reply taken later (SideChannelClient.call)."""
+        return self.get(target).call(msg, timeout_s=timeout_s)
 
     def request_all(self, calls: Sequence[tuple[Target, m.Message]], *,
                     timeout_s: float) -> list[m.Message | KvxferError]:
