@@ -123,6 +123,10 @@ class Producer:
         # their parameters: without CURVE always; with it only where the server admits any key.
         self._grant_unbound = grant_unbound
         self._nixl_lock = nixl_lock
+        # A GPU cache's pushes (staged or direct) run on this role's thread, which made the cache's
+        # device current: NIXL's CUDA transports copy in the calling thread's CUDA context, and
+        # the server thread has none.
+        self._on_gpu = endpoint.tensors[0].device.type == "cuda"
         self._inbox = Inbox(endpoint.agent, lock=nixl_lock, metrics=metrics)
         self._lock = threading.Lock()
         self._held: dict[str, _Lease] = {}
@@ -272,7 +276,7 @@ class Producer:
                     self._file_early(msg.request_id, (peer, msg))
                     return
                 push = self._admit_push_locked(peer, msg, lease.held)
-                inline = now and msg.staging_offsets is None  # staged: the role's thread has the device
+                inline = now and msg.staging_offsets is None and not self._on_gpu
                 (self._pushes_now if inline else self._pushes).append(push)
         except KvxferError as err:  # the reply carries it; the log and metric say it here too
             log.warning("push of %s to %s rank %d refused: %s", msg.request_id[:8], msg.decode_engine_id,
