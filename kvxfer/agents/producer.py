@@ -11,12 +11,12 @@ reports the request as finished sending). In WRITE mode a consumer rank asks thi
 (`WriteRequest`); the push never waits behind the driver's compute, and its notification
 (`PUSHED`) tells the consumer rank when the bytes landed or why they did not.
 
-Threads: the side-channel server's thread runs `handle`, and in it the direct pushes it admits,
-before it answers (no hand-off to another thread on the request's path; the consumer rank waits
+Threads: the side-channel server's thread runs `handle`, and in it the direct pushes from a CPU
+cache it admits, before it answers (no hand-off to another thread on the request's path; the consumer rank waits
 for the push's notification, not for the answer; a push still running after `INLINE_PUSH_S` is
 left to this role's thread, so the server never waits behind a slow consumer). This role's
-thread runs `poll` (notifications, staged pushes, pushes asked for before `hold`, pushes left to
-finish); the driver's thread calls `hold`. `_lock` guards the state they share; the NIXL lock is
+thread runs `poll` (notifications, staged pushes and a GPU cache's, pushes asked for before `hold`,
+pushes left to finish); the driver's thread calls `hold`. `_lock` guards the state they share; the NIXL lock is
 the driver's, shared with anything else using the agent.
 """
 
