@@ -40,6 +40,7 @@ from kvxfer.agents.inbox import Inbox, Notice
 from kvxfer.agents.landings import Landings
 from kvxfer.agents.leases import LeaseTable, Outcome, Released
 from kvxfer.agents.metrics import TransferMetrics
+from kvxfer.agents.nixl_agent import Op
 from kvxfer.agents.pacing import IdlePacer
 from kvxfer.agents.peers import Peer
 from kvxfer.agents.sidechannel import PeerInfo, ServerConfig, SideChannelServer, check_binding
@@ -357,7 +358,7 @@ class Producer:
                 peer = self.endpoint.peers.admit(info)
                 for heads in consumer.targets:
                     self.endpoint.peers.prepared(peer, heads)
-                wire_connection(self.endpoint, peer, timeout_s=WIRE_TIMEOUT_S)  # a first push waits on no wiring
+                wire_connection(self.endpoint, peer, timeout_s=WIRE_TIMEOUT_S, op=Op.WRITE)  # nor on wiring
                 # and on a GPU compiles (or loads) no copier and captures no graph
                 self.endpoint.warm_staging([Leg(peer, h, _NO_IDS) for h in consumer.targets], to_slot=True)
         except KvxferError as err:  # the push will say so again, with its request
