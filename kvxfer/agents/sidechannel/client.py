@@ -277,9 +277,11 @@ class PendingCall:
 
     def wait(self) -> m.Message:
         """The reply, waiting for it up to the deadline."""
-        if self.reply is None:
-            self.reply = self._take(block=True)
-        return self.reply
+        reply = self.reply if self.reply is not None else self._take(block=True)
+        if reply is None:  # a blocking take returns the reply or raises; never None
+            raise TransferTimeout(f"side channel {self._client.address}: no reply to {self._what}")
+        self.reply = reply
+        return reply
 
     def _take(self, *, block: bool) -> m.Message | None:
         if self._closed:
