@@ -54,6 +54,15 @@ def free_port() -> int:
     return free_ports(1)
 
 
+def ephemeral_port() -> int:
+    """A free port the kernel picks, for a listener this process starts at once (a TP group's
+    rendezvous). Below the ephemeral range it could be a port a launcher handed to another
+    service that has not listened on it yet (seen: a prefill service's HTTP port taken by
+    another's rendezvous while both started); here only an outgoing connection can take it,
+    in the moment before the listener binds."""
+    return _kernel_pick()
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:

@@ -43,3 +43,13 @@ def test_a_host_whose_ephemeral_range_starts_low_still_gets_ports(monkeypatch):
     taken: set[int] = set()
     base = free_ports(3, taken)
     assert taken == {base, base + 1, base + 2} and base + 3 <= 65536
+
+
+def test_a_rendezvous_port_is_never_one_a_launcher_hands_out():
+    """A service's TP rendezvous listens on a port the kernel picked: in the ephemeral range,
+    where `free_ports` (the cluster's HTTP and side-channel ports) never picks."""
+    from kvxfer.ports import ephemeral_port
+
+    first = ephemeral_start()
+    assert all(ephemeral_port() >= first for _ in range(50))
+    assert all(free_port() < first for _ in range(50))

@@ -36,7 +36,7 @@ from kvxfer.daemons.runtime import RankRuntime, build_runtime
 from kvxfer.daemons.worker import worker_main
 from kvxfer.engine.tokenizer import byte_level_tokenizer
 from kvxfer.errors import ConfigError, KvxferError
-from kvxfer.ports import free_port
+from kvxfer.ports import ephemeral_port
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,7 +107,7 @@ class Service:
         """Build every rank (blocking). Workers first: the TP group's init is collective."""
         began = time.monotonic()
         try:
-            setup = RankSetup(self.config, 0, self.boot_epoch, f"tcp://127.0.0.1:{free_port()}")
+            setup = RankSetup(self.config, 0, self.boot_epoch, f"tcp://127.0.0.1:{ephemeral_port()}")
             self.bus.spawn(worker_main, lambda r: (RankSetup(self.config, r, self.boot_epoch, setup.dist_init),
                                                    self.log_level), range(1, self.config.tp))
             self.runtime = build_runtime(setup, metrics=self.metrics.transfer, on_release=self.on_lease_end)
