@@ -15,7 +15,7 @@ from kvxfer.agents import messages as m
 from kvxfer.agents.capability import Signer, identity_of_peer, master_secret
 from kvxfer.agents.consumer import Consumer, Load
 from kvxfer.agents.endpoint import Endpoint, Identity
-from kvxfer.agents.heartbeat import Heartbeat, LeaseClient
+from kvxfer.agents.heartbeat import Heartbeat, LeaseClient, Renewal
 from kvxfer.agents.leases import Outcome
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig
@@ -125,6 +125,43 @@ def test_a_renewed_lease_outlives_its_length_and_expires_once_renewals_stop(pair
         assert pair.released[0][1] is Outcome.EXPIRED
     finally:
         heartbeat.close()
+
+
+class RecordingLeases(LeaseClient):
+    """A real lease client that also says when a round of renewals was sent."""
+
+    def __init__(self, clients: ClientCache) -> None:
+        super().__init__(clients, timeout_s=5.0)
+        self.renewed = threading.Event()
+        self.rounds: list[Renewal] = []
+
+    def renew(self, params):
+        renewal = super().renew(params)
+        self.rounds.append(renewal)
+        self.renewed.set()
+        return renewal
+
+
+def test_a_request_tracked_late_in_its_lease_is_renewed_at_once(pair):
+    """The heartbeat renews a lease a period (lease_s / 6) after its grant: a request the consumer
+    got late in its lease (a slow client, a long trip) is renewed when it is tracked, not a period
+    later, when it may have expired. Leases of 60 s here: a period is 10 s."""
+    params = pair.hold([1], 8)
+    leases = RecordingLeases(ClientCache(ClientConfig(insecure=True)))
+    heartbeat = Heartbeat(leases)
+    try:
+        now_ms = int(time.time() * 1e3)
+        late = msgspec.structs.replace(params, lease_s=60.0, expires_unix_ms=now_ms + 5_000)  # granted 55 s ago
+        heartbeat.track(late)
+        assert leases.renewed.wait(5.0), "a request tracked 55 s into its 60 s lease was not renewed at once"
+        assert late.request_id in leases.rounds[0].expires_ms  # its producer extended it
+        leases.renewed.clear()
+        fresh = msgspec.structs.replace(params, request_id="a" * 32, lease_s=60.0, expires_unix_ms=now_ms + 60_000)
+        heartbeat.track(fresh)
+        assert not leases.renewed.wait(1.0), "a request granted just now was renewed before its period"
+    finally:
+        heartbeat.close()
+        leases.clients.close()
 
 
 @pytest.mark.parametrize("mode", [m.Mode.READ, m.Mode.WRITE])

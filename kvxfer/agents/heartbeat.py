@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,13 +74,22 @@ class LeaseClient:
 class _Tracked:
     params: m.TransferParams
     expires_ms: int
+    due_ms: float  # when it is renewed next (unix ms): a period after its grant, then after each round
     unknown: int = 0  # renewals in a row its producer did not know it (the first may beat `hold`)
     lost: bool = False
 
+    @property
+    def period_ms(self) -> float:
+        return self.params.lease_s * 1e3 / BEATS_PER_LEASE
+
 
 class Heartbeat:
-    """Renews the lease of every tracked request every `lease_s / BEATS_PER_LEASE` on a thread of
-    its own, until it is untracked or its producer says it is gone."""
+    """Renews the lease of every tracked request, on a thread of its own, until it is untracked
+    or its producer says it is gone: `lease_s / BEATS_PER_LEASE` after its grant, then every such
+    period. A request that reaches the consumer late in its lease (it travelled slowly: a loaded
+    client, a long queue before the consumer) is renewed as soon as it is tracked. Each round
+    renews every request that would come due before the next one, so rounds come about once a
+    period however many requests are tracked."""
 
     def __init__(self, leases: LeaseClient) -> None:
         self.leases = leases
@@ -91,9 +101,14 @@ class Heartbeat:
         self._thread.start()
 
     def track(self, params: m.TransferParams) -> None:
+        if params.lease_s <= 0:
+            return  # a lease that never expires needs no renewals
         with self._lock:
             if params.request_id not in self._tracked:
-                self._tracked[params.request_id] = _Tracked(params, params.expires_unix_ms)
+                granted_ms = params.expires_unix_ms - params.lease_s * 1e3
+                tracked = _Tracked(params, params.expires_unix_ms, 0.0)
+                tracked.due_ms = granted_ms + tracked.period_ms
+                self._tracked[params.request_id] = tracked
         self._changed.set()
 
     def untrack(self, transfer_id: str) -> None:
@@ -109,12 +124,25 @@ class Heartbeat:
         return 0 if tracked.lost else tracked.expires_ms
 
     def beat(self) -> None:
-        """One round of renewals now (the thread calls it; tests may too)."""
+        """One round of renewals of every tracked request now (tests call it)."""
+        self._round(due_by_ms=None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._changed.set()
+        self._thread.join(5)
+
+    def _round(self, due_by_ms: float | None) -> None:
+        """Renew the live requests due by `due_by_ms` (every one: None), as one round."""
+        now_ms = time.time() * 1e3
         with self._lock:
-            live = [t.params for t in self._tracked.values() if not t.lost]
-        if not live:
+            due = [t for t in self._tracked.values()
+                   if not t.lost and (due_by_ms is None or t.due_ms <= due_by_ms + t.period_ms)]
+            for t in due:  # answered or not, the next try is a period away
+                t.due_ms = now_ms + t.period_ms
+        if not due:
             return
-        renewal = self.leases.renew(live)
+        renewal = self.leases.renew([t.params for t in due])
         with self._lock:
             for rid, ms in renewal.expires_ms.items():
                 if rid in self._tracked:
@@ -126,26 +154,21 @@ class Heartbeat:
                     log.warning("lease of %s is gone at its producer (expired, aborted or restarted)", rid[:8])
                     tracked.lost = True
 
-    def close(self) -> None:
-        self._stop.set()
-        self._changed.set()
-        self._thread.join(5)
-
-    def _period_s(self) -> float | None:
+    def _wait_s(self) -> float | None:
+        """Seconds until the next request comes due (None: nothing to renew)."""
         with self._lock:
-            leases = [t.params.lease_s for t in self._tracked.values() if not t.lost and t.params.lease_s > 0]
-        return min(leases) / BEATS_PER_LEASE if leases else None
+            due = [t.due_ms for t in self._tracked.values() if not t.lost]
+        return max(0.0, (min(due) - time.time() * 1e3) / 1e3) if due else None
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            period = self._period_s()
-            if period is None:
-                self._changed.wait()
-                self._changed.clear()
-                continue
-            if self._stop.wait(period):
-                return
+            wait_s = self._wait_s()
+            if wait_s is None or wait_s > 0:
+                self._changed.wait(wait_s)  # a new request may be due at once: look again
+                if self._changed.is_set():
+                    self._changed.clear()
+                    continue
             try:
-                self.beat()
+                self._round(due_by_ms=time.time() * 1e3)
             except Exception:  # the heartbeat must outlive any one failure
                 log.exception("lease heartbeat failed")

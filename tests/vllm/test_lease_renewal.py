@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from conftest import connector_config, consumer_spec, servers
@@ -14,10 +15,12 @@ from vllm_cases import MAX_TOKENS, PROMPTS
 
 from kvxfer.integrations.vllm.testing import ServerSpec, token_ids
 
-# Renewals every LEASE_S / 6; the producer drops the lease after LEASE_S without one. On 2 cores
-# CPU vLLM's decode threads can hold both for seconds, so the lease has room for a late renewal.
-LEASE_S = 5.0
-BLOCKER_TOKENS = 900  # the one running slot is busy this long (~20 s on 2 cores, well past LEASE_S)
+# Renewals every LEASE_S / 6; the producer drops the lease after LEASE_S without one. The lease
+# runs from the producer's hold, before the request reaches the consumer: on 2 cores under load
+# that trip (the producer's reply, the consumer's API server, its engine's queue) took 3-5 s,
+# so the lease leaves room for it (the first renewal comes as soon as the consumer has it).
+LEASE_S = 8.0
+BLOCKER_TOKENS = 1000  # longer than the test needs the slot busy (~40 s on 2 cores); it is cancelled then
 
 
 def test_request_queued_past_the_lease_still_loads(models, logs, plain_tokens):
@@ -25,29 +28,46 @@ def test_request_queued_past_the_lease_still_loads(models, logs, plain_tokens):
     cons.extra_args += ["--max-num-seqs", "1"]  # one running request: the next one queues
     prod = ServerSpec(model=models["a"], name="producer-short-lease", kv_transfer_config=connector_config(
         "kv_producer", lease_s=LEASE_S, transfer_deadline_s=1))
-    with servers(cons, prod, logs=logs) as (consumer, producer):
+    with servers(cons, prod, logs=logs) as (consumer, producer), ThreadPoolExecutor(1) as pool:
         prompt = PROMPTS[1]
-        running = threading.Event()
-        blocker = threading.Thread(target=_stream_long, args=(consumer.url, running), daemon=True)
-        blocker.start()
-        assert running.wait(120), "the blocking request never started streaming"
-        # The lease starts now, with the consumer's one slot already busy.
+        blocker = Blocker(consumer.url)
+        assert blocker.running.wait(120), "the blocking request never started streaming"
         first = producer.complete(prompt, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
-        started = time.monotonic()
-        second = consumer.complete(prompt, max_tokens=MAX_TOKENS, kv_transfer_params=first["kv_transfer_params"],
-                                   timeout_s=300)
-        waited = time.monotonic() - started
-        blocker.join(300)
-        assert token_ids(second) == plain_tokens[prompt]
-        assert waited > 1.5 * LEASE_S, f"the request waited {waited:.1f} s: not past the lease, proves nothing"
+        leased = time.monotonic()  # the producer held the lease before it answered
+        second = pool.submit(consumer.complete, prompt, max_tokens=MAX_TOKENS,
+                             kv_transfer_params=first["kv_transfer_params"], timeout_s=300)
+        # The consumer's one slot stays busy until well past the lease, then frees: the queued
+        # request runs only then.
+        assert not blocker.ended.wait(leased + LEASE_S + 2 - time.monotonic()), \
+            "the blocking request ended before the lease did: this run proves nothing"
+        blocker.cancel()
+        assert token_ids(second.result(300)) == plain_tokens[prompt]
     producer_log = (logs / "producer-short-lease.log").read_text()
     assert "expired before every consumer rank confirmed" not in producer_log
     assert "kvxfer load failed" not in (logs / "consumer-queued.log").read_text()
 
 
-def _stream_long(url: str, running: threading.Event) -> None:
-    body = {"model": "tiny", "prompt": "A long answer", "max_tokens": BLOCKER_TOKENS, "temperature": 0.0,
-            "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as reply:
-        for _ in reply.iter_lines():
-            running.set()
+class Blocker:
+    """A long streamed completion that keeps the consumer's one running slot busy until cancelled
+    (closing the stream aborts it in vLLM)."""
+
+    def __init__(self, url: str) -> None:
+        self.running, self.ended, self._cancel = threading.Event(), threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._stream, args=(url,), daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self._thread.join(60)
+
+    def _stream(self, url: str) -> None:
+        body = {"model": "tiny", "prompt": "A long answer", "max_tokens": BLOCKER_TOKENS, "temperature": 0.0,
+                "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as reply:
+                for _ in reply.iter_lines():
+                    self.running.set()
+                    if self._cancel.is_set():
+                        return
+        finally:
+            self.ended.set()
