@@ -105,7 +105,9 @@ def _staged(tmp: Path) -> LocalCluster:
     """Staged WRITEs forced (on CPU the cost model would pick direct): gather on prefill, one
     descriptor per part into decode's staging slot, scatter into the packed layout."""
     staging = ("--staging-mib", "8", "--staging-slots", "2")
-    prefill = [ServiceSpec("prefill", tp, "flashinfer-hnd", 16, 64, extra=staging) for tp in (1, 2)]
+    # one slot per prefill rank: a TP 1 -> 2 request's second push waits in the queue for it
+    one_slot = ("--staging-mib", "8", "--staging-slots", "1")
+    prefill = [ServiceSpec("prefill", tp, "flashinfer-hnd", 16, 64, extra=one_slot) for tp in (1, 2)]
     decode = [ServiceSpec("decode", tp, "packed", 32, 64, extra=(*staging, "--transfer-path", "staged"))
               for tp in (1, 2)] + [ServiceSpec("decode", 1, "flashinfer-hnd", 16, 64, extra=staging)]
     cluster = LocalCluster(tmp, prefill, decode, preset="tiny", mode="write", log_level="WARNING")

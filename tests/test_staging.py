@@ -135,7 +135,7 @@ def test_staged_write_refuses_an_offset_outside_the_peers_slots():
     """The producer checks a consumer-given offset against the consumer's registered slots area
     before anything moves (nothing else is touched, so no agent is needed to see the refusal)."""
     from kvxfer.agents.messages import StagingInfo
-    from kvxfer.agents.staged_transfer import send_part, torch_parts
+    from kvxfer.agents.staged_transfer import stage_part, torch_parts
     from kvxfer.errors import PlanError
 
     rank = dict(num_layers=2, total=1, head_dim=8, dtype="float32", contiguous_layers=True,
@@ -145,5 +145,6 @@ def test_staged_write_refuses_an_offset_outside_the_peers_slots():
     part = torch_parts([plan], src.block_ids, 8, src.tensors, to_slot=True)
     (num_bytes,) = part.sizes
     remote = StagingInfo(probe_addr=0, probe_bytes=0, slots_addr=1 << 30, slots_bytes=num_bytes + 8)
-    with pytest.raises(PlanError, match="reaches past the peer's staging slots"):
-        send_part(None, None, part, peer_agent="p", remote=remote, remote_offset=16, notif=b"", timeout_s=1.0)
+    for offset in (16, -8):
+        with pytest.raises(PlanError, match="reaches outside the peer's staging slots"):
+            stage_part(None, part, remote=remote, remote_offset=offset, wait_s=1.0)

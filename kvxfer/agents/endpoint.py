@@ -32,13 +32,17 @@ from kvxfer.agents.staged_transfer import (
     PROBE_BYTES,
     Parts,
     Reservation,
+    Staged,
     StagingArea,
     StagingConfig,
+    post_part,
+    release_when_settled,
     reserve,
-    send_part,
+    stage_part,
 )
+from kvxfer.agents.staging import Slot
 from kvxfer.deadline import Deadline
-from kvxfer.errors import ConfigError, KvxferError, TransferError
+from kvxfer.errors import ConfigError, KvxferError, Landing, TransferError
 from kvxfer.layouts import CacheDesc, CacheRegion
 from kvxfer.planning import Fallback, HeadRange, request_spans
 from kvxfer.planning.cost import FabricCosts
@@ -76,6 +80,7 @@ class Posted:
     legs: list[Leg]
     transfers: list[Transfer]
     started: float  # perf_counter at the post: the deadline counts from here
+    slots: tuple[Slot, ...] = ()  # staging slots of ours the transfers read: freed once they end
 
     @property
     def num_bytes(self) -> int:
@@ -156,6 +161,7 @@ class Endpoint:
                 backoff.pause()
         except TransferError as err:
             self.agent.abandon(posted.transfers, err)
+            self._free_slots(posted, err.landing)
             raise
         return True
 
@@ -167,7 +173,12 @@ class Endpoint:
         """Wait for `posted` within its deadline (counted from its post); raises with a landing
         if it fails or runs past it."""
         timeout_s = self.deadline.seconds(posted.num_bytes) - (time.perf_counter() - posted.started)
-        stats = self.agent.wait(posted.transfers, timeout_s=max(0.0, timeout_s))  # may raise with a landing
+        try:
+            stats = self.agent.wait(posted.transfers, timeout_s=max(0.0, timeout_s))  # may raise with a landing
+        except TransferError as err:
+            self._free_slots(posted, err.landing)
+            raise
+        self._free_slots(posted, None)
         done = zip(stats, posted.transfers, strict=True)
         summary = TransferSummary(Mode.READ if posted.op is Op.READ else Mode.WRITE,
                                   seconds=time.perf_counter() - posted.started,
@@ -221,22 +232,41 @@ class Endpoint:
 
     # ---- staged (gather, one descriptor, scatter) ------------------------------------------------
 
-    def write_staged(self, request_id: str, leg: Leg, local_ids: np.ndarray, num_tokens: int,
-                     remote_offset: int, *, notif: bytes) -> TransferSummary:
-        """Push our part of `leg` into the peer's staging slots at `remote_offset`; the peer
-        scatters it when notified."""
+    def stage_write(self, leg: Leg, local_ids: np.ndarray, num_tokens: int, remote_offset: int, *,
+                    wait_s: float | None = None) -> Staged:
+        """Our part of `leg` gathered into a slot of ours (enqueued: `post_staged` waits for it),
+        bound for `remote_offset` in the peer's slots area (refused if it reaches outside). Waits
+        up to `wait_s` (default: the transfer's deadline) for a free slot."""
         remote = leg.peer.info.staging
         if self.staging is None or remote is None:
             raise ConfigError(f"staged write to {leg.peer.engine_id}/{leg.peer.rank}: staging is off on "
                               f"{'this rank' if self.staging is None else 'the peer'}")
-        started = time.perf_counter()
         plan = self.peers.plan(leg.peer, leg.heads)
         part = self.staging.parts(_gather_key(leg), [plan], local_ids, num_tokens, self.tensors, to_slot=True)
-        num_bytes, _ = send_part(
-            self.agent, self.staging, part, peer_agent=leg.peer.agent_name, remote=remote,
-            remote_offset=remote_offset, notif=notif, timeout_s=self.deadline.seconds(sum(part.sizes)))
-        return TransferSummary(Mode.WRITE, num_bytes, 1, time.perf_counter() - started,
-                               peers=[f"{leg.peer.engine_id}/{leg.peer.rank}"])
+        deadline = self.deadline.seconds(sum(part.sizes))
+        return stage_part(self.staging, part, remote=remote, remote_offset=remote_offset,
+                          wait_s=deadline if wait_s is None else wait_s)
+
+    def post_staged(self, staged: Staged, leg: Leg, *, notif: bytes) -> Posted:
+        """WRITE a staged part with one descriptor once its gather ended (`landed`, `finish`:
+        the slot is ours again once it ends). A post NIXL refuses frees the slot and raises."""
+        started = time.perf_counter()
+        try:
+            xfer = post_part(self.agent, staged, peer_agent=leg.peer.agent_name, local_mem=self.staging.mem,
+                             notif=notif)
+        except BaseException:
+            self.staging.pool.release(staged.slot)
+            raise
+        return Posted(Op.WRITE, [leg], [xfer], started, slots=(staged.slot,))
+
+    @property
+    def free_staging_slots(self) -> int:
+        """Staging slots of ours free now (0 without staging)."""
+        return self.staging.pool.num_free if self.staging is not None and self.staging.pool is not None else 0
+
+    def unstage(self, staged: Staged) -> None:
+        """A staged part that will not be posted: its slot back."""
+        self.staging.pool.release(staged.slot)
 
     def staged_parts(self, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> Parts | None:
         """Every leg's part of a request as this side scatters it (None: staging is off here or
@@ -261,6 +291,13 @@ class Endpoint:
             plans = [self.peers.plan(leg.peer, leg.heads) for leg in legs]
             built = [self.staging.warm(_scatter_key(legs), plans, self.tensors, to_slot=False)]
         return time.perf_counter() - started if any(built) else 0.0
+
+    def _free_slots(self, posted: Posted, landing: Landing | None) -> None:
+        """The slots `posted` read from, back to the pool: now, or once a failed transfer given up
+        while still running has ended."""
+        for slot in posted.slots:
+            release_when_settled(self.staging.pool, slot, landing,
+                                 after_s=self.deadline.seconds(posted.num_bytes))
 
     def reserve(self, parts: Parts) -> Reservation | None:
         """A staging slot holding `parts` back to back, waiting for one up to the transfer

@@ -44,6 +44,7 @@ from kvxfer.agents.nixl_agent import Op
 from kvxfer.agents.pacing import IdlePacer
 from kvxfer.agents.peers import Peer
 from kvxfer.agents.sidechannel import PeerInfo, ServerConfig, SideChannelServer, check_binding
+from kvxfer.agents.staged_transfer import Staged
 from kvxfer.agents.wiring import wire_connection
 from kvxfer.errors import (
     AuthError,
@@ -333,7 +334,7 @@ class Producer:
             if notice.notif.kind is m.NotifKind.DONE:
                 self._released(self._confirm(notice))
         with self._lock:
-            push = self._pushes.popleft() if self._pushes else None
+            pushes, self._pushes = list(self._pushes), deque()
             prepare = self._to_prepare.popleft() if self._to_prepare else None
             expired = [self._end_locked(r) for r in self._leases.expire(time.monotonic())]
             self._forget_early_locked()
@@ -343,10 +344,12 @@ class Producer:
             log.warning("lease of %s expired on rank %d before every consumer rank confirmed",
                         held[0].transfer_id[:8], self.rank)
             self._released(held)
-        if push is not None:
-            self._push(push)
+        for job in pushes:
+            if job.ask.staging_offsets is None:
+                self._push(job)
+        self._push_staged([job for job in pushes if job.ask.staging_offsets is not None])
         settled = self._settle()
-        return bool(arrived) or push is not None or prepare is not None or settled or finishing
+        return bool(arrived) or bool(pushes) or prepare is not None or settled or finishing
 
     def _prepare(self, consumer: _ConsumerRank) -> None:
         """Before a consumer rank's first push: load its agent and prepare the descriptor lists
@@ -392,16 +395,13 @@ class Producer:
             self._push(self._pushes_now.popleft(), inline=True)
 
     def _push(self, job: _Push, *, inline: bool = False) -> None:
-        """Run one push. `inline` (the server thread): a direct push still running after
+        """Run one direct push. `inline` (the server thread): one still running after
         INLINE_PUSH_S is left to this role's thread to finish."""
         ask, consumer = job.ask, job.consumer
         try:
             _check_in_time(ask)
             with self._nixl_lock:
                 peer = self.endpoint.peers.admit(consumer.info)
-                if ask.staging_offsets is not None:
-                    self._push_staged(job, peer)
-                    return
                 posted = self._post_direct(job, peer)
                 if not inline or self.endpoint.landed(posted, INLINE_PUSH_S):
                     self.endpoint.finish(posted)
@@ -467,20 +467,61 @@ class Producer:
         local = shaped_ids(self.endpoint.region.desc, held.block_ids, held.num_tokens)
         return self.endpoint.post_write(legs, local, held.num_tokens, notif=self._pushed(ask.request_id))
 
-    def _push_staged(self, job: _Push, peer: Peer) -> None:
-        """Gather each of our parts for the decode rank into one WRITE each, into the slot
-        offsets it reserved (checked against its registered slots area on the way)."""
-        held, ask = job.held, job.ask
+    def _push_staged(self, jobs: list[_Push]) -> None:
+        """The queued staged pushes together: every part's gather enqueued before the first
+        WRITE is posted, each WRITE posted once its own gather ended (so it runs while the next
+        gathers), then all waited for. Pushes for which no slot is free now wait in the queue
+        for the next round (back-pressure; a push past its deadline is refused there)."""
+        if not jobs:
+            return
+        staged: list[tuple[_Push, Leg, Staged]] = []
+        failed: set[int] = set()
+        with self._nixl_lock:
+            for i, job in enumerate(jobs):
+                try:
+                    _check_in_time(job.ask)
+                    legs = self._staged_legs(job, self.endpoint.peers.admit(job.consumer.info))
+                    if staged and self.endpoint.free_staging_slots < len(legs):
+                        with self._lock:
+                            self._pushes.extendleft(reversed(jobs[i:]))
+                        break
+                    local = shaped_ids(self.endpoint.region.desc, job.held.block_ids, job.held.num_tokens)
+                    for leg, offset in legs:
+                        staged.append((job, leg, self.endpoint.stage_write(leg, local, job.held.num_tokens, offset)))
+                except KvxferError as err:
+                    failed.add(id(job))
+                    self._push_failed(job, err)
+            posted: list[tuple[_Push, Posted]] = []
+            for job, leg, part in staged:
+                if id(job) in failed:
+                    self.endpoint.unstage(part)
+                    continue
+                try:
+                    posted.append((job, self.endpoint.post_staged(part, leg, notif=self._pushed(job.ask.request_id))))
+                except KvxferError as err:
+                    failed.add(id(job))
+                    self._push_failed(job, err)
+            for job, xfer in posted:
+                try:
+                    self.endpoint.finish(xfer)
+                except KvxferError as err:
+                    if id(job) not in failed:
+                        failed.add(id(job))
+                        self._push_failed(job, err)
+
+    def _staged_legs(self, job: _Push, peer: Peer) -> list[tuple[Leg, int]]:
+        """Our parts of a staged push: each source of the decode rank that is this rank, with the
+        offset it reserved for that part (checked against its registered slots area when
+        staged)."""
+        ask = job.ask
         sources = map_tp(self.endpoint.region.desc.total_heads, self.tp_size, peer.info.tp_size) \
             .sources_of(ask.decode_rank)
         if len(ask.staging_offsets) != len(sources):
             raise PlanError(f"staged push: {len(ask.staging_offsets)} staging offsets for decode rank "
                             f"{ask.decode_rank}, which has {len(sources)} sources")
-        local = shaped_ids(self.endpoint.region.desc, held.block_ids, held.num_tokens)
-        for source, offset in zip(sources, ask.staging_offsets, strict=True):
-            if source.prefill_rank == self.rank:
-                self.endpoint.write_staged(ask.request_id, Leg(peer, source.heads, local), local,
-                                           held.num_tokens, offset, notif=self._pushed(ask.request_id))
+        return [(Leg(peer, source.heads, _NO_IDS), offset)
+                for source, offset in zip(sources, ask.staging_offsets, strict=True)
+                if source.prefill_rank == self.rank]
 
     def _pushed(self, transfer_id: str, error_kind: str = "") -> bytes:
         status = m.Status.ERROR if error_kind else m.Status.OK

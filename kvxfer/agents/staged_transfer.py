@@ -17,6 +17,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +25,10 @@ import torch
 
 from kvxfer.agents import messages as m
 from kvxfer.agents import unit_copy
-from kvxfer.agents.nixl_agent import NixlAgent, Op, XferStats, device_id
+from kvxfer.agents.nixl_agent import NixlAgent, Op, Transfer, device_id
 from kvxfer.agents.staging import Gather, Slot, StagingPool
 from kvxfer.agents.unit_copy import UnitCopier
-from kvxfer.errors import ConfigError, PlanError
+from kvxfer.errors import ConfigError, Landing, PlanError
 from kvxfer.planning import PairPlan, layer_offsets
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class StagingArea:
         self.pool = StagingPool(slot_bytes=config.slot_bytes, num_slots=config.num_slots, device=device) \
             if config.slot_bytes and config.num_slots else None
         self.device = device
+        # Staged copies run on a stream of their own, never queued behind compute the engine left
+        # on the default stream: a request's KV is final before it is staged (prefill returned its
+        # token), and decode reads a scatter's blocks only after the host saw it end.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.max_tokens = config.max_tokens
         self.mem = agent.register([self.probe] + ([self.pool.buffer] if self.pool else []))
         self._copiers: OrderedDict[tuple, UnitCopier | None] = OrderedDict()
@@ -73,7 +78,9 @@ class StagingArea:
         kernel, graph-replayed), else with torch indexing."""
         copier = self._copier(key, plans, tensors, to_slot=to_slot)
         if copier is None or not copier.fits(num_tokens):
-            return torch_parts(plans, local_ids, num_tokens, tensors, to_slot=to_slot)
+            with self.on_stream():  # the index tensors' uploads queue where the copies run
+                parts = torch_parts(plans, local_ids, num_tokens, tensors, to_slot=to_slot)
+            return Parts(parts.sizes, self._enqueued(parts.copy))
         ids = copier.check(local_ids, num_tokens)  # bad ids refused now, not once the data has landed
         size = copier.part_bytes(num_tokens)
 
@@ -82,7 +89,27 @@ class StagingArea:
             copier.stage(ids, num_tokens, [base + o for o in offsets])
             copier.run()
 
-        return Parts([size] * len(plans), copy)
+        return Parts([size] * len(plans), self._enqueued(copy))
+
+    def on_stream(self) -> AbstractContextManager:
+        """This area's copy stream made current (nothing on CPU)."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    def _enqueued(self, copy: Callable[[Slot, list[int]], None]) -> Callable[[Slot, list[int]], Copied]:
+        """`copy` run on this area's stream, returning the event that marks its end there."""
+        stream = self.stream
+
+        def enqueued(slot: Slot, offsets: list[int]) -> Copied:
+            if stream is None:
+                copy(slot, offsets)
+                return Copied(None)
+            with torch.cuda.stream(stream):
+                copy(slot, offsets)
+                ended = torch.cuda.Event()
+                ended.record(stream)
+            return Copied(ended)
+
+        return enqueued
 
     def warm(self, key: tuple, plans: list[PairPlan], tensors: list[torch.Tensor], *, to_slot: bool) -> bool:
         """Build the copier `parts` will use for `key` and capture its graph, ahead of the first
@@ -90,7 +117,8 @@ class StagingArea:
         copier = self._copier(key, plans, tensors, to_slot=to_slot)
         if copier is None:
             return False
-        copier.warm()
+        with self.on_stream():
+            copier.warm()
         return True
 
     def _copier(self, key: tuple, plans: list[PairPlan], tensors: list[torch.Tensor], *,
@@ -122,12 +150,25 @@ class StagingArea:
 
 
 @dataclass(frozen=True)
+class Copied:
+    """A staged copy, enqueued: `ended` marks its end on its area's stream (None: it ran
+    synchronously, on CPU)."""
+
+    ended: torch.cuda.Event | None
+
+    def wait(self) -> None:
+        if self.ended is not None:
+            self.ended.synchronize()
+
+
+@dataclass(frozen=True)
 class Parts:
     """One request's parts as one side copies them: their sizes in bytes, and the copy of
-    every part between the cache and a slot, each at its offset in it."""
+    every part between the cache and a slot, each at its offset in it (enqueued on the area's
+    stream: `Copied.wait` before the slot's bytes are used)."""
 
     sizes: list[int]
-    copy: Callable[[Slot, list[int]], None]
+    copy: Callable[[Slot, list[int]], Copied]
 
 
 def torch_parts(plans: list[PairPlan], local_ids: np.ndarray, num_tokens: int, tensors: list[torch.Tensor], *,
@@ -136,13 +177,14 @@ def torch_parts(plans: list[PairPlan], local_ids: np.ndarray, num_tokens: int, t
     gathers = [build_gather(p, local_ids, num_tokens, tensors) for p in plans]
     sizes = [g.bytes_per_layer * len(tensors) for g in gathers]
 
-    def copy(slot: Slot, offsets: list[int]) -> None:
+    def copy(slot: Slot, offsets: list[int]) -> Copied:
         for gather, offset, size in zip(gathers, offsets, sizes, strict=True):
             view = slot.tensor[offset : offset + size]
             if to_slot:
                 gather.gather(tensors, view)
             else:
                 gather.scatter(view, tensors)
+        return Copied(None)
 
     return Parts(sizes, copy)
 
@@ -153,32 +195,61 @@ def build_gather(plan: PairPlan, local_ids: np.ndarray, num_tokens: int, tensors
     return Gather.build(offsets, plan.unit_bytes, tensors[0].nbytes, tensors[0].device)
 
 
-def send_part(agent: NixlAgent, area: StagingArea, part: Parts, *, peer_agent: str, remote: m.StagingInfo,
-              remote_offset: int, notif: bytes, timeout_s: float) -> tuple[int, XferStats]:
-    """Gather `part` (one) into a slot of ours, WRITE it with one descriptor to `remote_offset`
-    in the peer's slots area (refused if it would reach outside), wait, free the slot. Returns
-    the bytes."""
+@dataclass(frozen=True)
+class Staged:
+    """One part gathered into a slot of ours for one WRITE (the gather perhaps still running on
+    the staging stream), and where in the peer's slots area it goes."""
+
+    slot: Slot
+    num_bytes: int
+    gathered: Copied
+    remote_addr: int
+    remote: m.StagingInfo
+
+
+def stage_part(area: StagingArea, part: Parts, *, remote: m.StagingInfo, remote_offset: int,
+               wait_s: float) -> Staged:
+    """Check `part` (one) against the peer's registered slots area, take a slot of ours (waiting
+    up to `wait_s` for one) and enqueue the gather into it. Several requests' gathers queue back
+    to back on the staging stream while earlier WRITEs run."""
     if len(part.sizes) != 1:
         raise PlanError(f"staged write: one part per WRITE, got {len(part.sizes)}")
     (num_bytes,) = part.sizes
-    if remote_offset + num_bytes > remote.slots_bytes:
-        raise PlanError(f"staged write: offset {remote_offset} + {num_bytes} bytes reaches past the peer's "
+    if remote_offset < 0 or remote_offset + num_bytes > remote.slots_bytes:
+        raise PlanError(f"staged write: offset {remote_offset} + {num_bytes} bytes reaches outside the peer's "
                         f"staging slots ({remote.slots_bytes} bytes); refusing")
     if area.pool is None:
         raise ConfigError("staged write: this rank has no staging slots (--staging-mib 0)")
-    slot = area.pool.acquire(num_bytes, timeout_s=timeout_s)
+    slot = area.pool.acquire(num_bytes, timeout_s=wait_s)
     try:
-        part.copy(slot, [0])
-        if area.device.type == "cuda":
-            torch.cuda.synchronize(area.device)
-        local = np.array([[slot.address, num_bytes, device_id(slot.tensor)]], dtype=np.uint64)
-        target = np.array([[remote.slots_addr + remote_offset, num_bytes, remote.device_id]], dtype=np.uint64)
-        xfer = agent.post_spans(Op.WRITE, local, target, peer=peer_agent, local_mem=area.mem,
-                                remote_mem=remote.memory, notif=notif)
-        stats = agent.wait([xfer], timeout_s=timeout_s)[0]
-    finally:
+        gathered = part.copy(slot, [0])
+    except BaseException:
         area.pool.release(slot)
-    return num_bytes, stats
+        raise
+    return Staged(slot, num_bytes, gathered, remote.slots_addr + remote_offset, remote)
+
+
+def post_part(agent: NixlAgent, staged: Staged, *, peer_agent: str, local_mem: m.MemoryKind,
+              notif: bytes) -> Transfer:
+    """WRITE a staged part with one descriptor, once its gather ended (the host waits for that
+    copy alone, not for the device)."""
+    staged.gathered.wait()
+    local = np.array([[staged.slot.address, staged.num_bytes, device_id(staged.slot.tensor)]], dtype=np.uint64)
+    target = np.array([[staged.remote_addr, staged.num_bytes, staged.remote.device_id]], dtype=np.uint64)
+    return agent.post_spans(Op.WRITE, local, target, peer=peer_agent, local_mem=local_mem,
+                            remote_mem=staged.remote.memory, notif=notif)
+
+
+def release_when_settled(pool: StagingPool, slot: Slot, landing: Landing | None, *, after_s: float) -> None:
+    """Give back the slot of a WRITE that failed: at once if nothing still reads it, else once
+    its given-up transfer has ended (checked every `after_s`), so a late read never sends
+    another request's bytes."""
+    if landing is None or landing.settled():
+        pool.release(slot)
+        return
+    timer = threading.Timer(after_s, release_when_settled, args=(pool, slot, landing), kwargs={"after_s": after_s})
+    timer.daemon = True
+    timer.start()
 
 
 @dataclass
@@ -195,10 +266,8 @@ class Reservation:
         return [self.base + o for o in self.offsets]
 
     def scatter(self) -> None:
-        """Every part into the cache (the parts know which)."""
-        self.parts.copy(self.slot, self.offsets)
-        if self.slot.tensor.device.type == "cuda":
-            torch.cuda.synchronize(self.slot.tensor.device)
+        """Every part into the cache (the parts know which), returning once it is there."""
+        self.parts.copy(self.slot, self.offsets).wait()
 
 
 def reserve(area: StagingArea, parts: Parts, *, timeout_s: float) -> Reservation | None:

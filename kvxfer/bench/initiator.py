@@ -128,10 +128,12 @@ def part_bytes(cfg: BenchConfig, assignment: Assignment) -> int:
     return padded * assignment.heads.size * cfg.head_dim * DTYPE_BYTES[cfg.dtype] * num_kv * cfg.layers
 
 
-def staging_bytes(cfg: BenchConfig, role: Role, rank: int) -> int:
-    """What one staging slot must hold: every part this rank sends (one at a time) or receives
-    (all at once)."""
+def staging_slots(cfg: BenchConfig, role: Role, rank: int) -> tuple[int, int]:
+    """This rank's staging slots, (bytes, count): a sender one per part it sends (its pushes'
+    gathers queue back to back, all in flight at once, as the producer's), a receiver one for
+    every part it receives."""
     mapping = map_tp(cfg.kv_heads, cfg.prefill_tp, cfg.decode_tp)
     if role is Role.PREFILL:
-        return max((part_bytes(cfg, a) for a in mapping.targets_of(rank)), default=0)
-    return sum(part_bytes(cfg, a) for a in mapping.sources_of(rank))
+        sent = [part_bytes(cfg, a) for a in mapping.targets_of(rank)]
+        return max(sent, default=0), len(sent)
+    return sum(part_bytes(cfg, a) for a in mapping.sources_of(rank)), 1

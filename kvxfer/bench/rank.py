@@ -88,11 +88,12 @@ class RankState:
         self.before: list[torch.Tensor] | None = None
 
     def _staging(self, role: Role, rank: int) -> StagingConfig | None:
-        """One slot for what this rank stages per request (--plan staged/auto), else none."""
+        """The slots for what this rank stages per request (--plan staged/auto), else none."""
         if self.cfg.plan not in (PlanKind.STAGED, PlanKind.AUTO):
             return None
-        slot = initiator.staging_bytes(self.cfg, role, rank)
-        return StagingConfig(slot_bytes=slot, num_slots=1 if slot else 0, max_tokens=self.cfg.tokens)
+        slot_bytes, num_slots = initiator.staging_slots(self.cfg, role, rank)
+        return StagingConfig(slot_bytes=slot_bytes, num_slots=num_slots if slot_bytes else 0,
+                             max_tokens=self.cfg.tokens)
 
     @property
     def role(self) -> Role:

@@ -5,8 +5,8 @@ the production `Endpoint`):
    them (`Endpoint.staged_parts`, `Endpoint.reserve`), as the consumer does before it sends its
    WriteRequests;
 2. each prefill rank gathers each of its parts into a slot of its own pool and WRITEs it with one
-   descriptor to the offset that decode rank reserved (`Endpoint.write_staged`, the producer's
-   push);
+   descriptor to the offset that decode rank reserved (`Endpoint.stage_write`, `post_staged`:
+   the producer's push);
 3. each decode rank scatters once every source's notification arrived (`Reservation.scatter`)
    and frees its slot.
 
@@ -46,17 +46,19 @@ def reserve(endpoint: Endpoint, legs: list[Leg], local_ids: np.ndarray, num_toke
 
 def send(endpoint: Endpoint, mapping: TPMapping, rank: int, legs: dict[int, Leg], offsets: dict[int, list[int]],
          local_ids: np.ndarray, num_tokens: int, *, notif: bytes) -> int:
-    """A prefill rank's pushes, as the producer makes them: for each decode rank it feeds
-    (`legs`, by decode rank), each of that rank's sources that is us, into its reserved offset.
-    Returns the bytes."""
-    num_bytes = 0
+    """A prefill rank's pushes, as the producer makes them (`Producer._push_staged`): for each
+    decode rank it feeds (`legs`, by decode rank), each of that rank's sources that is us, into its
+    reserved offset; every gather enqueued first, each WRITE posted once its gather ended, then
+    all waited for. Returns the bytes."""
+    parts = []
     for decode_rank, leg in legs.items():
         sources = mapping.sources_of(decode_rank)
         for source, offset in zip(sources, offsets[decode_rank], strict=True):
             if source.prefill_rank == rank:
-                num_bytes += endpoint.write_staged("bench", Leg(leg.peer, source.heads, leg.remote_ids), local_ids,
-                                                   num_tokens, offset, notif=notif).num_bytes
-    return num_bytes
+                part = Leg(leg.peer, source.heads, leg.remote_ids)
+                parts.append((part, endpoint.stage_write(part, local_ids, num_tokens, offset)))
+    posted = [endpoint.post_staged(staged, part, notif=notif) for part, staged in parts]
+    return sum(endpoint.finish(p).num_bytes for p in posted)
 
 
 def receive(endpoint: Endpoint, reservation: Reservation, num_sources: int) -> int:
