@@ -11,9 +11,9 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader
 cases=(
   "512-tp12   --tokens 512  --decode-tp 2 --plan auto --verify --iters 15"
-  "512-tp11   --tokens 512  --decode-tp 1 --plan auto --verify --iters 15"
   "8192-tp12  --tokens 8192 --decode-tp 2 --plan staged --mode write --verify --iters 7"
   "8192-tp11  --tokens 8192 --decode-tp 1 --plan staged --mode write --verify --iters 7"
+  "512-tp11   --tokens 512  --decode-tp 1 --plan auto --verify --iters 15"
 )
 for case in "${cases[@]}"; do
     name=${case%% *}; args=${case#* }
