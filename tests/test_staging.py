@@ -147,4 +147,4 @@ def test_staged_write_refuses_an_offset_outside_the_peers_slots():
     remote = StagingInfo(probe_addr=0, probe_bytes=0, slots_addr=1 << 30, slots_bytes=num_bytes + 8)
     for offset in (16, -8):
         with pytest.raises(PlanError, match="reaches outside the peer's staging slots"):
-            stage_part(None, None, part, remote=remote, remote_offset=offset, peer_agent="p", notif=b"", wait_s=1.0)
+            stage_part(None, part, remote=remote, remote_offset=offset, wait_s=1.0)

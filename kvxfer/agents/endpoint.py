@@ -233,11 +233,10 @@ class Endpoint:
     # ---- staged (gather, one descriptor, scatter) ------------------------------------------------
 
     def stage_write(self, leg: Leg, local_ids: np.ndarray, num_tokens: int, remote_offset: int, *,
-                    notif: bytes, wait_s: float | None = None) -> Staged:
-        """Our part of `leg` gathered into a slot of ours (enqueued: `post_staged` waits for it)
-        and its WRITE made, bound for `remote_offset` in the peer's slots area (refused if it
-        reaches outside); the peer gets `notif` once it landed. Waits up to `wait_s` (default:
-        the transfer's deadline) for a free slot."""
+                    wait_s: float | None = None) -> Staged:
+        """Our part of `leg` gathered into a slot of ours (enqueued: `post_staged` waits for it),
+        bound for `remote_offset` in the peer's slots area (refused if it reaches outside). Waits
+        up to `wait_s` (default: the transfer's deadline) for a free slot."""
         remote = leg.peer.info.staging
         if self.staging is None or remote is None:
             raise ConfigError(f"staged write to {leg.peer.engine_id}/{leg.peer.rank}: staging is off on "
@@ -245,15 +244,16 @@ class Endpoint:
         plan = self.peers.plan(leg.peer, leg.heads)
         part = self.staging.parts(_gather_key(leg), [plan], local_ids, num_tokens, self.tensors, to_slot=True)
         deadline = self.deadline.seconds(sum(part.sizes))
-        return stage_part(self.agent, self.staging, part, remote=remote, remote_offset=remote_offset,
-                          peer_agent=leg.peer.agent_name, notif=notif, wait_s=deadline if wait_s is None else wait_s)
+        return stage_part(self.staging, part, remote=remote, remote_offset=remote_offset,
+                          wait_s=deadline if wait_s is None else wait_s)
 
-    def post_staged(self, staged: Staged, leg: Leg) -> Posted:
-        """Post a staged part's WRITE once its gather ended (`landed`, `finish`: the slot is ours
-        again once it ends). A post NIXL refuses frees the slot and raises."""
+    def post_staged(self, staged: Staged, leg: Leg, *, notif: bytes) -> Posted:
+        """WRITE a staged part with one descriptor once its gather ended (`landed`, `finish`:
+        the slot is ours again once it ends). A post NIXL refuses frees the slot and raises."""
         started = time.perf_counter()
         try:
-            xfer = post_part(self.agent, staged)
+            xfer = post_part(self.agent, staged, peer_agent=leg.peer.agent_name, local_mem=self.staging.mem,
+                             notif=notif)
         except BaseException:
             self.staging.pool.release(staged.slot)
             raise
@@ -265,10 +265,7 @@ class Endpoint:
         return self.staging.pool.num_free if self.staging is not None and self.staging.pool is not None else 0
 
     def unstage(self, staged: Staged) -> None:
-        """A staged part that will not be posted: its WRITE dropped, its slot back once its
-        gather ended."""
-        staged.xfer.release()
-        staged.gathered.wait()
+        """A staged part that will not be posted: its slot back."""
         self.staging.pool.release(staged.slot)
 
     def staged_parts(self, legs: list[Leg], local_ids: np.ndarray, num_tokens: int) -> Parts | None:

@@ -468,9 +468,9 @@ class Producer:
         return self.endpoint.post_write(legs, local, held.num_tokens, notif=self._pushed(ask.request_id))
 
     def _push_staged(self, jobs: list[_Push]) -> None:
-        """The queued staged pushes together: every part's gather enqueued and its WRITE made
-        before the first WRITE is posted, each posted once its own gather ended (so it runs while
-        the next gathers), then all waited for. Pushes for which no slot is free now wait in the queue
+        """The queued staged pushes together: every part's gather enqueued before the first
+        WRITE is posted, each WRITE posted once its own gather ended (so it runs while the next
+        gathers), then all waited for. Pushes for which no slot is free now wait in the queue
         for the next round (back-pressure; a push past its deadline is refused there)."""
         if not jobs:
             return
@@ -487,8 +487,7 @@ class Producer:
                         break
                     local = shaped_ids(self.endpoint.region.desc, job.held.block_ids, job.held.num_tokens)
                     for leg, offset in legs:
-                        staged.append((job, leg, self.endpoint.stage_write(
-                            leg, local, job.held.num_tokens, offset, notif=self._pushed(job.ask.request_id))))
+                        staged.append((job, leg, self.endpoint.stage_write(leg, local, job.held.num_tokens, offset)))
                 except KvxferError as err:
                     failed.add(id(job))
                     self._push_failed(job, err)
@@ -498,7 +497,7 @@ class Producer:
                     self.endpoint.unstage(part)
                     continue
                 try:
-                    posted.append((job, self.endpoint.post_staged(part, leg)))
+                    posted.append((job, self.endpoint.post_staged(part, leg, notif=self._pushed(job.ask.request_id))))
                 except KvxferError as err:
                     failed.add(id(job))
                     self._push_failed(job, err)

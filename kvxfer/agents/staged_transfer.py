@@ -197,20 +197,21 @@ def build_gather(plan: PairPlan, local_ids: np.ndarray, num_tokens: int, tensors
 
 @dataclass(frozen=True)
 class Staged:
-    """One part being gathered into a slot of ours on the staging stream, and its WRITE (one
-    descriptor into the peer's slots area) made but not posted."""
+    """One part gathered into a slot of ours for one WRITE (the gather perhaps still running on
+    the staging stream), and where in the peer's slots area it goes."""
 
     slot: Slot
+    num_bytes: int
     gathered: Copied
-    xfer: Transfer
+    remote_addr: int
+    remote: m.StagingInfo
 
 
-def stage_part(agent: NixlAgent, area: StagingArea, part: Parts, *, remote: m.StagingInfo, remote_offset: int,
-               peer_agent: str, notif: bytes, wait_s: float) -> Staged:
+def stage_part(area: StagingArea, part: Parts, *, remote: m.StagingInfo, remote_offset: int,
+               wait_s: float) -> Staged:
     """Check `part` (one) against the peer's registered slots area, take a slot of ours (waiting
-    up to `wait_s` for one), enqueue the gather into it and make its WRITE while the gather runs
-    (the handle costs ~0.1 ms of host time). Several requests' gathers queue back to back on the
-    staging stream while earlier WRITEs run."""
+    up to `wait_s` for one) and enqueue the gather into it. Several requests' gathers queue back
+    to back on the staging stream while earlier WRITEs run."""
     if len(part.sizes) != 1:
         raise PlanError(f"staged write: one part per WRITE, got {len(part.sizes)}")
     (num_bytes,) = part.sizes
@@ -225,23 +226,18 @@ def stage_part(agent: NixlAgent, area: StagingArea, part: Parts, *, remote: m.St
     except BaseException:
         area.pool.release(slot)
         raise
-    local = np.array([[slot.address, num_bytes, device_id(slot.tensor)]], dtype=np.uint64)
-    target = np.array([[remote.slots_addr + remote_offset, num_bytes, remote.device_id]], dtype=np.uint64)
-    try:
-        xfer = agent.make_spans(Op.WRITE, local, target, peer=peer_agent, local_mem=area.mem,
-                                remote_mem=remote.memory, notif=notif)
-    except BaseException:
-        gathered.wait()  # the slot is another request's only once this gather has ended
-        area.pool.release(slot)
-        raise
-    return Staged(slot, gathered, xfer)
+    return Staged(slot, num_bytes, gathered, remote.slots_addr + remote_offset, remote)
 
 
-def post_part(agent: NixlAgent, staged: Staged) -> Transfer:
-    """Post a staged part's WRITE once its gather ended (the host waits for that copy alone, not
-    for the device)."""
+def post_part(agent: NixlAgent, staged: Staged, *, peer_agent: str, local_mem: m.MemoryKind,
+              notif: bytes) -> Transfer:
+    """WRITE a staged part with one descriptor, once its gather ended (the host waits for that
+    copy alone, not for the device)."""
     staged.gathered.wait()
-    return agent.start(staged.xfer)
+    local = np.array([[staged.slot.address, staged.num_bytes, device_id(staged.slot.tensor)]], dtype=np.uint64)
+    target = np.array([[staged.remote_addr, staged.num_bytes, staged.remote.device_id]], dtype=np.uint64)
+    return agent.post_spans(Op.WRITE, local, target, peer=peer_agent, local_mem=local_mem,
+                            remote_mem=staged.remote.memory, notif=notif)
 
 
 def release_when_settled(pool: StagingPool, slot: Slot, landing: Landing | None, *, after_s: float) -> None:

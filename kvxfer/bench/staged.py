@@ -56,8 +56,8 @@ def send(endpoint: Endpoint, mapping: TPMapping, rank: int, legs: dict[int, Leg]
         for source, offset in zip(sources, offsets[decode_rank], strict=True):
             if source.prefill_rank == rank:
                 part = Leg(leg.peer, source.heads, leg.remote_ids)
-                parts.append((part, endpoint.stage_write(part, local_ids, num_tokens, offset, notif=notif)))
-    posted = [endpoint.post_staged(staged, part) for part, staged in parts]
+                parts.append((part, endpoint.stage_write(part, local_ids, num_tokens, offset)))
+    posted = [endpoint.post_staged(staged, part, notif=notif) for part, staged in parts]
     return sum(endpoint.finish(p).num_bytes for p in posted)
 
 
