@@ -134,8 +134,10 @@ class RecordingLeases(LeaseClient):
         super().__init__(clients, timeout_s=5.0)
         self.renewed = threading.Event()
         self.rounds: list[Renewal] = []
+        self.asked: list[set[str]] = []  # each round's request ids
 
     def renew(self, params):
+        self.asked.append({p.request_id for p in params})
         renewal = super().renew(params)
         self.rounds.append(renewal)
         self.renewed.set()
@@ -145,7 +147,8 @@ class RecordingLeases(LeaseClient):
 def test_a_request_tracked_late_in_its_lease_is_renewed_at_once(pair):
     """The heartbeat renews a lease a period (lease_s / 6) after its grant: a request the consumer
     got late in its lease (a slow client, a long trip) is renewed when it is tracked, not a period
-    later, when it may have expired. Leases of 60 s here: a period is 10 s."""
+    later, when it may have expired; the others wait for their own time. Leases of 60 s here: a
+    period is 10 s."""
     params = pair.hold([1], 8)
     leases = RecordingLeases(ClientCache(ClientConfig(insecure=True)))
     heartbeat = Heartbeat(leases)
@@ -159,6 +162,11 @@ def test_a_request_tracked_late_in_its_lease_is_renewed_at_once(pair):
         fresh = msgspec.structs.replace(params, request_id="a" * 32, lease_s=60.0, expires_unix_ms=now_ms + 60_000)
         heartbeat.track(fresh)
         assert not leases.renewed.wait(1.0), "a request granted just now was renewed before its period"
+        # another late arrival: renewed at once, alone (a round renews only what is due)
+        also_late = msgspec.structs.replace(late, request_id="b" * 32)
+        heartbeat.track(also_late)
+        assert leases.renewed.wait(5.0)
+        assert leases.asked[-1] == {also_late.request_id}
     finally:
         heartbeat.close()
         leases.clients.close()

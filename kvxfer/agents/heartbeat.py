@@ -74,22 +74,23 @@ class LeaseClient:
 class _Tracked:
     params: m.TransferParams
     expires_ms: int
-    due_ms: float  # when it is renewed next (unix ms): a period after its grant, then after each round
+    due: float  # when it is renewed next (monotonic s): a period after its grant, then after each round
     unknown: int = 0  # renewals in a row its producer did not know it (the first may beat `hold`)
     lost: bool = False
 
     @property
-    def period_ms(self) -> float:
-        return self.params.lease_s * 1e3 / BEATS_PER_LEASE
+    def period_s(self) -> float:
+        return self.params.lease_s / BEATS_PER_LEASE
 
 
 class Heartbeat:
     """Renews the lease of every tracked request, on a thread of its own, until it is untracked
     or its producer says it is gone: `lease_s / BEATS_PER_LEASE` after its grant, then every such
     period. A request that reaches the consumer late in its lease (it travelled slowly: a loaded
-    client, a long queue before the consumer) is renewed as soon as it is tracked. Each round
-    renews every request that would come due before the next one, so rounds come about once a
-    period however many requests are tracked."""
+    client, a long queue before the consumer) is renewed as soon as it is tracked. A round also
+    renews the requests due within half a period, so rounds come about once a period however
+    many requests are tracked. Only the first renewal reads the wall clock (the grant is the
+    producer's); the schedule after it is monotonic."""
 
     def __init__(self, leases: LeaseClient) -> None:
         self.leases = leases
@@ -105,9 +106,10 @@ class Heartbeat:
             return  # a lease that never expires needs no renewals
         with self._lock:
             if params.request_id not in self._tracked:
-                granted_ms = params.expires_unix_ms - params.lease_s * 1e3
                 tracked = _Tracked(params, params.expires_unix_ms, 0.0)
-                tracked.due_ms = granted_ms + tracked.period_ms
+                # its grant by the producer's clock: never later than a period from now (skew)
+                first_s = (params.expires_unix_ms - params.lease_s * 1e3) / 1e3 + tracked.period_s - time.time()
+                tracked.due = time.monotonic() + min(max(first_s, 0.0), tracked.period_s)
                 self._tracked[params.request_id] = tracked
         self._changed.set()
 
@@ -125,21 +127,20 @@ class Heartbeat:
 
     def beat(self) -> None:
         """One round of renewals of every tracked request now (tests call it)."""
-        self._round(due_by_ms=None)
+        self._round(every=True)
 
     def close(self) -> None:
         self._stop.set()
         self._changed.set()
         self._thread.join(5)
 
-    def _round(self, due_by_ms: float | None) -> None:
-        """Renew the live requests due by `due_by_ms` (every one: None), as one round."""
-        now_ms = time.time() * 1e3
+    def _round(self, *, every: bool = False) -> None:
+        """Renew the live requests due now or within half a period (`every`: all of them)."""
+        now = time.monotonic()
         with self._lock:
-            due = [t for t in self._tracked.values()
-                   if not t.lost and (due_by_ms is None or t.due_ms <= due_by_ms + t.period_ms)]
+            due = [t for t in self._tracked.values() if not t.lost and (every or t.due <= now + t.period_s / 2)]
             for t in due:  # answered or not, the next try is a period away
-                t.due_ms = now_ms + t.period_ms
+                t.due = now + t.period_s
         if not due:
             return
         renewal = self.leases.renew([t.params for t in due])
@@ -157,8 +158,8 @@ class Heartbeat:
     def _wait_s(self) -> float | None:
         """Seconds until the next request comes due (None: nothing to renew)."""
         with self._lock:
-            due = [t.due_ms for t in self._tracked.values() if not t.lost]
-        return max(0.0, (min(due) - time.time() * 1e3) / 1e3) if due else None
+            due = [t.due for t in self._tracked.values() if not t.lost]
+        return max(0.0, min(due) - time.monotonic()) if due else None
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -169,6 +170,6 @@ class Heartbeat:
                     self._changed.clear()
                     continue
             try:
-                self._round(due_by_ms=time.time() * 1e3)
+                self._round()
             except Exception:  # the heartbeat must outlive any one failure
                 log.exception("lease heartbeat failed")
