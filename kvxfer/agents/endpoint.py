@@ -36,7 +36,6 @@ from kvxfer.agents.staged_transfer import (
     StagingArea,
     StagingConfig,
     post_part,
-    release_when_settled,
     reserve,
     stage_part,
 )
@@ -119,6 +118,7 @@ class Endpoint:
                                       device_id(tensors[0]))
             self.peers = PeerTable(self.agent, self.region, self.mem, fallback=fallback)
             self.staging = StagingArea(self.agent, staging, tensors[0].device) if staging is not None else None
+            self._unsettled: list[tuple[Landing, Slot]] = []  # slots failed WRITEs may still read
         except BaseException:
             self.agent.close()
             raise
@@ -241,6 +241,7 @@ class Endpoint:
         if self.staging is None or remote is None:
             raise ConfigError(f"staged write to {leg.peer.engine_id}/{leg.peer.rank}: staging is off on "
                               f"{'this rank' if self.staging is None else 'the peer'}")
+        self._reclaim_slots()
         plan = self.peers.plan(leg.peer, leg.heads)
         part = self.staging.parts(_gather_key(leg), [plan], local_ids, num_tokens, self.tensors, to_slot=True)
         deadline = self.deadline.seconds(sum(part.sizes))
@@ -262,7 +263,10 @@ class Endpoint:
     @property
     def free_staging_slots(self) -> int:
         """Staging slots of ours free now (0 without staging)."""
-        return self.staging.pool.num_free if self.staging is not None and self.staging.pool is not None else 0
+        if self.staging is None or self.staging.pool is None:
+            return 0
+        self._reclaim_slots()
+        return self.staging.pool.num_free
 
     def unstage(self, staged: Staged) -> None:
         """A staged part that will not be posted: its slot back."""
@@ -293,11 +297,25 @@ class Endpoint:
         return time.perf_counter() - started if any(built) else 0.0
 
     def _free_slots(self, posted: Posted, landing: Landing | None) -> None:
-        """The slots `posted` read from, back to the pool: now, or once a failed transfer given up
-        while still running has ended."""
+        """The slots `posted` read from, back to the pool: now, or (a failed transfer given up
+        while still running) once it has ended, so a late read never sends another request's
+        bytes (`_reclaim_slots`)."""
         for slot in posted.slots:
-            release_when_settled(self.staging.pool, slot, landing,
-                                 after_s=self.deadline.seconds(posted.num_bytes))
+            if landing is None or landing.settled():
+                self.staging.pool.release(slot)
+            else:
+                self._unsettled.append((landing, slot))
+
+    def _reclaim_slots(self) -> None:
+        """Slots of failed WRITEs whose given-up transfers have ended, back to the pool (polled,
+        like every transfer, under the agent's lock: the callers hold it)."""
+        still = []
+        for landing, slot in self._unsettled:
+            if landing.settled():
+                self.staging.pool.release(slot)
+            else:
+                still.append((landing, slot))
+        self._unsettled = still
 
     def reserve(self, parts: Parts) -> Reservation | None:
         """A staging slot holding `parts` back to back, waiting for one up to the transfer

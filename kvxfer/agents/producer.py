@@ -47,6 +47,7 @@ from kvxfer.agents.sidechannel import PeerInfo, ServerConfig, SideChannelServer,
 from kvxfer.agents.staged_transfer import Staged
 from kvxfer.agents.wiring import wire_connection
 from kvxfer.errors import (
+    AllocationError,
     AuthError,
     KvxferError,
     LeaseError,
@@ -470,44 +471,57 @@ class Producer:
     def _push_staged(self, jobs: list[_Push]) -> None:
         """The queued staged pushes together: every part's gather enqueued before the first
         WRITE is posted, each WRITE posted once its own gather ended (so it runs while the next
-        gathers), then all waited for. Pushes for which no slot is free now wait in the queue
-        for the next round (back-pressure; a push past its deadline is refused there)."""
+        gathers), then all waited for. Pushes for which no slot is free once others are staged
+        wait in the queue for the next round (back-pressure; a push past its deadline is refused
+        there); with none staged, no free slot means failed WRITEs still hold them: refused."""
         if not jobs:
             return
         staged: list[tuple[_Push, Leg, Staged]] = []
+        posted: list[tuple[_Push, Posted]] = []
         failed: set[int] = set()
+
+        def fail(job: _Push, err: Exception) -> None:
+            if id(job) not in failed:
+                failed.add(id(job))
+                self._push_failed(job, _as_kvxfer_error(err, job))
+
         with self._nixl_lock:
-            for i, job in enumerate(jobs):
-                try:
-                    _check_in_time(job.ask)
-                    legs = self._staged_legs(job, self.endpoint.peers.admit(job.consumer.info))
-                    if staged and self.endpoint.free_staging_slots < len(legs):
-                        with self._lock:
-                            self._pushes.extendleft(reversed(jobs[i:]))
-                        break
-                    local = shaped_ids(self.endpoint.region.desc, job.held.block_ids, job.held.num_tokens)
-                    for leg, offset in legs:
-                        staged.append((job, leg, self.endpoint.stage_write(leg, local, job.held.num_tokens, offset)))
-                except KvxferError as err:
-                    failed.add(id(job))
-                    self._push_failed(job, err)
-            posted: list[tuple[_Push, Posted]] = []
-            for job, leg, part in staged:
-                if id(job) in failed:
+            try:
+                for i, job in enumerate(jobs):
+                    try:
+                        _check_in_time(job.ask)
+                        legs = self._staged_legs(job, self.endpoint.peers.admit(job.consumer.info))
+                        if self.endpoint.free_staging_slots < len(legs):
+                            if staged:
+                                with self._lock:
+                                    self._pushes.extendleft(reversed(jobs[i:]))
+                                break
+                            raise AllocationError(f"staged push of {job.ask.request_id[:8]}: no staging slot free on "
+                                                  f"rank {self.rank} (failed WRITEs still hold them)")
+                        local = shaped_ids(self.endpoint.region.desc, job.held.block_ids, job.held.num_tokens)
+                        for leg, offset in legs:
+                            staged.append((job, leg, self.endpoint.stage_write(leg, local, job.held.num_tokens,
+                                                                               offset)))
+                    except Exception as err:
+                        fail(job, err)
+                while staged:
+                    job, leg, part = staged.pop(0)
+                    if id(job) in failed:
+                        self.endpoint.unstage(part)
+                        continue
+                    try:
+                        posted.append((job, self.endpoint.post_staged(part, leg,
+                                                                      notif=self._pushed(job.ask.request_id))))
+                    except Exception as err:
+                        fail(job, err)
+            finally:  # whatever went wrong above: no slot kept, no posted WRITE left unfinished
+                for _, _, part in staged:
                     self.endpoint.unstage(part)
-                    continue
-                try:
-                    posted.append((job, self.endpoint.post_staged(part, leg, notif=self._pushed(job.ask.request_id))))
-                except KvxferError as err:
-                    failed.add(id(job))
-                    self._push_failed(job, err)
-            for job, xfer in posted:
-                try:
-                    self.endpoint.finish(xfer)
-                except KvxferError as err:
-                    if id(job) not in failed:
-                        failed.add(id(job))
-                        self._push_failed(job, err)
+                for job, xfer in posted:
+                    try:
+                        self.endpoint.finish(xfer)
+                    except Exception as err:
+                        fail(job, err)
 
     def _staged_legs(self, job: _Push, peer: Peer) -> list[tuple[Leg, int]]:
         """Our parts of a staged push: each source of the decode rank that is this rank, with the
@@ -575,6 +589,15 @@ class Producer:
         cutoff = time.monotonic() - EARLY_TTL_S
         for transfer_id in [t for t, (seen, _) in self._early.items() if seen < cutoff]:
             del self._early[transfer_id]
+
+
+def _as_kvxfer_error(err: Exception, job: _Push) -> KvxferError:
+    """A push's failure as the typed error its consumer is told; anything else is a bug, logged
+    with its traceback here and reported as a transfer failure."""
+    if isinstance(err, KvxferError):
+        return err
+    log.error("push of %s: unexpected %s", job.ask.request_id[:8], type(err).__name__, exc_info=err)
+    return KvxferError(f"push of {job.ask.request_id[:8]} failed: {type(err).__name__}: {err}")
 
 
 def _check_in_time(ask: m.WriteRequest) -> None:

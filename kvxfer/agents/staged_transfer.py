@@ -28,7 +28,7 @@ from kvxfer.agents import unit_copy
 from kvxfer.agents.nixl_agent import NixlAgent, Op, Transfer, device_id
 from kvxfer.agents.staging import Gather, Slot, StagingPool
 from kvxfer.agents.unit_copy import UnitCopier
-from kvxfer.errors import ConfigError, Landing, PlanError
+from kvxfer.errors import ConfigError, PlanError
 from kvxfer.planning import PairPlan, layer_offsets
 
 log = logging.getLogger(__name__)
@@ -139,14 +139,23 @@ class StagingArea:
         if max_tokens > 0 and unit_copy.can_share(plans, 0, max_tokens):
             log.info("staging: unit copier for %s (%d part(s), up to %d tokens)", key, len(plans), max_tokens)
             try:
-                copier = UnitCopier(plans, 0, tensors, self.pool.buffer.view(-1), max_tokens=max_tokens,
-                                    to_slot=to_slot)
+                with self.on_stream():  # its buffers' uploads and first run, where its copies will run
+                    copier = UnitCopier(plans, 0, tensors, self.pool.buffer.view(-1), max_tokens=max_tokens,
+                                        to_slot=to_slot)
+                self._drain()
             except Exception:  # Triton cannot compile here (no compiler in the image, ...): torch still can
                 log.warning("staging: no unit copier for %s; copying with torch indexing", key, exc_info=True)
         self._copiers[key] = copier
-        while len(self._copiers) > MAX_COPIERS:
-            self._copiers.popitem(last=False)
+        if len(self._copiers) > MAX_COPIERS:
+            self._drain()  # no queued copy still uses the copiers' buffers
+            while len(self._copiers) > MAX_COPIERS:
+                self._copiers.popitem(last=False)
         return copier
+
+    def _drain(self) -> None:
+        """Wait for every copy queued on this area's stream."""
+        if self.stream is not None:
+            self.stream.synchronize()
 
 
 @dataclass(frozen=True)
@@ -238,18 +247,6 @@ def post_part(agent: NixlAgent, staged: Staged, *, peer_agent: str, local_mem: m
     target = np.array([[staged.remote_addr, staged.num_bytes, staged.remote.device_id]], dtype=np.uint64)
     return agent.post_spans(Op.WRITE, local, target, peer=peer_agent, local_mem=local_mem,
                             remote_mem=staged.remote.memory, notif=notif)
-
-
-def release_when_settled(pool: StagingPool, slot: Slot, landing: Landing | None, *, after_s: float) -> None:
-    """Give back the slot of a WRITE that failed: at once if nothing still reads it, else once
-    its given-up transfer has ended (checked every `after_s`), so a late read never sends
-    another request's bytes."""
-    if landing is None or landing.settled():
-        pool.release(slot)
-        return
-    timer = threading.Timer(after_s, release_when_settled, args=(pool, slot, landing), kwargs={"after_s": after_s})
-    timer.daemon = True
-    timer.start()
 
 
 @dataclass

@@ -112,8 +112,12 @@ def fill_prefill(cfg: BenchConfig, cache: RankCache) -> None:
 
 
 def scramble(cache: RankCache) -> None:
+    """Overwrite the whole cache, and wait for it: transfers and the staged scatter run on
+    streams of their own, which nothing orders after this fill."""
     for t in cache.tensors:
         t.view(torch.uint8).fill_(SCRAMBLE_BYTE)
+    if cache.tensors and cache.tensors[0].is_cuda:
+        torch.cuda.synchronize(cache.tensors[0].device)
 
 
 def verify(cfg: BenchConfig, cache: RankCache) -> tuple[bool, str, int]:

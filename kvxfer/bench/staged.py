@@ -51,14 +51,27 @@ def send(endpoint: Endpoint, mapping: TPMapping, rank: int, legs: dict[int, Leg]
     reserved offset; every gather enqueued first, each WRITE posted once its gather ended, then
     all waited for. Returns the bytes."""
     parts = []
-    for decode_rank, leg in legs.items():
-        sources = mapping.sources_of(decode_rank)
-        for source, offset in zip(sources, offsets[decode_rank], strict=True):
-            if source.prefill_rank == rank:
-                part = Leg(leg.peer, source.heads, leg.remote_ids)
-                parts.append((part, endpoint.stage_write(part, local_ids, num_tokens, offset)))
-    posted = [endpoint.post_staged(staged, part, notif=notif) for part, staged in parts]
-    return sum(endpoint.finish(p).num_bytes for p in posted)
+    try:
+        for decode_rank, leg in legs.items():
+            sources = mapping.sources_of(decode_rank)
+            for source, offset in zip(sources, offsets[decode_rank], strict=True):
+                if source.prefill_rank == rank:
+                    part = Leg(leg.peer, source.heads, leg.remote_ids)
+                    parts.append((part, endpoint.stage_write(part, local_ids, num_tokens, offset)))
+    except BaseException:
+        for _, staged in parts:
+            endpoint.unstage(staged)
+        raise
+    posted = []
+    try:
+        while parts:
+            part, staged = parts.pop(0)
+            posted.append(endpoint.post_staged(staged, part, notif=notif))
+    finally:  # a refused post: the parts not posted give their slots back, the posted ones end
+        for _, staged in parts:
+            endpoint.unstage(staged)
+        num_bytes = sum(endpoint.finish(p).num_bytes for p in posted)
+    return num_bytes
 
 
 def receive(endpoint: Endpoint, reservation: Reservation, num_sources: int) -> int:
