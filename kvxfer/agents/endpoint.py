@@ -232,11 +232,10 @@ class Endpoint:
 
     # ---- staged (gather, one descriptor, scatter) ------------------------------------------------
 
-    def stage_write(self, leg: Leg, local_ids: np.ndarray, num_tokens: int, remote_offset: int, *,
-                    wait_s: float | None = None) -> Staged:
+    def stage_write(self, leg: Leg, local_ids: np.ndarray, num_tokens: int, remote_offset: int) -> Staged:
         """Our part of `leg` gathered into a slot of ours (enqueued: `post_staged` waits for it),
         bound for `remote_offset` in the peer's slots area (refused if it reaches outside). Waits
-        up to `wait_s` (default: the transfer's deadline) for a free slot."""
+        up to the transfer's deadline for a free slot."""
         remote = leg.peer.info.staging
         if self.staging is None or remote is None:
             raise ConfigError(f"staged write to {leg.peer.engine_id}/{leg.peer.rank}: staging is off on "
@@ -244,9 +243,8 @@ class Endpoint:
         self._reclaim_slots()
         plan = self.peers.plan(leg.peer, leg.heads)
         part = self.staging.parts(_gather_key(leg), [plan], local_ids, num_tokens, self.tensors, to_slot=True)
-        deadline = self.deadline.seconds(sum(part.sizes))
         return stage_part(self.staging, part, remote=remote, remote_offset=remote_offset,
-                          wait_s=deadline if wait_s is None else wait_s)
+                          wait_s=self.deadline.seconds(sum(part.sizes)))
 
     def post_staged(self, staged: Staged, leg: Leg, *, notif: bytes) -> Posted:
         """WRITE a staged part with one descriptor once its gather ended (`landed`, `finish`:

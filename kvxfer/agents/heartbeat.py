@@ -80,7 +80,11 @@ class _Tracked:
 
     @property
     def period_s(self) -> float:
-        return self.params.lease_s / BEATS_PER_LEASE
+        return _period_s(self.params)
+
+
+def _period_s(params: m.TransferParams) -> float:
+    return params.lease_s / BEATS_PER_LEASE
 
 
 class Heartbeat:
@@ -106,11 +110,11 @@ class Heartbeat:
             return  # a lease that never expires needs no renewals
         with self._lock:
             if params.request_id not in self._tracked:
-                tracked = _Tracked(params, params.expires_unix_ms, 0.0)
-                # its grant by the producer's clock: never later than a period from now (skew)
-                first_s = (params.expires_unix_ms - params.lease_s * 1e3) / 1e3 + tracked.period_s - time.time()
-                tracked.due = time.monotonic() + min(max(first_s, 0.0), tracked.period_s)
-                self._tracked[params.request_id] = tracked
+                period_s = _period_s(params)
+                # a period after its grant by the producer's clock, never more than a period from now (skew)
+                first_s = (params.expires_unix_ms - params.lease_s * 1e3) / 1e3 + period_s - time.time()
+                due = time.monotonic() + min(max(first_s, 0.0), period_s)
+                self._tracked[params.request_id] = _Tracked(params, params.expires_unix_ms, due)
         self._changed.set()
 
     def untrack(self, transfer_id: str) -> None:
