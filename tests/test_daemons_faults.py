@@ -238,10 +238,12 @@ def test_a_request_that_finds_no_free_staging_slot_moves_directly(tmp_path, want
     """Back-pressure, then the direct path: the decode service's only staging slot is held back
     after a failed staged request (a producer rank frozen past the deadline), so the next request
     waits for a slot up to its deadline, gives up on staging and moves its KV directly: a right
-    answer, reported as direct, and the slot comes back once no late write can land in it."""
+    answer, reported as direct, and the slot comes back once no late write can land in it.
+    `--transfer-path staged`: every request asks for a slot (with `auto` the cost model may
+    choose direct for the second request, having seen the first)."""
     staging = ("--staging-mib", "8", "--staging-slots", "1", *FAST)
     with LocalCluster(tmp_path, [ServiceSpec("prefill", 2, extra=staging)],
-                      [ServiceSpec("decode", 1, extra=(*staging, "--transfer-path", "auto"))],
+                      [ServiceSpec("decode", 1, extra=(*staging, "--transfer-path", "staged"))],
                       preset="tiny", mode="write", log_level="INFO") as cluster, httpx.Client(timeout=60) as client:
         decode = cluster.by_name("decode0").url
         first = decode_with(client, cluster, prefill_only(client, cluster))  # handshakes now cached

@@ -4,7 +4,8 @@ One chooser per consumer, driven by the daemons' decode service (rank 0 decides 
 rank: they are alike) and by each vLLM consumer worker (each decides for itself). Per producer
 (engine, boot epoch) it calibrates the cost model once (kvxfer.planning.cost, probes through the
 staging areas, kvxfer.agents.calibrate); per request it picks the cheapest of what the settings
-allow. Without calibration (staging off on a side, or the probes failed) a rule decides: push into
+allow, each estimate corrected by what that path's recent requests took (`observe`: the host
+work per request no probe measures). Without calibration (staging off on a side, or the probes failed) a rule decides: push into
 GPU memory (a pull over CUDA IPC falls back to a slow path), pull from host memory.
 """
 
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from kvxfer.agents.messages import MemoryKind, Mode, TransferParams
 from kvxfer.errors import KvxferError
-from kvxfer.planning.cost import Choice, FabricCosts, Path, choose
+from kvxfer.planning.cost import Choice, Excess, FabricCosts, Path, choose
 
 if TYPE_CHECKING:  # the settings import the choices without NIXL
     from kvxfer.agents.consumer import Consumer
@@ -45,6 +46,19 @@ class TransferPathChoice(str, Enum):
     STAGED = "staged"  # gather, one descriptor, scatter (a WRITE; needs staging slots on both sides)
 
 
+SHAPES_MAX = 4096  # request lengths remembered per chooser (then forgotten all at once)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the choice needs of a request, fixed by its producer's pairing and its length:
+    worked out once per length, not on every request's path."""
+
+    num_bytes: int  # every rank of this choice receives
+    descriptors: int  # a direct transfer posts, every rank
+    fits_slot: bool  # staging is on at both sides and each rank's share fits a slot
+
+
 @dataclass(frozen=True)
 class TransferPlan:
     mode: Mode
@@ -64,6 +78,8 @@ class TransferChooser:
         self.path = path
         self.ranks = ranks  # consumer ranks this choice is made for (alike: bytes and descriptors scale)
         self._costs: dict[tuple[str, int], FabricCosts | None] = {}  # per producer (engine, epoch)
+        self._excess: dict[tuple[str, int], Excess] = {}  # likewise: what requests took beyond the model
+        self._shapes: dict[tuple[str, int, int], _Shape] = {}  # (engine, epoch, tokens)
         self._announced: dict[tuple[str, int], tuple[Mode, Path]] = {}
 
     def plan(self, params: TransferParams) -> TransferPlan:
@@ -71,7 +87,8 @@ class TransferChooser:
         if self.mode is ModeChoice.READ:
             return TransferPlan(Mode.READ, Path.DIRECT, "mode read")
         costs = self.costs(params)
-        stage = self.path is not TransferPathChoice.DIRECT and self.can_stage(params)
+        shape = self._shape(params)
+        stage = self.path is not TransferPathChoice.DIRECT and shape.fits_slot
         if self.path is TransferPathChoice.STAGED:
             return self._announce(params, TransferPlan(Mode.WRITE, Path.STAGED if stage else Path.DIRECT,
                                                        "transfer path staged" + ("" if stage else " (does not fit "
@@ -84,8 +101,8 @@ class TransferChooser:
         allowed = [(Path.DIRECT, True)] + ([(Path.STAGED, True)] if stage else [])
         if self.mode is ModeChoice.AUTO:
             allowed.append((Path.DIRECT, False))
-        choice = choose(costs, num_bytes=self.consumer.expected_bytes(params, params.num_tokens) * self.ranks,
-                        descriptors=self.direct_descriptors(params), allowed=tuple(allowed))
+        choice = choose(costs, num_bytes=shape.num_bytes, descriptors=shape.descriptors, allowed=tuple(allowed),
+                        excess=self._excess.setdefault((params.engine_id, params.boot_epoch), Excess()))
         best = choice.best
         return self._announce(params, TransferPlan(Mode.WRITE if best.write else Mode.READ, best.path,
                                                    f"cost model: {choice.describe()}", choice))
@@ -101,8 +118,32 @@ class TransferChooser:
                 log.warning("calibration against %s failed, choosing transfers by rule: %s", params.engine_id, err)
                 costs = None
             self._costs = {k: v for k, v in self._costs.items() if k[0] != params.engine_id}  # old epochs
+            self._excess = {k: v for k, v in self._excess.items() if k[0] != params.engine_id}
+            self._shapes = {k: v for k, v in self._shapes.items() if k[0] != params.engine_id}
             self._costs[key] = costs
         return self._costs[key]
+
+    def observe(self, params: TransferParams, plan: TransferPlan, *, staged: bool, seconds: float) -> None:
+        """A request `plan` moved (`staged`: on the staged path, which a request that found no
+        slot free leaves) took `seconds`: what later choices add to that path's estimate."""
+        excess = self._excess.get((params.engine_id, params.boot_epoch))
+        if plan.choice is None or excess is None:
+            return  # not the cost model's choice: a setting or the rule decided, nothing to correct
+        path, write = Path.STAGED if staged else Path.DIRECT, plan.mode is Mode.WRITE
+        modeled = next((c for c in plan.choice.candidates if (c.path, c.write) == (path, write)), None)
+        if modeled is not None:
+            excess.observe(path, write, modeled_s=modeled.modeled_s, seconds=seconds)
+
+    def _shape(self, params: TransferParams) -> _Shape:
+        key = (params.engine_id, params.boot_epoch, params.num_tokens)
+        shape = self._shapes.get(key)
+        if shape is None:
+            if len(self._shapes) >= SHAPES_MAX:
+                self._shapes.clear()
+            shape = self._shapes[key] = _Shape(
+                self.consumer.expected_bytes(params, params.num_tokens) * self.ranks,
+                self.direct_descriptors(params), self.can_stage(params))
+        return shape
 
     def direct_descriptors(self, params: TransferParams) -> int:
         """Descriptors a direct transfer of the request posts, all `ranks` consumer ranks."""

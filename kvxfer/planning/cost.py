@@ -6,12 +6,15 @@ Pure arithmetic over numbers calibrated on the actual fabric (`FabricCosts`, mea
 or handshake by the agents layer). On one GPU node descriptors dominate (about 6 us each against
 a copy of ~1 TB/s), so staging wins by orders of magnitude; on a CPU-only machine the copy is the
 bottleneck and the extra gather and scatter make staging lose. The choice and its inputs are
-returned together so callers can log and export them.
+returned together so callers can log and export them. What the probes cannot see (each path's
+per-request host work) is learnt from the requests themselves (`Excess`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import statistics
+from collections import deque
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from kvxfer.errors import ConfigError
@@ -42,7 +45,53 @@ class FabricCosts:
 class Estimate:
     path: Path
     write: bool
-    seconds: float
+    seconds: float  # what the choice compares: the model's figure plus `excess_s`
+    excess_s: float = 0.0  # what this path's recent requests took beyond the model (`Excess`)
+
+    @property
+    def modeled_s(self) -> float:
+        return self.seconds - self.excess_s
+
+
+@dataclass
+class Excess:
+    """What requests took beyond the model's estimate, per (path, direction): the per-request
+    host work calibration's probes do not see (a staged copy's id upload, kernel launch and
+    event waits on both sides; a direct transfer's descriptor indexing), which on one GPU can
+    outweigh the descriptors staging saves. The median of a path's latest `window` requests is
+    added to its estimate, so a path the model favours but that runs slower gives way after one
+    request. A path not seen yet is estimated by the model alone, which is optimistic (every
+    request's excess also holds what all paths share: the engine's command, the decode ranks'
+    checks): it is tried once, then compared by what it took. A path not taken for
+    `forget_after` requests is forgotten so, and tried once again: what made it slow may have
+    passed."""
+
+    window: int = 8
+    forget_after: int = 256
+    _seen: dict[tuple[Path, bool], deque[float]] = field(default_factory=dict)
+    _last: dict[tuple[Path, bool], int] = field(default_factory=dict)
+    _count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.forget_after < 1:
+            raise ConfigError(f"Excess: window={self.window} and forget_after={self.forget_after} must be positive")
+
+    def observe(self, path: Path, write: bool, *, modeled_s: float, seconds: float) -> None:
+        """One request moved on (`path`, `write`) in `seconds`, where the model said `modeled_s`."""
+        self._count += 1
+        for stale in [k for k, last in self._last.items() if self._count - last > self.forget_after]:
+            del self._seen[stale], self._last[stale]
+        key = (path, write)
+        self._seen.setdefault(key, deque(maxlen=self.window)).append(seconds - modeled_s)
+        self._last[key] = self._count
+
+    def of(self, path: Path, write: bool) -> float:
+        """The excess to add to (`path`, `write`)'s estimate (0 when none was seen lately)."""
+        key = (path, write)
+        seen = self._seen.get(key)
+        if not seen or self._count - self._last[key] >= self.forget_after:
+            return 0.0
+        return statistics.median(seen)
 
 
 @dataclass(frozen=True)
@@ -56,6 +105,7 @@ class Choice:
 
     def describe(self) -> str:
         parts = ", ".join(f"{c.path.value}/{'write' if c.write else 'read'} {c.seconds * 1e3:.3f} ms"
+                          + (f" ({c.excess_s * 1e3:+.3f} observed)" if c.excess_s else "")
                           for c in self.candidates)
         return (f"{self.best.path.value} {'write' if self.best.write else 'read'} for "
                 f"{self.num_bytes} bytes in {self.direct_descriptors} direct descriptors ({parts})")
@@ -67,8 +117,9 @@ def estimate(costs: FabricCosts, *, num_bytes: int, descriptors: int, path: Path
     wire = num_bytes / bandwidth
     if path is Path.DIRECT:
         seconds = costs.per_transfer_s + descriptors * costs.per_descriptor_s + wire
-    else:  # gather on the sender, one (or a few) descriptors, scatter on the receiver
-        seconds = (costs.per_transfer_s + staged_descriptors * costs.per_descriptor_s + wire
+    else:  # gather on the sender, one (or a few) descriptors, scatter on the receiver; each copy
+        # is issued and waited for as a transfer is (its fixed cost), then moves every byte
+        seconds = (3 * costs.per_transfer_s + staged_descriptors * costs.per_descriptor_s + wire
                    + 2 * num_bytes / costs.copy_bytes_per_s)
     return Estimate(path, write, seconds)
 
@@ -76,15 +127,25 @@ def estimate(costs: FabricCosts, *, num_bytes: int, descriptors: int, path: Path
 def choose(costs: FabricCosts, *, num_bytes: int, descriptors: int,
            paths: tuple[Path, ...] = (Path.DIRECT, Path.STAGED),
            writes: tuple[bool, ...] = (False, True),
-           allowed: tuple[tuple[Path, bool], ...] | None = None) -> Choice:
+           allowed: tuple[tuple[Path, bool], ...] | None = None,
+           excess: Excess | None = None) -> Choice:
     """The cheapest (path, direction) among those allowed: every (path, write) of `paths` x
-    `writes`, or exactly the pairs in `allowed` (say, no staged READ)."""
+    `writes`, or exactly the pairs in `allowed` (say, no staged READ); with `excess`, each
+    estimate plus what its path's recent requests took beyond the model."""
     if num_bytes < 0 or descriptors < 0:
         raise ConfigError(f"choose: num_bytes={num_bytes} and descriptors={descriptors} must not be negative")
     pairs = allowed if allowed is not None else tuple((p, w) for p in paths for w in writes)
     if not pairs:
         raise ConfigError("choose: no path or no direction allowed")
-    candidates = tuple(estimate(costs, num_bytes=num_bytes, descriptors=descriptors, path=p, write=w)
-                       for p, w in pairs)
+    candidates = tuple(_with_excess(estimate(costs, num_bytes=num_bytes, descriptors=descriptors, path=p, write=w),
+                                    excess) for p, w in pairs)
     best = min(candidates, key=lambda e: e.seconds)
     return Choice(best, candidates, num_bytes, descriptors)
+
+
+def _with_excess(modeled: Estimate, excess: Excess | None) -> Estimate:
+    extra = excess.of(modeled.path, modeled.write) if excess is not None else 0.0
+    if not extra:
+        return modeled
+    seconds = max(modeled.seconds + extra, 0.0)
+    return Estimate(modeled.path, modeled.write, seconds, seconds - modeled.seconds)
