@@ -11,12 +11,12 @@ reports the request as finished sending). In WRITE mode a consumer rank asks thi
 (`WriteRequest`); the push never waits behind the driver's compute, and its notification
 (`PUSHED`) tells the consumer rank when the bytes landed or why they did not.
 
-Threads: the side-channel server's thread runs `handle`, and in it the direct pushes from a CPU
-cache it admits, before it answers (no hand-off to another thread on the request's path; the consumer rank waits
+Threads: the side-channel server's thread runs `handle`, and in it the direct pushes it admits,
+before it answers (no hand-off to another thread on the request's path; the consumer rank waits
 for the push's notification, not for the answer; a push still running after `INLINE_PUSH_S` is
 left to this role's thread, so the server never waits behind a slow consumer). This role's
-thread runs `poll` (notifications, staged pushes and a GPU cache's, pushes asked for before `hold`,
-pushes left to finish); the driver's thread calls `hold`. `_lock` guards the state they share; the NIXL lock is
+thread runs `poll` (notifications, staged pushes, pushes asked for before `hold`, pushes left to
+finish); the driver's thread calls `hold`. `_lock` guards the state they share; the NIXL lock is
 the driver's, shared with anything else using the agent.
 """
 
@@ -126,10 +126,10 @@ class Producer:
         # their parameters: without CURVE always; with it only where the server admits any key.
         self._grant_unbound = grant_unbound
         self._nixl_lock = nixl_lock
-        # A GPU cache's pushes (staged or direct) run on this role's thread, which made the cache's
-        # device current: NIXL's CUDA transports copy in the calling thread's CUDA context, and
-        # the server thread has none.
-        self._on_gpu = endpoint.tensors[0].device.type == "cuda"
+        # NIXL's CUDA transports copy in the calling thread's CUDA context: a thread makes the
+        # cache's device current before its first push (`_device_current`).
+        self._device = endpoint.tensors[0].device
+        self._current = threading.local()
         self._inbox = Inbox(endpoint.agent, lock=nixl_lock, metrics=metrics)
         self._lock = threading.Lock()
         self._held: dict[str, _Lease] = {}
@@ -279,7 +279,7 @@ class Producer:
                     self._file_early(msg.request_id, (peer, msg))
                     return
                 push = self._admit_push_locked(peer, msg, lease.held)
-                inline = now and msg.staging_offsets is None and not self._on_gpu
+                inline = now and msg.staging_offsets is None
                 (self._pushes_now if inline else self._pushes).append(push)
         except KvxferError as err:  # the reply carries it; the log and metric say it here too
             log.warning("push of %s to %s rank %d refused: %s", msg.request_id[:8], msg.decode_engine_id,
@@ -313,10 +313,14 @@ class Producer:
 
     # -- this role's thread -------------------------------------------------------------------------
 
+    def _device_current(self) -> None:
+        """The cache's device current in this thread, once per thread (it is per thread)."""
+        if self._device.type == "cuda" and not getattr(self._current, "set", False):
+            torch.cuda.set_device(self._device)
+            self._current.set = True
+
     def _run(self) -> None:
-        device = self.endpoint.tensors[0].device
-        if device.type == "cuda":  # the current device is per thread: pushes gather on the cache's
-            torch.cuda.set_device(device)
+        self._device_current()  # pushes gather on the cache's device
         while not self._stop.is_set():
             try:
                 busy = self.poll()
@@ -392,6 +396,8 @@ class Producer:
 
     def _push_now(self) -> None:
         """The server thread: the direct pushes it just admitted."""
+        if self._pushes_now:
+            self._device_current()
         while self._pushes_now:
             self._push(self._pushes_now.popleft(), inline=True)
 
