@@ -5,8 +5,9 @@ rank: they are alike) and by each vLLM consumer worker (each decides for itself)
 (engine, boot epoch) it calibrates the cost model once (kvxfer.planning.cost, probes through the
 staging areas, kvxfer.agents.calibrate); per request it picks the cheapest of what the settings
 allow, each estimate corrected by what that path's recent requests took (`observe`: the host
-work per request no probe measures). Without calibration (staging off on a side, or the probes failed) a rule decides: push into
-GPU memory (a pull over CUDA IPC falls back to a slow path), pull from host memory.
+work per request no probe measures). Without calibration (staging off on a side, or the probes
+failed) a rule decides: push into GPU memory (a pull over CUDA IPC falls back to a slow path),
+pull from host memory.
 """
 
 from __future__ import annotations

@@ -273,8 +273,6 @@ class WorkerSide:
             self._failed(job, consumer, err, push_until=not_after + push_s if direct_push else 0.0)
             return
         summary = loaded.summary
-        with self._choosing:
-            self._chooser.observe(job.params, plan, staged=loaded.staged, seconds=summary.seconds)
         log.info("kvxfer loaded request=%s from %s: %d tokens, %d bytes, %d descriptors, %.1f ms (%s)",
                  job.req_id, ",".join(summary.peers), job.num_tokens, summary.num_bytes,
                  summary.num_descriptors, summary.seconds * 1e3, summary.mode.value)
@@ -282,6 +280,8 @@ class WorkerSide:
             self._stats.record_load(num_bytes=summary.num_bytes, num_descriptors=summary.num_descriptors,
                                     seconds=summary.seconds)
             self._results.recving.add(job.req_id)
+        with self._choosing:  # after vLLM can see the load: another load may be calibrating
+            self._chooser.observe(job.params, plan, staged=loaded.staged, seconds=summary.seconds)
         consumer.idle()  # its confirmations leave now, after vLLM can see the load
 
     def _plan(self, job: LoadJob) -> TransferPlan:
