@@ -113,7 +113,10 @@ def test_waiting_for_a_silent_peer_times_out(pair):
         (np.array([], dtype=np.int32), np.array([], dtype=np.int32), "non-empty"),
     ],
 )
-def test_bad_indices_are_refused_before_nixl(pair, local_idx, remote_idx, match):
+def test_bad_indices_are_refused_and_named(pair, local_idx, remote_idx, match):
+    """Out-of-range indices are NIXL's to refuse (it checks every one as it makes the transfer,
+    so requests do not pay for the check twice); the error then names the index and the list's
+    range. Shapes and counts are refused before NIXL is asked."""
     a, _, ta, tb, _ = pair
     local = a.prepare(_rows(ta), mem=MemoryKind.DRAM)
     remote = a.prepare(_rows(tb), mem=MemoryKind.DRAM, peer="test-b")

@@ -158,10 +158,15 @@ class DescList:
     peer: str
     mem: MemoryKind
     lengths: np.ndarray  # [N] uint64: bytes of each row, for counting what a request moves
+    row_bytes: int = 0  # every row's length when they are all alike (a plan's units), else 0
 
     @property
     def num_rows(self) -> int:
         return int(self.lengths.size)
+
+    def bytes_of(self, idx: np.ndarray) -> int:
+        """Bytes the rows `idx` (in range) hold: one multiply when the rows are alike."""
+        return idx.size * self.row_bytes if self.row_bytes else int(self.lengths[idx].sum())
 
 
 class Transfer:
@@ -352,7 +357,9 @@ class NixlAgent:
         with nixl_errors("prepare descriptor list", peer):
             handle = self._raw.prep_xfer_dlist(peer or _LOCAL, spans, mem.value)
         self._stack.callback(handle.release)
-        return DescList(handle, peer, mem, spans[:, 1].copy())
+        lengths = spans[:, 1].copy()
+        alike = lengths.size > 0 and bool((lengths == lengths[0]).all())
+        return DescList(handle, peer, mem, lengths, int(lengths[0]) if alike else 0)
 
     def release_list(self, dlist: DescList) -> None:
         """Release a prepared list now (e.g. its peer restarted); `close` skips it later."""
@@ -371,15 +378,19 @@ class NixlAgent:
         """`post` without the post (`start` it, or `release` it unposted)."""
         if remote.peer == "" or local.peer != "":
             raise ConfigError("post: `local` must be a local list and `remote` a peer's list")
-        local_idx = _as_indices(local_idx, local, "local")
-        remote_idx = _as_indices(remote_idx, remote, "remote")
+        local_idx = _as_indices(local_idx, "local")
+        remote_idx = _as_indices(remote_idx, "remote")
         if local_idx.size != remote_idx.size:
             raise ConfigError(f"post: {local_idx.size} local indices but {remote_idx.size} remote")
-        num_bytes = int(local.lengths[local_idx].sum())
-        with nixl_errors(f"make {op.value}", remote.peer):
-            handle = self._raw.make_prepped_xfer(op.value, local.handle, local_idx, remote.handle,
-                                                remote_idx, notif)
-        return Transfer(self, handle, peer=remote.peer, op=op, num_bytes=num_bytes,
+        try:
+            with nixl_errors(f"make {op.value}", remote.peer):
+                handle = self._raw.make_prepped_xfer(op.value, local.handle, local_idx, remote.handle,
+                                                    remote_idx, notif)
+        except TransferError:  # NIXL refuses an index outside its list (checked there, not twice
+            _check_in_range(local_idx, local, "local")  # on every request): name it
+            _check_in_range(remote_idx, remote, "remote")
+            raise
+        return Transfer(self, handle, peer=remote.peer, op=op, num_bytes=local.bytes_of(local_idx),
                         num_descriptors=int(local_idx.size))
 
     def post_spans(self, op: Op, local: np.ndarray, remote: np.ndarray, *, peer: str,
@@ -531,11 +542,14 @@ def _as_spans(spans: np.ndarray, who: str) -> np.ndarray:
     return spans
 
 
-def _as_indices(idx: np.ndarray, dlist: DescList, who: str) -> np.ndarray:
+def _as_indices(idx: np.ndarray, who: str) -> np.ndarray:
     idx = np.ascontiguousarray(idx, dtype=np.int32)
     if idx.ndim != 1 or idx.size == 0:
         raise ConfigError(f"post: {who} indices must be a non-empty 1-d array, got shape {idx.shape}")
+    return idx
+
+
+def _check_in_range(idx: np.ndarray, dlist: DescList, who: str) -> None:
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= dlist.num_rows:
         raise ConfigError(f"post: {who} index {lo if lo < 0 else hi} outside [0, {dlist.num_rows})")
-    return idx
