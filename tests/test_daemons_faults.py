@@ -239,8 +239,8 @@ def test_a_request_that_finds_no_free_staging_slot_moves_directly(tmp_path, want
     after a failed staged request (a producer rank frozen past the deadline), so the next request
     waits for a slot up to its deadline, gives up on staging and moves its KV directly: a right
     answer, reported as direct, and the slot comes back once no late write can land in it.
-    `--transfer-path staged`: every request asks for a slot (with `auto` the cost model may
-    choose direct for the second request, having seen the first)."""
+    `--transfer-path staged`: every request asks for a slot (with `auto` the cost model learns
+    from the request that waited for a slot what staging cost it, and moves the next directly)."""
     staging = ("--staging-mib", "8", "--staging-slots", "1", *FAST)
     with LocalCluster(tmp_path, [ServiceSpec("prefill", 2, extra=staging)],
                       [ServiceSpec("decode", 1, extra=(*staging, "--transfer-path", "staged"))],

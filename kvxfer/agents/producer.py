@@ -173,6 +173,13 @@ class Producer:
         if self._thread is not None:
             self._thread.join(10)
 
+    def _device_current(self) -> None:
+        """The cache's device current in this thread, once per thread (it is per thread): the
+        role's thread and the side-channel thread both push."""
+        if self._device.type == "cuda" and not getattr(self._current, "set", False):
+            torch.cuda.set_device(self._device)
+            self._current.set = True
+
     # -- the driver's thread ------------------------------------------------------------------------
 
     def hold(self, held: Held) -> int:
@@ -312,12 +319,6 @@ class Producer:
         return _Push(held, msg, consumer)
 
     # -- this role's thread -------------------------------------------------------------------------
-
-    def _device_current(self) -> None:
-        """The cache's device current in this thread, once per thread (it is per thread)."""
-        if self._device.type == "cuda" and not getattr(self._current, "set", False):
-            torch.cuda.set_device(self._device)
-            self._current.set = True
 
     def _run(self) -> None:
         self._device_current()  # pushes gather on the cache's device

@@ -124,16 +124,15 @@ class TransferChooser:
             self._costs[key] = costs
         return self._costs[key]
 
-    def observe(self, params: TransferParams, plan: TransferPlan, *, staged: bool, seconds: float) -> None:
-        """A request `plan` moved (`staged`: on the staged path, which a request that found no
-        slot free leaves) took `seconds`: what later choices add to that path's estimate."""
+    def observe(self, params: TransferParams, plan: TransferPlan, seconds: float) -> None:
+        """A request moved by `plan` took `seconds`: what later choices add to its path's
+        estimate. A staged request that found no slot free and moved directly counts for the
+        staged path: its wait for a slot is what choosing staging cost."""
         excess = self._excess.get((params.engine_id, params.boot_epoch))
         if plan.choice is None or excess is None:
             return  # not the cost model's choice: a setting or the rule decided, nothing to correct
-        path, write = Path.STAGED if staged else Path.DIRECT, plan.mode is Mode.WRITE
-        modeled = next((c for c in plan.choice.candidates if (c.path, c.write) == (path, write)), None)
-        if modeled is not None:
-            excess.observe(path, write, modeled_s=modeled.modeled_s, seconds=seconds)
+        best = plan.choice.best
+        excess.observe(best.path, best.write, modeled_s=best.modeled_s, seconds=seconds)
 
     def _shape(self, params: TransferParams) -> _Shape:
         key = (params.engine_id, params.boot_epoch, params.num_tokens)

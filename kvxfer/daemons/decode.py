@@ -124,7 +124,7 @@ class DecodeService(Service):
         num_bytes = sum(r.num_bytes for r in replies)
         descriptors = sum(r.num_descriptors for r in replies)
         path = Path.STAGED if replies and all(r.staged for r in replies) else Path.DIRECT
-        self.chooser.observe(params, plan, staged=path is Path.STAGED, seconds=seconds)
+        self.chooser.observe(params, plan, seconds)
         if plan.path is Path.STAGED and path is Path.DIRECT:
             log.info("request %s: moved directly (no staging slot on every rank)", params.request_id[:8])
         self.metrics.request_bytes.inc(num_bytes)

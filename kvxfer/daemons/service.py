@@ -67,7 +67,8 @@ class ServiceMetrics:
         self.transfer_path = Counter("kvxfer_transfer_path", "Requests by how their KV moved (cost model or "
                                      "--mode), e.g. path=staged op=write", ["path", "op"], registry=r)
         self.estimate_seconds = Gauge("kvxfer_cost_estimate_seconds", "The cost model's estimate for the last "
-                                      "request, per candidate", ["path", "op"], registry=r)
+                                      "request, per candidate, with what that path's recent requests took "
+                                      "beyond the model", ["path", "op"], registry=r)
         self.blocks_landing = Gauge("kvxfer_blocks_awaiting_late_reads", "Blocks of failed READs kept from "
                                     "the pool until no given-up READ can still land in them", registry=r)
         self.staging_free = Gauge("kvxfer_staging_slots_free", "Free staging slots on rank 0 (a failed "

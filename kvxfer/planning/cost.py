@@ -66,14 +66,16 @@ class Excess:
     `forget_after` requests is forgotten so, and tried once again: what made it slow may have
     passed. The first request observed is not evidence (`first_is_warmup`): after a producer was
     met it also pays the first use of every step on its path (on the H200 3.6-12 ms, against
-    1.5-7 ms for the next ones), and would keep its path from being chosen again."""
+    1.5-7 ms for the next ones), and would keep its path from being chosen again. Excess is
+    kept in seconds, whatever a request's size: it stands for fixed per-request work, and a
+    bandwidth the probes misjudged shows in it only for requests of the sizes that ran lately."""
 
     window: int = 8
     forget_after: int = 256
     first_is_warmup: bool = True
-    _seen: dict[tuple[Path, bool], deque[float]] = field(default_factory=dict)
-    _last: dict[tuple[Path, bool], int] = field(default_factory=dict)
-    _count: int = 0
+    _seen: dict[tuple[Path, bool], deque[float]] = field(default_factory=dict, init=False, repr=False)
+    _last: dict[tuple[Path, bool], int] = field(default_factory=dict, init=False, repr=False)
+    _count: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.forget_after < 1:
@@ -84,7 +86,7 @@ class Excess:
         self._count += 1
         if self._count == 1 and self.first_is_warmup:
             return
-        for stale in [k for k, last in self._last.items() if self._count - last > self.forget_after]:
+        for stale in [k for k in self._last if self._forgotten(k)]:
             del self._seen[stale], self._last[stale]
         key = (path, write)
         self._seen.setdefault(key, deque(maxlen=self.window)).append(seconds - modeled_s)
@@ -94,9 +96,10 @@ class Excess:
         """The excess to add to (`path`, `write`)'s estimate (0 when none was seen lately)."""
         key = (path, write)
         seen = self._seen.get(key)
-        if not seen or self._count - self._last[key] >= self.forget_after:
-            return 0.0
-        return statistics.median(seen)
+        return 0.0 if not seen or self._forgotten(key) else statistics.median(seen)
+
+    def _forgotten(self, key: tuple[Path, bool]) -> bool:
+        return self._count - self._last[key] >= self.forget_after
 
 
 @dataclass(frozen=True)

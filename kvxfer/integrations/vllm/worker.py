@@ -280,9 +280,9 @@ class WorkerSide:
             self._stats.record_load(num_bytes=summary.num_bytes, num_descriptors=summary.num_descriptors,
                                     seconds=summary.seconds)
             self._results.recving.add(job.req_id)
-        with self._choosing:  # after vLLM can see the load: another load may be calibrating
-            self._chooser.observe(job.params, plan, staged=loaded.staged, seconds=summary.seconds)
         consumer.idle()  # its confirmations leave now, after vLLM can see the load
+        with self._choosing:  # last: another load may hold it while it calibrates
+            self._chooser.observe(job.params, plan, summary.seconds)
 
     def _plan(self, job: LoadJob) -> TransferPlan:
         """The chooser's plan; a request whose prefix this consumer had cached is READ (a push
