@@ -18,7 +18,10 @@ from kvxfer.integrations.vllm.testing import prefill_then_decode, token_ids
 def test_tp2_producer_writes_into_tp1_consumer(models, logs, curve, plain_tokens):
     spec = consumer_spec(models["a"], "consumer-write", curve, mode="write", transfer_path="direct", staging_mib=4,
                          policy="recompute")
-    with servers(spec, producer_spec(models["a"], "producer-tp2", curve, tp=2, staging_mib=4), logs=logs) as (cons, prod):
+    # lease_s: the test is not about leases, and on a loaded two-core machine vLLM itself took 31 s
+    # to hand the consumer's first request to the connector (a CI run), past the default 30 s.
+    producer = producer_spec(models["a"], "producer-tp2", curve, tp=2, staging_mib=4, lease_s=120)
+    with servers(spec, producer, logs=logs) as (cons, prod):
         for prompt in [*PROMPTS, PREFIX_PROMPT]:
             first, second = prefill_then_decode(prod, cons, prompt, max_tokens=MAX_TOKENS)
             assert first["kv_transfer_params"]["tp_size"] == 2
