@@ -252,7 +252,8 @@ def test_help_names_the_variable_of_every_flag(add):
     text = parser.format_help()
     for action in parser._actions:  # argparse has no public list of its options
         for flag in action.option_strings:
-            if flag.startswith("--") and flag not in ("--help", "--no-warmup"):
+            negation = flag.startswith("--no-") and f"--{flag[5:]}" in action.option_strings  # its switch's variable
+            if flag.startswith("--") and flag != "--help" and not negation:
                 assert env_var(flag) in text, flag
                 assert action.help and len(action.help) > 20, flag
 
@@ -360,6 +361,7 @@ def test_serve_help_states_each_role_s_ports():
 @pytest.mark.parametrize(("flag", "of"), [
     ("--host", lambda c: c.host), ("--port", lambda c: c.port),
     ("--request-timeout-s", lambda c: c.request_timeout_s), ("--retry-policy", lambda c: c.retry_policy),
+    ("--rehearse", lambda c: c.rehearse),
 ])  # fmt: skip
 def test_proxy_help_states_the_default_a_proxy_gets(flag, of):
     c = proxy(["--prefill", "http://p:1", "--decode", "http://d:1"])

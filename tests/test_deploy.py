@@ -72,9 +72,15 @@ def parser_for(command: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _negation(flag: str, action: argparse.Action) -> bool:
+    return flag.startswith("--no-") and f"--{flag[5:]}" in action.option_strings
+
+
 def cli_env_vars(command: str) -> set[str]:
-    flags = {f for a in parser_for(command)._actions for f in a.option_strings if f.startswith("--")}
-    names = {env_var(f) for f in flags - {"--help", "--no-warmup"}}
+    # a switch's "--no-" form reads its variable (`--rehearse`, `--warmup`: KVXFER_REHEARSE=off)
+    flags = {f for a in parser_for(command)._actions for f in a.option_strings
+             if f.startswith("--") and f != "--help" and not _negation(f, a)}
+    names = {env_var(f) for f in flags}
     return names | (set(CURVE_KEY_ENV_VARS) if command == "serve" else set(KEY_ONLY_ENV_VARS))
 
 

@@ -86,6 +86,19 @@ def client(cluster, keys) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key=keys["client"], max_retries=0, timeout=120)
 
 
+def test_the_proxy_rehearsed_each_pair_before_it_turned_ready(cluster):
+    """First in this module, before any client request: the proxy's /ready came once it had
+    sent one request of its own through each (prefill, decode) pair (kvxfer.daemons.rehearsal),
+    each answered by that decode service, so no client request is a pair's first."""
+    proxy = cluster.proxy
+    decodes = [cluster.by_name(f"decode{i}") for i in range(2)]
+    assert metric(cluster.url, 'kvxfer_proxy_rehearsals_total{backend="kvxfer",outcome="ok"}') == 2
+    assert [ok_count(d.url) for d in decodes] == [1, 1]
+    lines = [x for x in proxy.log_path.read_text().splitlines() if "rehearsed prefill" in x]
+    assert len(lines) == 2 and all(any(f"-> decode {d.url}:" in x for x in lines) for d in decodes), lines
+    assert httpx.get(f"{cluster.url}/ready").json()["rehearsing"] == 0
+
+
 def test_models_lists_the_served_model(client, cluster, keys):
     assert [m.id for m in client.models.list()] == [MODEL]
     decode = cluster.by_name("decode0").url
@@ -271,7 +284,7 @@ def test_balances_over_decode_services_and_routes_around_a_dead_one(cluster, cli
     for _ in range(4):
         assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4).choices[0].token_ids == want
     ready = httpx.get(f"{cluster.url}/ready").json()
-    assert ready == {"ready": True, "prefill": 1, "decode": 1}
+    assert ready == {"ready": True, "prefill": 1, "decode": 1, "rehearsing": 0}
     metrics = httpx.get(f"{cluster.url}/metrics").text
     failed = [x for x in metrics.splitlines() if x.startswith("kvxfer_proxy_backend_errors_total{") and 'pool="decode"' in x]
     # a request that picked the dead one (decode_unavailable, then the other) or a health check (not_ready)

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     proxy = Proxy(prefill_urls=list(config.prefill_urls), decode_urls=list(config.decode_urls),
                   request_timeout_s=config.request_timeout_s, retry_policy=config.retry_policy,
                   backend=backend_kind_from_args(args, os.environ),
-                  backend_api_key=backend_key_from_args(args, os.environ))
+                  backend_api_key=backend_key_from_args(args, os.environ), rehearse=config.rehearse)
     app = create_app(proxy, api_keys=api_keys_from_args(args, os.environ))
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
     return 0

@@ -139,6 +139,7 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--port", "HTTP port: /v1/completions, /health, /ready, /metrics", P.port, metavar="PORT")
     _add(parser, "--request-timeout-s", "seconds one request may take end to end before a 504", P.request_timeout_s, metavar="S")
     _add(parser, "--retry-policy", "after a decode load failure: retry-once (through a fresh prefill) or fail", P.retry_policy, metavar="POLICY")
+    _add(parser, "--rehearse", "send one short request of its own through each (prefill, decode) pair once both are ready, and hold /ready until each is answered or failed: a pair's first-time costs (every step's first run, the first push between its ranks) are not a client's", P.rehearse, action=argparse.BooleanOptionalAction)
 
 
 def serve_config_from_args(args: argparse.Namespace, *, environ: Mapping[str, str] | None = None) -> ServeConfig:
@@ -243,6 +244,7 @@ def proxy_config_from_args(args: argparse.Namespace, *, environ: Mapping[str, st
         port=s.integer("--port", P.port, hi=65535),
         request_timeout_s=s.number("--request-timeout-s", P.request_timeout_s),
         retry_policy=s.member("--retry-policy", P.retry_policy),
+        rehearse=s.switch("--rehearse", P.rehearse),
     )
 
 

@@ -14,7 +14,9 @@ request (kvxfer.daemons.warm): every decode server hears of each prefill service
 channel, engine id and boot epoch) once per boot epoch, when a health check finds it newly ready
 (from its `/v1/kvxfer/identity`) or its transfer parameters name one not seen before, and a decode
 server that turns ready hears of every prefill service known. Off the requests' path: the
-introductions are tasks of their own, and a failed one is only logged.
+introductions are tasks of their own, and a failed one is only logged. Then it rehearses each
+pair of ready servers with one short request (kvxfer.daemons.rehearsal), and `/ready` waits for
+those rehearsals: a pair's first-time costs are not a client's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from kvxfer.daemons.auth import NO_KEYS, ApiKeys, require_api_keys
 from kvxfer.daemons.backends import BackendKind, Pool, ProxyError, decode_body, make_backend
 from kvxfer.daemons.enums import RetryPolicy
 from kvxfer.daemons.proxy_metrics import ProxyMetrics
+from kvxfer.daemons.rehearsal import MAX_TOKENS, PROMPT, Pair, Rehearsals
 
 log = logging.getLogger("kvxfer.proxy")
 
@@ -49,7 +52,8 @@ ENDPOINTS = {"/v1/completions": api.decode_request, "/v1/chat/completions": chat
 class Proxy:
     def __init__(self, *, prefill_urls: list[str], decode_urls: list[str], request_timeout_s: float,
                  retry_policy: RetryPolicy = RetryPolicy.RETRY_ONCE, backend: BackendKind = BackendKind.KVXFER,
-                 backend_api_key: str | None = None, client: httpx.AsyncClient | None = None):
+                 backend_api_key: str | None = None, client: httpx.AsyncClient | None = None,
+                 rehearse: bool = True):
         self.prefill = Pool("prefill", [u.rstrip("/") for u in prefill_urls])
         self.decode = Pool("decode", [u.rstrip("/") for u in decode_urls])
         self.timeout_s = request_timeout_s
@@ -61,6 +65,7 @@ class Proxy:
         self._producers: dict[str, dict[str, Any]] = {}  # engine id -> its latest ProducerNotice (JSON)
         self._ready: dict[str, bool] = {}  # url -> its last health check
         self._tasks: set[asyncio.Task] = set()
+        self.rehearsals = Rehearsals(self._rehearse, enabled=rehearse, timeout_s=request_timeout_s)
 
     # ---- one request ----------------------------------------------------------------------------
 
@@ -98,22 +103,33 @@ class Proxy:
         raise ProxyError("decode_unavailable", "no decode server answered: " + "; ".join(errors), 503)
 
     async def prefill_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The first prefill server's answer, in turn; a server that fails is passed over."""
         errors = []
         for url in self.prefill.order():
             try:
-                reply = await self.client.post(f"{url}{path}", json=body, headers=self.headers)
-            except httpx.HTTPError as err:
-                self._failed(self.prefill, url, "prefill_unavailable")
-                errors.append(f"{url}: {type(err).__name__}: {err}")
-                continue
-            if reply.status_code == 200:
-                self.prefill.mark_ok(url)
-                return reply.json()
-            if reply.status_code < 500 and reply.status_code != 429:  # the request itself is bad
-                raise _client_error(reply.status_code, reply.content)
-            self._failed(self.prefill, url, "prefill_failed")
-            errors.append(f"{url}: HTTP {reply.status_code}: {_message(reply.content, reply.status_code)}")
+                return await self.prefill_at(url, path, body)
+            except ProxyError as err:
+                if err.kind not in ("prefill_unavailable", "prefill_failed"):
+                    raise  # the request itself is bad: another server would refuse it too
+                errors.append(str(err))
         raise ProxyError("prefill_unavailable", "no prefill server answered: " + "; ".join(errors), 503)
+
+    async def prefill_at(self, url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Prefill server `url`'s answer; raises ProxyError (`prefill_unavailable`, `prefill_failed`,
+        or the server's 4xx)."""
+        try:
+            reply = await self.client.post(f"{url}{path}", json=body, headers=self.headers)
+        except httpx.HTTPError as err:
+            self._failed(self.prefill, url, "prefill_unavailable")
+            raise ProxyError("prefill_unavailable", f"{url}: {type(err).__name__}: {err}", 503) from None
+        if reply.status_code == 200:
+            self.prefill.mark_ok(url)
+            return reply.json()
+        if reply.status_code < 500 and reply.status_code != 429:  # the request itself is bad
+            raise _client_error(reply.status_code, reply.content)
+        self._failed(self.prefill, url, "prefill_failed")
+        raise ProxyError("prefill_failed", f"{url}: HTTP {reply.status_code}: "
+                         f"{_message(reply.content, reply.status_code)}", 503)
 
     async def decode_at(self, url: str, path: str, body: dict[str, Any]) -> httpx.Response:
         """Open the decode request at `url`, streaming its body."""
@@ -137,6 +153,38 @@ class Proxy:
         if error is None or error.type not in ("kv_load_failed", "not_ready"):
             self.decode.mark_failed(url)  # a failed load is the prefill's or the KV's, not decode's
         raise ProxyError(kind, f"{url}: {_message(content, reply.status_code)}", 502)
+
+    # ---- rehearsals -----------------------------------------------------------------------------
+
+    async def _rehearse(self, pair: Pair) -> None:
+        """One request through this pair, as a client's goes (kvxfer.daemons.rehearsal)."""
+        prefill_url, decode_url = pair
+        path = "/v1/completions"
+        body = {"model": await self.model_of(decode_url), "prompt": PROMPT, "max_tokens": MAX_TOKENS,
+                "temperature": 0.0}
+        binding: Any = await self.backend.bind(self.client, decode_url, self.headers)  # the backend's own
+        prefilled = await self.prefill_at(prefill_url, path, self.backend.prefill_body(body, binding))
+        params = prefilled.get("kv_transfer_params")
+        if not params:
+            raise ProxyError("prefill_failed", f"{prefill_url} answered without kv_transfer_params", 502)
+        self.saw_producer(params)
+        reply = await self.decode_at(decode_url, path, decode_body(body, params))
+        try:
+            await reply.aread()
+        finally:
+            await reply.aclose()
+
+    async def model_of(self, url: str) -> str:
+        """The model a server serves (its /v1/models' first)."""
+        reply = await self.client.get(f"{url}/v1/models", timeout=5.0, headers=self.headers)
+        if reply.status_code != 200:
+            raise ProxyError("decode_unavailable", f"{url}/v1/models: HTTP {reply.status_code}", 502)
+        return reply.json()["data"][0]["id"]
+
+    def ready_servers(self) -> tuple[list[str], list[str]]:
+        """The prefill and decode servers whose last health check found them ready."""
+        return ([u for u in self.prefill.urls if self._ready.get(u)],
+                [u for u in self.decode.urls if self._ready.get(u)])
 
     def _failed(self, pool: Pool, url: str, kind: str) -> None:
         pool.mark_failed(url)
@@ -165,6 +213,8 @@ class Proxy:
                     self._failed(pool, url, "not_ready")
             counts[pool.name] = sum(results)
             self._turned_ready(pool, [u for u, ok in zip(pool.urls, results, strict=True) if ok])
+        for pair in self.rehearsals.due(*self.ready_servers()):
+            self._spawn(self.rehearsals.rehearse(pair, self.metrics.rehearsed))
         return counts
 
     # ---- introductions (kvxfer backend) ---------------------------------------------------------
@@ -188,6 +238,8 @@ class Proxy:
         """Prefill newly ready: learn who it is. Decode newly ready: tell it every producer."""
         for url in pool.urls:
             was, self._ready[url] = self._ready.get(url, False), url in ready
+            if self._ready[url] and not was:
+                self.rehearsals.turned_ready(url)
             if self._ready[url] and not was and self.backend.kind is BackendKind.KVXFER:
                 if pool is self.prefill:
                     self._spawn(self._learn(url))
@@ -272,11 +324,13 @@ def create_app(proxy: Proxy, *, api_keys: ApiKeys = NO_KEYS, health_checks: bool
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Ready when at least one prefill and one decode server report ready."""
+        """Ready when at least one prefill and one decode server report ready, and every pair of
+        ready servers was rehearsed (or its rehearsal failed)."""
         counts = await proxy.check_all()
-        ok = all(counts.values())
-        return Response(msgspec.json.encode({"ready": ok, **counts}), status_code=200 if ok else 503,
-                        media_type=JSON)
+        rehearsing = proxy.rehearsals.pending(*proxy.ready_servers())
+        ok = all(counts.values()) and not rehearsing
+        return Response(msgspec.json.encode({"ready": ok, **counts, "rehearsing": rehearsing}),
+                        status_code=200 if ok else 503, media_type=JSON)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -32,6 +32,9 @@ class ProxyMetrics:
                                       "server by pool and kind", ["pool", "kind", "backend"], registry=r)
         self.retries = Counter("kvxfer_proxy_retries", "Decode failures retried through a fresh "
                                "prefill", ["backend"], registry=r)
+        self.rehearsals = Counter("kvxfer_proxy_rehearsals", "Requests of the proxy's own through a "
+                                  "(prefill, decode) pair before its first client request, by outcome (ok, "
+                                  "or the error's kind)", ["outcome", "backend"], registry=r)
 
     def outcome(self, endpoint: str, outcome: str, started: float | None = None) -> None:
         self.requests.labels(outcome, self.backend, endpoint).inc()
@@ -40,6 +43,9 @@ class ProxyMetrics:
 
     def backend_error(self, pool: str, kind: str) -> None:
         self.backend_errors.labels(pool, kind, self.backend).inc()
+
+    def rehearsed(self, outcome: str) -> None:
+        self.rehearsals.labels(outcome, self.backend).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

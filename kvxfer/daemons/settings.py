@@ -130,3 +130,4 @@ class ProxyConfig:
     port: int = PROXY_PORT
     request_timeout_s: float = 120.0
     retry_policy: RetryPolicy = RetryPolicy.RETRY_ONCE
+    rehearse: bool = True  # one request of its own through each pair before /ready (kvxfer.daemons.rehearsal)

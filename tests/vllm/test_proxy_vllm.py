@@ -68,6 +68,15 @@ def client(proxy: ProxyProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="none", max_retries=0, timeout=180)
 
 
+def test_the_proxy_rehearsed_the_pair_before_it_turned_ready(proxy):
+    """Its /ready came after one request of its own through the vLLM pair answered
+    (kvxfer.daemons.rehearsal), so the first client request is not the connector's first."""
+    metrics = httpx.get(f"{proxy.url}/metrics").text.splitlines()
+    assert 'kvxfer_proxy_rehearsals_total{backend="vllm",outcome="ok"} 1.0' in metrics, \
+        [x for x in metrics if "rehearsal" in x]
+    assert any("rehearsed prefill" in x for x in proxy.log_path.read_text().splitlines())
+
+
 def test_answers_through_the_proxy_equal_plain_vllm(client, plain_answers):
     assert [m.id for m in client.models.list()] == [SERVED_MODEL]
     got = ask(client)
