@@ -13,7 +13,7 @@ pull from host memory.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -47,7 +47,7 @@ class TransferPathChoice(str, Enum):
     STAGED = "staged"  # gather, one descriptor, scatter (a WRITE; needs staging slots on both sides)
 
 
-SHAPES_MAX = 4096  # request lengths remembered per chooser (then forgotten all at once)
+SHAPES_MAX = 4096  # request lengths remembered per producer (then forgotten all at once)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,16 @@ class _Shape:
     num_bytes: int  # every rank of this choice receives
     descriptors: int  # a direct transfer posts, every rank
     fits_slot: bool  # staging is on at both sides and each rank's share fits a slot
+
+
+@dataclass
+class _Producer:
+    """What the chooser knows of one producer at one boot epoch (dropped when it restarts)."""
+
+    costs: FabricCosts | None  # its calibration; None: it failed, the rule decides
+    excess: Excess = field(default_factory=Excess)  # what its requests took beyond the model
+    shapes: dict[int, _Shape] = field(default_factory=dict)  # by request length
+    announced: tuple[Mode, Path] | None = None  # the choice the log last named
 
 
 @dataclass(frozen=True)
@@ -78,17 +88,14 @@ class TransferChooser:
         self.mode = mode
         self.path = path
         self.ranks = ranks  # consumer ranks this choice is made for (alike: bytes and descriptors scale)
-        self._costs: dict[tuple[str, int], FabricCosts | None] = {}  # per producer (engine, epoch)
-        self._excess: dict[tuple[str, int], Excess] = {}  # likewise: what requests took beyond the model
-        self._shapes: dict[tuple[str, int, int], _Shape] = {}  # (engine, epoch, tokens)
-        self._announced: dict[tuple[str, int], tuple[Mode, Path]] = {}
+        self._producers: dict[tuple[str, int], _Producer] = {}  # by (engine, boot epoch)
 
     def plan(self, params: TransferParams) -> TransferPlan:
         """How this request's KV moves: the cheapest of what `mode` and `path` allow."""
         if self.mode is ModeChoice.READ:
             return TransferPlan(Mode.READ, Path.DIRECT, "mode read")
-        costs = self.costs(params)
-        shape = self._shape(params)
+        producer = self._producer(params)
+        costs, shape = producer.costs, self._shape(producer, params)
         stage = self.path is not TransferPathChoice.DIRECT and shape.fits_slot
         if self.path is TransferPathChoice.STAGED:
             return self._announce(params, TransferPlan(Mode.WRITE, Path.STAGED if stage else Path.DIRECT,
@@ -103,44 +110,46 @@ class TransferChooser:
         if self.mode is ModeChoice.AUTO:
             allowed.append((Path.DIRECT, False))
         choice = choose(costs, num_bytes=shape.num_bytes, descriptors=shape.descriptors, allowed=tuple(allowed),
-                        excess=self._excess.setdefault((params.engine_id, params.boot_epoch), Excess()))
+                        excess=producer.excess)
         best = choice.best
         return self._announce(params, TransferPlan(Mode.WRITE if best.write else Mode.READ, best.path,
                                                    f"cost model: {choice.describe()}", choice))
 
     def costs(self, params: TransferParams) -> FabricCosts | None:
         """Handshake with the producer and calibrate against it, once per boot epoch."""
+        return self._producer(params).costs
+
+    def _producer(self, params: TransferParams) -> _Producer:
         key = (params.engine_id, params.boot_epoch)
-        if key not in self._costs:
+        known = self._producers.get(key)
+        if known is None:
             self.consumer.links(params)
             try:
                 costs = self.consumer.calibrate(params)
             except KvxferError as err:  # the rule still works; say why it is used
                 log.warning("calibration against %s failed, choosing transfers by rule: %s", params.engine_id, err)
                 costs = None
-            self._costs = {k: v for k, v in self._costs.items() if k[0] != params.engine_id}  # old epochs
-            self._excess = {k: v for k, v in self._excess.items() if k[0] != params.engine_id}
-            self._shapes = {k: v for k, v in self._shapes.items() if k[0] != params.engine_id}
-            self._costs[key] = costs
-        return self._costs[key]
+            for old in [k for k in self._producers if k[0] == params.engine_id]:  # its earlier epochs
+                del self._producers[old]
+            known = self._producers[key] = _Producer(costs)
+        return known
 
     def observe(self, params: TransferParams, plan: TransferPlan, seconds: float) -> None:
         """A request moved by `plan` took `seconds`: what later choices add to its path's
         estimate. A staged request that found no slot free and moved directly counts for the
         staged path: its wait for a slot is what choosing staging cost."""
-        excess = self._excess.get((params.engine_id, params.boot_epoch))
-        if plan.choice is None or excess is None:
+        producer = self._producers.get((params.engine_id, params.boot_epoch))
+        if plan.choice is None or producer is None:
             return  # not the cost model's choice: a setting or the rule decided, nothing to correct
         best = plan.choice.best
-        excess.observe(best.path, best.write, modeled_s=best.modeled_s, seconds=seconds)
+        producer.excess.observe(best.path, best.write, modeled_s=best.modeled_s, seconds=seconds)
 
-    def _shape(self, params: TransferParams) -> _Shape:
-        key = (params.engine_id, params.boot_epoch, params.num_tokens)
-        shape = self._shapes.get(key)
+    def _shape(self, producer: _Producer, params: TransferParams) -> _Shape:
+        shape = producer.shapes.get(params.num_tokens)
         if shape is None:
-            if len(self._shapes) >= SHAPES_MAX:
-                self._shapes.clear()
-            shape = self._shapes[key] = _Shape(
+            if len(producer.shapes) >= SHAPES_MAX:
+                producer.shapes.clear()
+            shape = producer.shapes[params.num_tokens] = _Shape(
                 self.consumer.expected_bytes(params, params.num_tokens) * self.ranks,
                 self.direct_descriptors(params), self.can_stage(params))
         return shape
@@ -167,9 +176,9 @@ class TransferChooser:
     def _announce(self, params: TransferParams, plan: TransferPlan) -> TransferPlan:
         """Log the first choice for each producer epoch and each change of choice (INFO), every
         request's at DEBUG: a reader of the log sees why transfers take the path they take."""
-        key = (params.engine_id, params.boot_epoch)
-        if self._announced.get(key) != (plan.mode, plan.path):
-            self._announced[key] = (plan.mode, plan.path)
+        producer = self._producer(params)
+        if producer.announced != (plan.mode, plan.path):
+            producer.announced = (plan.mode, plan.path)
             log.info("transfers from %s (epoch %d): %s %s, by %s", params.engine_id, params.boot_epoch,
                      plan.path.value, plan.mode.value, plan.why)
         else:
