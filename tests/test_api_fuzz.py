@@ -299,7 +299,7 @@ def test_after_fuzzing_ready_no_stray_transfers_no_leaks(harness):
         assert client.get(f"{url}/ready").status_code == 200
     # besides the fuzzer's, decode answered the proxy's rehearsal (kvxfer.daemons.rehearsal)
     rehearsed = metric(client, harness.cluster.url, 'kvxfer_proxy_rehearsals_total{backend="kvxfer",outcome="ok"}')
-    assert rehearsed == 1
+    assert rehearsed >= 1  # once, or again after a health check that failed on the way
     answered = harness.tally.answered + rehearsed
     transfers = metric(client, decode, 'kvxfer_transfers_total{op="read"}')
     assert transfers == LEGS * answered, (transfers, harness.tally)

@@ -98,21 +98,21 @@ class TransferChooser:
         costs, shape = producer.costs, self._shape(producer, params)
         stage = self.path is not TransferPathChoice.DIRECT and shape.fits_slot
         if self.path is TransferPathChoice.STAGED:
-            return self._announce(params, TransferPlan(Mode.WRITE, Path.STAGED if stage else Path.DIRECT,
+            return self._announce(producer, params, TransferPlan(Mode.WRITE, Path.STAGED if stage else Path.DIRECT,
                                                        "transfer path staged" + ("" if stage else " (does not fit "
                                                                                  "a slot: direct)")))
         if costs is None:
             vram = self.consumer.endpoint.mem is MemoryKind.VRAM
             mode = Mode.WRITE if self.mode is ModeChoice.WRITE or vram else Mode.READ
             path = Path.STAGED if mode is Mode.WRITE and stage and vram else Path.DIRECT
-            return self._announce(params, TransferPlan(mode, path, "rule (no calibration)"))
+            return self._announce(producer, params, TransferPlan(mode, path, "rule (no calibration)"))
         allowed = [(Path.DIRECT, True)] + ([(Path.STAGED, True)] if stage else [])
         if self.mode is ModeChoice.AUTO:
             allowed.append((Path.DIRECT, False))
         choice = choose(costs, num_bytes=shape.num_bytes, descriptors=shape.descriptors, allowed=tuple(allowed),
                         excess=producer.excess)
         best = choice.best
-        return self._announce(params, TransferPlan(Mode.WRITE if best.write else Mode.READ, best.path,
+        return self._announce(producer, params, TransferPlan(Mode.WRITE if best.write else Mode.READ, best.path,
                                                    f"cost model: {choice.describe()}", choice))
 
     def costs(self, params: TransferParams) -> FabricCosts | None:
@@ -173,10 +173,9 @@ class TransferChooser:
         return (all(p.info.staging is not None and p.info.staging.slots_bytes for p in peers)
                 and consumer.expected_bytes(params, params.num_tokens) <= area.pool.slot_bytes)
 
-    def _announce(self, params: TransferParams, plan: TransferPlan) -> TransferPlan:
+    def _announce(self, producer: _Producer, params: TransferParams, plan: TransferPlan) -> TransferPlan:
         """Log the first choice for each producer epoch and each change of choice (INFO), every
         request's at DEBUG: a reader of the log sees why transfers take the path they take."""
-        producer = self._producer(params)
         if producer.announced != (plan.mode, plan.path):
             producer.announced = (plan.mode, plan.path)
             log.info("transfers from %s (epoch %d): %s %s, by %s", params.engine_id, params.boot_epoch,

@@ -109,7 +109,7 @@ class Proxy:
             try:
                 return await self.prefill_at(url, path, body)
             except ProxyError as err:
-                if err.kind not in ("prefill_unavailable", "prefill_failed"):
+                if err.status < 500:
                     raise  # the request itself is bad: another server would refuse it too
                 errors.append(str(err))
         raise ProxyError("prefill_unavailable", "no prefill server answered: " + "; ".join(errors), 503)
@@ -166,7 +166,7 @@ class Proxy:
         prefilled = await self.prefill_at(prefill_url, path, self.backend.prefill_body(body, binding))
         params = prefilled.get("kv_transfer_params")
         if not params:
-            raise ProxyError("prefill_failed", f"{prefill_url} answered without kv_transfer_params", 502)
+            raise ProxyError("prefill_unavailable", f"{prefill_url} answered without kv_transfer_params", 502)
         self.saw_producer(params)
         reply = await self.decode_at(decode_url, path, decode_body(body, params))
         try:
@@ -213,8 +213,8 @@ class Proxy:
                     self._failed(pool, url, "not_ready")
             counts[pool.name] = sum(results)
             self._turned_ready(pool, [u for u, ok in zip(pool.urls, results, strict=True) if ok])
-        for pair in self.rehearsals.due(*self.ready_servers()):
-            self._spawn(self.rehearsals.rehearse(pair, self.metrics.rehearsed))
+        for pair, rehearsal in self.rehearsals.due(*self.ready_servers()):
+            self._spawn(self.rehearsals.rehearse(pair, rehearsal, self.metrics.rehearsed))
         return counts
 
     # ---- introductions (kvxfer backend) ---------------------------------------------------------
@@ -263,6 +263,11 @@ class Proxy:
             what = f"{type(err).__name__}: {err}"
         if what:
             log.info("could not introduce producer %s to decode %s (%s)", notice["engine_id"], url, what)
+
+    def cancel_tasks(self) -> None:
+        """At shutdown: the introductions and rehearsals still running end now."""
+        for task in list(self._tasks):
+            task.cancel()
 
     def _spawn(self, job) -> None:
         task = asyncio.get_running_loop().create_task(job)
@@ -316,6 +321,7 @@ def create_app(proxy: Proxy, *, api_keys: ApiKeys = NO_KEYS, health_checks: bool
     async def close() -> None:
         for task in tasks:
             task.cancel()
+        proxy.cancel_tasks()
         await proxy.client.aclose()
 
     @app.get("/health")
@@ -324,8 +330,8 @@ def create_app(proxy: Proxy, *, api_keys: ApiKeys = NO_KEYS, health_checks: bool
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Ready when at least one prefill and one decode server report ready, and every pair of
-        ready servers was rehearsed (or its rehearsal failed)."""
+        """Ready when at least one prefill and one decode server report ready, and the first
+        rehearsal of every pair of ready servers ended (answered or failed)."""
         counts = await proxy.check_all()
         rehearsing = proxy.rehearsals.pending(*proxy.ready_servers())
         ok = all(counts.values()) and not rehearsing

@@ -9,12 +9,15 @@ push request and notification between two ranks. No probe runs those steps; a re
 the proxy sends one (`PROMPT`, `MAX_TOKENS` tokens: a decode step too) through the pair, the way
 it sends a client's, and checks that it was answered.
 
-A pair is rehearsed once both of its servers are ready (a health check finds one newly ready:
-a new pod, a restart), one rehearsal per pair at a time, a few pairs at once. One that fails is
-logged and counted, not retried until one of its servers turns ready anew: its first client
-request then pays the first-time costs, as without rehearsals. The proxy's `/ready` waits for
-the rehearsals of the ready pairs (each within the request timeout): a client request sent after
-it meets warm pairs.
+A pair is rehearsed once both of its servers are ready, and again when a health check finds one
+of them ready after one that did not (a restart, a new pod behind the URL, or a check that
+failed on the way), one rehearsal per pair at a time, a few pairs at once. One that fails is
+logged and counted (by kind: the proxy's error kinds, `timeout`, `unavailable`, `bad_answer`),
+not retried until one of its servers turns ready anew: its first client request then pays the
+first-time costs, as without rehearsals. The proxy's `/ready` waits for each pair's first
+rehearsal (each within the request timeout once it runs): a client request sent after it meets
+warm pairs. Later ones hold nothing: one server's failed health check must not take the proxy
+out of its Service.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
+
+import httpx
 
 log = logging.getLogger("kvxfer.proxy")
 
@@ -44,8 +49,10 @@ class State(str, Enum):
 
 @dataclass
 class _Rehearsal:
+    """One rehearsal of a pair; a server that turns ready anew replaces it with a new one."""
+
+    first: bool  # the pair's first: `/ready` waits for it
     state: State = State.DUE
-    seconds: float = 0.0
     error: str = ""
 
 
@@ -57,51 +64,76 @@ class Rehearsals:
         self._run = run
         self.enabled = enabled
         self.timeout_s = timeout_s
-        self._pairs: dict[Pair, _Rehearsal] = {}
+        self._pairs: dict[Pair, _Rehearsal] = {}  # each pair's latest
+        self._running: set[Pair] = set()
         self._at_once = asyncio.Semaphore(AT_ONCE)
 
     def turned_ready(self, url: str) -> None:
-        """A server turned ready (first, or after a restart): its pairs are rehearsed anew."""
+        """A server turned ready after a health check that found it not: its pairs are
+        rehearsed anew (one still running is the old process's: it ends unrecorded)."""
         for pair in self._pairs:
             if url in pair:
-                self._pairs[pair] = _Rehearsal()  # one still running ends unrecorded (`_ended`)
+                self._pairs[pair] = _Rehearsal(first=False)
 
-    def due(self, prefill: list[str], decode: list[str]) -> list[Pair]:
-        """The pairs of these ready servers to rehearse now (marked running)."""
+    def due(self, prefill: list[str], decode: list[str]) -> list[tuple[Pair, _Rehearsal]]:
+        """The rehearsals of these ready servers' pairs to run now (marked running)."""
         if not self.enabled:
             return []
-        pairs = []
+        due = []
         for pair in ((p, d) for p in prefill for d in decode):
-            rehearsal = self._pairs.setdefault(pair, _Rehearsal())
-            if rehearsal.state is State.DUE:
+            rehearsal = self._pairs.setdefault(pair, _Rehearsal(first=True))
+            if rehearsal.state is State.DUE and pair not in self._running:
                 rehearsal.state = State.RUNNING
-                pairs.append(pair)
-        return pairs
+                self._running.add(pair)
+                due.append((pair, rehearsal))
+        return due
 
     def pending(self, prefill: list[str], decode: list[str]) -> int:
-        """Rehearsals of these ready servers' pairs not ended yet (what `/ready` waits for)."""
+        """First rehearsals of these ready servers' pairs not ended yet (what `/ready` waits for)."""
         if not self.enabled:
             return 0
-        return sum(self._pairs.get((p, d), _Rehearsal()).state in (State.DUE, State.RUNNING)
-                   for p in prefill for d in decode)
+        waiting = 0
+        for pair in ((p, d) for p in prefill for d in decode):
+            latest = self._pairs.get(pair)
+            waiting += latest is None or (latest.first and latest.state in (State.DUE, State.RUNNING))
+        return waiting
 
-    async def rehearse(self, pair: Pair, record: Callable[[str], None]) -> None:
-        """Rehearse `pair`; `record(outcome)` counts it ("ok" or the error's kind)."""
-        mine = self._pairs[pair]
-        async with self._at_once:
-            started = time.monotonic()
-            try:
-                await asyncio.wait_for(self._run(pair), timeout=self.timeout_s)
-            except Exception as err:  # a failed rehearsal only means a cold first request
-                kind = getattr(err, "kind", "timeout" if isinstance(err, asyncio.TimeoutError) else type(err).__name__)
-                mine.state, mine.error = State.FAILED, f"{kind}: {err}"
-                record(kind)
-                log.warning("rehearsal of prefill %s -> decode %s failed after %.1f ms (%s); the pair's first "
-                            "client request pays its first-time costs", *pair, (time.monotonic() - started) * 1e3,
-                            mine.error)
-                return
-            seconds = time.monotonic() - started
-            mine.state, mine.seconds = State.DONE, seconds
-            record("ok")
-            log.info("rehearsed prefill %s -> decode %s: one request in %.1f ms, before any client's", *pair,
-                     seconds * 1e3)
+    async def rehearse(self, pair: Pair, rehearsal: _Rehearsal, record: Callable[[str], None]) -> None:
+        """Run `rehearsal` of `pair` (from `due`); `record(outcome)` counts it ("ok" or the
+        failure's kind) unless a newer one replaced it meanwhile."""
+        try:
+            async with self._at_once:
+                started = time.monotonic()
+                try:
+                    await asyncio.wait_for(self._run(pair), timeout=self.timeout_s)
+                except Exception as err:  # a failed rehearsal only means a cold first request
+                    self._ended(pair, rehearsal, State.FAILED, _kind(err), f"{_kind(err)}: {err}", started, record)
+                    return
+                self._ended(pair, rehearsal, State.DONE, "ok", "", started, record)
+        finally:
+            self._running.discard(pair)
+
+    def _ended(self, pair: Pair, rehearsal: _Rehearsal, state: State, outcome: str, error: str, started: float,
+               record: Callable[[str], None]) -> None:
+        rehearsal.state, rehearsal.error = state, error
+        if self._pairs.get(pair) is not rehearsal:
+            return  # a server of the pair turned ready anew meanwhile: this answer was the old one's
+        record(outcome)
+        ms = (time.monotonic() - started) * 1e3
+        if state is State.DONE:
+            log.info("rehearsed prefill %s -> decode %s: one request in %.1f ms, before any client's", *pair, ms)
+        else:
+            log.warning("rehearsal of prefill %s -> decode %s failed after %.1f ms (%s); the pair's first "
+                        "client request pays its first-time costs", *pair, ms, error)
+
+
+def _kind(err: Exception) -> str:
+    """A failed rehearsal's outcome label: one of a fixed few."""
+    kind = getattr(err, "kind", None)
+    if isinstance(kind, str):
+        return kind  # the proxy's own (ProxyError): prefill_unavailable, kv_load_failed...
+    if isinstance(err, (asyncio.TimeoutError, httpx.TimeoutException)):
+        return "timeout"
+    if isinstance(err, httpx.HTTPError):
+        return "unavailable"
+    return "bad_answer"  # an answer the proxy could not read (no model listed, not JSON)

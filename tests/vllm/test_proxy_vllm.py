@@ -72,8 +72,8 @@ def test_the_proxy_rehearsed_the_pair_before_it_turned_ready(proxy):
     """Its /ready came after one request of its own through the vLLM pair answered
     (kvxfer.daemons.rehearsal), so the first client request is not the connector's first."""
     metrics = httpx.get(f"{proxy.url}/metrics").text.splitlines()
-    assert 'kvxfer_proxy_rehearsals_total{backend="vllm",outcome="ok"} 1.0' in metrics, \
-        [x for x in metrics if "rehearsal" in x]
+    ok = [float(x.split()[-1]) for x in metrics if x.startswith('kvxfer_proxy_rehearsals_total{backend="vllm",outcome="ok"}')]
+    assert ok and ok[0] >= 1, [x for x in metrics if "rehearsal" in x]
     assert any("rehearsed prefill" in x for x in proxy.log_path.read_text().splitlines())
 
 
