@@ -21,16 +21,20 @@ def rehearse_all(r: Rehearsals, prefill, decode, outcomes) -> list[asyncio.Task]
             for pair, rehearsal in r.due(prefill, decode)]
 
 
+def held_until(release: asyncio.Event, ran: list):
+    """A rehearsal's request that is answered once `release` is set; `ran` lists its pairs."""
+    async def run(pair):
+        ran.append(pair)
+        await release.wait()
+
+    return run
+
+
 def test_each_pair_of_ready_servers_is_rehearsed_once_and_ready_waits_for_it():
     async def main():
         ran, outcomes = [], []
         release = asyncio.Event()
-
-        async def run(pair):
-            ran.append(pair)
-            await release.wait()
-
-        r = Rehearsals(run, enabled=True, timeout_s=5.0)
+        r = Rehearsals(held_until(release, ran), enabled=True, timeout_s=5.0)
         assert r.pending([P, Q], [D]) == 2  # ready, not rehearsed yet
         tasks = rehearse_all(r, [P, Q], [D], outcomes)
         assert len(tasks) == 2 and r.due([P, Q], [D]) == []  # running: not again
@@ -85,12 +89,7 @@ def test_a_server_that_restarts_mid_rehearsal_is_rehearsed_again_once_the_old_on
     async def main():
         outcomes, ran = [], []
         release = asyncio.Event()
-
-        async def run(pair):
-            ran.append(pair)
-            await release.wait()
-
-        r = Rehearsals(run, enabled=True, timeout_s=5.0)
+        r = Rehearsals(held_until(release, ran), enabled=True, timeout_s=5.0)
         [old] = rehearse_all(r, [P], [D], outcomes)
         await asyncio.sleep(0)
         r.turned_ready(P)
