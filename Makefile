@@ -42,7 +42,7 @@ lint: $(STAMP)
 TYPED := kvxfer/__init__.py kvxfer/attention.py kvxfer/cli.py kvxfer/deadline.py kvxfer/errors.py \
 	kvxfer/tables.py kvxfer/layouts kvxfer/planning kvxfer/engine kvxfer/commands kvxfer/soak \
 	kvxfer/agents/sidechannel \
-	$(addprefix kvxfer/agents/,calibrate.py capability.py compat.py heartbeat.py inbox.py keys.py landings.py \
+	$(addprefix kvxfer/agents/,calibrate.py capability.py compat.py heartbeat.py inbox.py keys.py landings.py limited_log.py \
 		leases.py messages.py metrics.py pacing.py peers.py prepare.py staging.py transfer_choice.py unit_copy.py) \
 	$(addprefix kvxfer/daemons/,api.py bus.py checks.py commands.py config.py curve.py decode_rank.py \
 		enums.py landing.py prefill_rank.py proxy.py rank_setup.py rehearsal.py resolve.py runtime.py settings.py warm.py worker.py) \

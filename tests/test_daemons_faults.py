@@ -4,6 +4,7 @@ correct answer, never a hang; later requests succeed; no block stays held once l
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,12 +15,16 @@ import httpx
 import pytest
 from test_daemons_e2e import MAX_TOKENS, PROMPT, reference
 
+from kvxfer.agents import messages as m
 from kvxfer.daemons.cluster import LocalCluster, ServiceSpec
+from kvxfer.daemons.decode_rank import REQUEST_TIMEOUT_S
+from kvxfer.errors import AuthError
 from kvxfer.soak.procs import rank_pids
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 LEASE_S = 3.0
-FAST = ("--lease-s", str(LEASE_S), "--transfer-deadline-s", "2")
+TRANSFER_DEADLINE_S = 2.0
+FAST = ("--lease-s", str(LEASE_S), "--transfer-deadline-s", str(TRANSFER_DEADLINE_S))
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +213,16 @@ def test_stalled_producer_never_writes_into_reused_memory(tmp_path, want, path):
         try:
             started = time.monotonic()
             reply = decode_with(client, cluster, params)
+            waited = time.monotonic() - started
             assert reply.status_code == 502 and reply.json()["error"]["type"] == "kv_load_failed", reply.text
             if path == "staged":
-                assert metric(client, decode, "kvxfer_staging_slots_free") == 1  # held back, not reused
+                held = metric(client, decode, "kvxfer_staging_slots_free") == 1
             else:
-                assert blocks_in_use(client, decode) > 0  # held back, not reused
+                held = blocks_in_use(client, decode) > 0
+            # Nothing is released before the push's not-after time (at least the transfer deadline
+            # plus the time a producer has to start it): the decode rank waited that long for the
+            # frozen rank (which cannot refuse), or it holds the memory back until then.
+            assert held or waited >= TRANSFER_DEADLINE_S + REQUEST_TIMEOUT_S, (held, waited)
             time.sleep(max(0.0, 12.0 - (time.monotonic() - started)))  # past the push's not-after time
         finally:
             os.kill(rank1, signal.SIGCONT)
@@ -236,34 +246,51 @@ def test_stalled_producer_never_writes_into_reused_memory(tmp_path, want, path):
 
 def test_a_request_that_finds_no_free_staging_slot_moves_directly(tmp_path, want):
     """Back-pressure, then the direct path: the decode service's only staging slot is held back
-    after a failed staged request (a producer rank frozen past the deadline), so the next request
-    waits for a slot up to its deadline, gives up on staging and moves its KV directly: a right
+    after a staged request failed while one producer rank may still push into it (prefill rank
+    0 refused at once, its lease ended; rank 1 frozen), so the next request waits for a slot up
+    to its deadline, gives up on staging and moves its KV directly once rank 1 wakes: a right
     answer, reported as direct, and the slot comes back once no late write can land in it.
     `--transfer-path staged`: every request asks for a slot (with `auto` the cost model learns
-    from the request that waited for a slot what staging cost it, and moves the next directly)."""
-    staging = ("--staging-mib", "8", "--staging-slots", "1", *FAST)
+    from the request that waited for a slot what staging cost it, and moves the next directly).
+    Leases of 60 s: the frozen rank must not expire the held request on waking."""
+    from kvxfer.agents.keys import KeyConfig, load_keypair, load_public_key
+    from kvxfer.agents.sidechannel import ClientConfig, SideChannelClient
+
+    staging = ("--staging-mib", "8", "--staging-slots", "1", "--lease-s", "60",
+               "--transfer-deadline-s", str(TRANSFER_DEADLINE_S))
     with LocalCluster(tmp_path, [ServiceSpec("prefill", 2, extra=staging)],
                       [ServiceSpec("decode", 1, extra=(*staging, "--transfer-path", "staged"))],
                       preset="tiny", mode="write", log_level="INFO") as cluster, httpx.Client(timeout=60) as client:
-        decode = cluster.by_name("decode0").url
+        decode, prefill = cluster.by_name("decode0").url, cluster.by_name("prefill0")
         first = decode_with(client, cluster, prefill_only(client, cluster))  # handshakes now cached
         assert first.status_code == 200 and first.json()["kvxfer"]["path"] == "staged", first.text
-        params = prefill_only(client, cluster)
-        rank1 = rank_pids(cluster.by_name("prefill0").proc.pid)[1]
+        failing, waiting = prefill_only(client, cluster), prefill_only(client, cluster)
+        rank1 = rank_pids(prefill.proc.pid)[1]
         os.kill(rank1, signal.SIGSTOP)
         try:
-            failed = decode_with(client, cluster, params)
+            keys = tmp_path / "keys"  # as decode0 would, when it gives up on a request
+            channel = SideChannelClient(f"tcp://127.0.0.1:{prefill.side_port}", ClientConfig(
+                keys=KeyConfig(own=load_keypair(keys / "decode.key_secret"),
+                               server_public_key=load_public_key(keys / "prefill.key"))))
+            with channel:
+                channel.request(m.Abort(request_id=failing["request_id"], reason="the test ends it on rank 0"),
+                                timeout_s=10)
+            failed = decode_with(client, cluster, failing)
+            assert failed.status_code == 502 and "has ended" in failed.text, failed.text
+            assert metric(client, decode, "kvxfer_staging_slots_free") == 0  # rank 1 may still push into it
+            moved: list[httpx.Response] = []
+            loading = threading.Thread(target=lambda: moved.append(decode_with(client, cluster, waiting)))
+            loading.start()
+            log = cluster.by_name("decode0").log_path
+            deadline = time.monotonic() + 60
+            while "no staging slot freed in time" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
         finally:
             os.kill(rank1, signal.SIGCONT)
-        assert failed.status_code == 502, failed.text
-        assert metric(client, decode, "kvxfer_staging_slots_free") == 0  # held until its not-after time
-        # The slot is held for the push's whole not-after window, several deadlines longer than
-        # the next request waits for one: that request cannot get it, whatever the timing.
-        moved = decode_with(client, cluster, prefill_only(client, cluster))
-        assert moved.status_code == 200, moved.text
-        assert moved.json()["choices"][0]["token_ids"] == want
-        assert moved.json()["kvxfer"]["path"] == "direct"
-        assert "no staging slot freed in time" in cluster.by_name("decode0").log_path.read_text()
+        loading.join(60)
+        assert moved and moved[0].status_code == 200, moved[0].text if moved else "no answer"
+        assert moved[0].json()["choices"][0]["token_ids"] == want
+        assert moved[0].json()["kvxfer"]["path"] == "direct"
         assert metric(client, decode, 'kvxfer_transfer_path_total{op="write",path="direct"}') == 1
         deadline = time.monotonic() + 30
         while metric(client, decode, "kvxfer_staging_slots_free") < 1 and time.monotonic() < deadline:
@@ -273,15 +300,70 @@ def test_a_request_that_finds_no_free_staging_slot_moves_directly(tmp_path, want
         assert again.json()["choices"][0]["token_ids"] == want
 
 
+class Intruder:
+    """A consumer rank of our own, in this process: a real NIXL agent and cache (the tiny
+    preset's) and a side channel holding a CURVE key the prefill allows. It handshakes as engine
+    `engine_id`, then sends push requests it signs with the key it was given, as kvxfer's
+    consumer would, but for requests and blocks of its choosing (the checks a genuine consumer
+    makes first are skipped)."""
+
+    def __init__(self, keys, server_key: bytes, engine_id: str) -> None:
+        import argparse
+
+        from kvxfer.agents.consumer import Consumer
+        from kvxfer.agents.endpoint import Endpoint, Identity
+        from kvxfer.agents.heartbeat import LeaseClient
+        from kvxfer.agents.keys import KeyConfig
+        from kvxfer.agents.nixl_agent import AgentConfig
+        from kvxfer.agents.sidechannel import ClientCache, ClientConfig
+        from kvxfer.daemons.config import add_serve_arguments, serve_config_from_args
+        from kvxfer.daemons.rank_setup import engine_config, model_fingerprint
+        from kvxfer.engine import Engine
+
+        parser = argparse.ArgumentParser()
+        add_serve_arguments(parser)
+        config = engine_config(serve_config_from_args(parser.parse_args(
+            ["decode", "--preset", "tiny", "--num-blocks", "64", "--insecure-plaintext"]), environ={}))
+        engine = Engine(config)
+        identity = Identity(engine_id=engine_id, boot_epoch=1, role=m.Role.DECODE, tp_size=1, tp_rank=0,
+                            model_fingerprint=model_fingerprint(config))
+        self.endpoint = Endpoint(identity, engine.caches, engine.cache_desc, agent_config=AgentConfig(name=engine_id))
+        clients = ClientCache(ClientConfig(keys=KeyConfig(own=keys, server_public_key=server_key)))
+        self.consumer = Consumer(self.endpoint, clients=clients, leases=LeaseClient(clients, timeout_s=10),
+                                 nixl_lock=threading.RLock(), identity=f"key:{keys.public.decode()}",
+                                 handshake_timeout_s=30, request_timeout_s=30)
+
+    def ask(self, params: m.TransferParams, *, decode_engine_id: str) -> str:
+        """Ask producer rank 0 for a push of `params`' request into our blocks 0.., naming
+        `decode_engine_id`; the producer's refusal, as the consumer rank reads it."""
+        from kvxfer.agents import capability
+
+        link = self.consumer.link(params, 0)
+        ask = capability.sign_ask(m.PushAsk(request_id=params.request_id, decode_rank=0,
+                                            block_ids=list(range(len(params.block_ids))),
+                                            decode_engine_id=decode_engine_id, not_after_unix=time.time() + 30),
+                                  link.ask_key)
+        with self.consumer.nixl_lock:
+            self.endpoint.agent.send_notif(link.peer.agent_name, m.encode_notif(ask))
+        with pytest.raises(AuthError) as refused:
+            self.consumer.inbox.wait(params.request_id, m.NotifKind.PUSHED, {0: link.peer.agent_name},
+                                     timeout_s=30, what=lambda ranks: "the intruder's push")
+        return str(refused.value)
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.endpoint.close()
+
+
 def test_a_consumer_cannot_aim_a_push_at_another_decode_service(tmp_path):
-    """A key the prefill allows (a compromised or buggy consumer) holds a request of its own and
-    asks for a push into another decode service's blocks by naming that service's engine id. The
-    producer pushes only to an engine that handshook with the requesting key: it refuses, and
-    the other service's KV is untouched (its next answer is still right)."""
-    from kvxfer.agents import messages as m
-    from kvxfer.agents.keys import KeyConfig, generate_keypair, load_public_key, write_keypair
-    from kvxfer.agents.sidechannel import ClientConfig, SideChannelClient
-    from kvxfer.errors import AuthError
+    """A key the prefill allows (a compromised or buggy consumer) handshakes as itself and, in
+    push requests it signs correctly, asks for a push of a request of its own into another
+    decode service's blocks by naming that service's engine id, then for a push of that
+    service's own request into its own blocks. The producer pushes only to the engine that
+    handshook with the key that signed the request, and only requests bound to that key: it
+    refuses both, saying why, and the other service's KV is untouched (its next answer is
+    still right)."""
+    from kvxfer.agents.keys import generate_keypair, load_public_key, write_keypair
 
     keys = tmp_path / "keys"
     attacker = generate_keypair()
@@ -296,17 +378,19 @@ def test_a_consumer_cannot_aim_a_push_at_another_decode_service(tmp_path):
         own = client.post(f"{prefill.url}/v1/completions", json={
             "prompt": PROMPT, "max_tokens": MAX_TOKENS,
             "kvxfer_consumer": {"consumer_key": attacker.public.decode()}}).json()["kv_transfer_params"]
-        channel = SideChannelClient(f"tcp://127.0.0.1:{prefill.side_port}", ClientConfig(
-            keys=KeyConfig(own=attacker, server_public_key=load_public_key(keys / "prefill.key"))))
+        theirs = prefill_only(client, cluster)  # held for decode0, which never asks for it
+        intruder = Intruder(attacker, load_public_key(keys / "prefill.key"), "intruder")
+        writes = metric(client, prefill.url, 'kvxfer_transfers_total{op="write"}')
         try:
-            with pytest.raises(AuthError, match="did not handshake with the key that asked for it"):
-                channel.request(m.WriteRequest(request_id=own["request_id"], decode_rank=0,
-                                               block_ids=list(range(len(own["block_ids"]))),
-                                               decode_engine_id="decode0", decode_tp=1), timeout_s=10)
+            refused = intruder.ask(m.decode_params(json.dumps(own)), decode_engine_id="decode0")
+            assert "decode intruder rank 0 asked for a push to decode decode0 rank 0; refusing" in refused
+            refused = intruder.ask(m.decode_params(json.dumps(theirs)), decode_engine_id="intruder")
+            assert "request is bound to consumer" in refused
         finally:
-            channel.close()
-        assert metric(client, prefill.url, 'kvxfer_failures_total{kind="auth"}') >= 1
-        assert "did not handshake with the key that asked for it" in prefill.log_path.read_text()
+            intruder.close()
+        assert metric(client, prefill.url, 'kvxfer_transfers_total{op="write"}') == writes  # nothing pushed
+        assert metric(client, prefill.url, 'kvxfer_failures_total{kind="auth"}') >= 2
+        assert "asked for a push to decode decode0" in prefill.log_path.read_text()
         again = decode_with(client, cluster, prefill_only(client, cluster))
         assert again.status_code == 200 and again.json()["choices"][0]["token_ids"] == reference(PROMPT)
 

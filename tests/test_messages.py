@@ -36,7 +36,6 @@ def examples() -> list[m.Message]:
         m.LeaseRenewed(renewed=[rid], unknown=("gone",), expires_unix_ms=1_700_000_000_000),
         m.Abort(request_id=rid, reason="client went away"),
         m.Abort(request_id=rid, reason="late", error_kind="timeout"),
-        m.WriteRequest(request_id=rid, decode_rank=1, block_ids=[5, 9, 2]),
         m.Ack(request_id=rid),
         m.ErrorReply(kind="lease", message="request expired"),
         m.Ping(nonce=42),
@@ -120,11 +119,27 @@ def test_deep_nesting_is_a_decode_error_not_a_recursion_error() -> None:
 def test_notification_is_a_compact_versioned_array() -> None:
     notif = m.XferNotif(request_id="a" * 32, rank=3)
     data = m.encode_notif(notif)
-    assert msgspec.msgpack.decode(data) == [m.PROTOCOL_VERSION, "a" * 32, 3, "ok", "", "done"]
+    assert msgspec.msgpack.decode(data) == [m.PROTOCOL_VERSION, "a" * 32, 3, "ok", "", "done", ""]
     assert len(data) < 48
     assert m.decode_notif(data) == notif
     with pytest.raises(msgspec.DecodeError):
         m.decode_notif(b"req-1:3")  # never the "req:n" strings of other connectors
+
+
+def test_a_push_request_is_the_notification_that_is_a_map() -> None:
+    ask = m.PushAsk(request_id="a" * 32, decode_rank=2, block_ids=[7, 3], decode_engine_id="decode0", decode_tp=4,
+                    staging_offsets=[4096], not_after_unix=1.7e9, mac="f" * 32)
+    data = m.encode_notif(ask)
+    assert list(msgspec.msgpack.decode(data))[0] == "protocol_version"
+    assert m.decode_notif(data) == ask
+    refused = m.XferNotif(request_id="a" * 32, rank=1, status=m.Status.ERROR, error_kind="lease",
+                          kind=m.NotifKind.PUSHED, message="its lease has ended")
+    assert m.decode_notif(m.encode_notif(refused)) == refused
+    with pytest.raises(msgspec.ValidationError, match="decode_rank"):  # a map must be a whole PushAsk
+        m.decode_notif(msgspec.msgpack.encode({"protocol_version": 3, "request_id": "r", "block_ids": [],
+                                              "decode_engine_id": "d", "not_after_unix": 0.0}))
+    with pytest.raises(msgspec.ValidationError):
+        m.decode_notif(msgspec.msgpack.encode({**msgspec.to_builtins(ask), "block_ids": [-1]}))
 
 
 def test_request_ids_are_128_random_bits() -> None:

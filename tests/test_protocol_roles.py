@@ -11,6 +11,7 @@ import msgspec
 import pytest
 import torch
 
+from kvxfer.agents import capability
 from kvxfer.agents import messages as m
 from kvxfer.agents.capability import Signer, identity_of_peer, master_secret
 from kvxfer.agents.consumer import Consumer, Load
@@ -21,7 +22,7 @@ from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import AgentConfig
 from kvxfer.agents.producer import Held, Producer
 from kvxfer.agents.sidechannel import ClientCache, ClientConfig, ServerConfig
-from kvxfer.errors import AuthError
+from kvxfer.errors import AuthError, PeerGoneError
 from kvxfer.layouts import describe
 from kvxfer.ports import free_ports
 
@@ -30,12 +31,12 @@ LEASE_S = 1.0
 BLOCK = 16
 
 
-def endpoint(role: m.Role, name: str, fill: float) -> Endpoint:
+def endpoint(role: m.Role, name: str, fill: float, metrics: TransferMetrics | None = None) -> Endpoint:
     desc = describe("flashinfer-hnd", num_layers=2, num_blocks=16, block_size=BLOCK, num_heads=2, head_dim=8,
                     dtype="float32")
     tensors = [torch.full(desc.shape, fill) + torch.rand(desc.shape) for _ in range(desc.num_layers)]
     identity = Identity(engine_id=name, boot_epoch=1, role=role, tp_size=1, tp_rank=0, model_fingerprint="fp")
-    return Endpoint(identity, tensors, desc, agent_config=AgentConfig(name=f"{name}-agent"))
+    return Endpoint(identity, tensors, desc, agent_config=AgentConfig(name=f"{name}-agent"), metrics=metrics)
 
 
 class Pair:
@@ -45,9 +46,10 @@ class Pair:
         self.released: list[tuple[Held, Outcome]] = []
         self.ended = threading.Event()
         lock = threading.RLock()
-        self.prefill = endpoint(m.Role.PREFILL, "prefill0", 1.0)
+        metrics = TransferMetrics()  # the producer rank's: its agent's transfers and its refusals
+        self.prefill = endpoint(m.Role.PREFILL, "prefill0", 1.0, metrics)
         self.producer = Producer(self.prefill, signer=Signer(master_secret(None, engine_id="prefill0", boot_epoch=1)),
-                                 lease_s=LEASE_S, metrics=TransferMetrics(), on_release=self._released, nixl_lock=lock)
+                                 lease_s=LEASE_S, metrics=metrics, on_release=self._released, nixl_lock=lock)
         self.port = free_ports(1)
         self.producer.start(ServerConfig(port=self.port, insecure=True, engine_id="prefill0", boot_epoch=1))
         self.decode = endpoint(m.Role.DECODE, "decode0", -1.0)
@@ -186,3 +188,80 @@ def test_forged_parameters_are_refused_before_any_transfer(pair, mode, forgery):
     assert all(torch.equal(a, b) for a, b in zip(before, pair.decode.tensors, strict=True))
     assert pair.producer.metrics.value("kvxfer_transfers_total", op="write") == 0
     assert pair.producer.num_held == 1  # the genuine request is untouched, still held
+
+
+# ---- push requests: a NIXL notification, so its MAC is what says who sent it --------------------
+
+def push_ask(pair: Pair, params: m.TransferParams, blocks: list[int], *, key: bytes | None = None) -> tuple[m.PushAsk, str]:
+    """A push request as the consumer rank signs it (with `key` instead, a forger's), and the
+    producer rank's NIXL agent it goes to."""
+    link = pair.consumer.link(params, 0)
+    ask = m.PushAsk(request_id=params.request_id, decode_rank=0, block_ids=blocks, decode_engine_id="decode0",
+                    not_after_unix=time.time() + 5)
+    return capability.sign_ask(ask, link.ask_key if key is None else key), link.peer.agent_name
+
+
+def send(pair: Pair, agent: str, ask: m.PushAsk) -> None:
+    """From the consumer rank's own NIXL agent: only the MAC can tell a forgery from its ask."""
+    with pair.consumer.nixl_lock:
+        pair.decode.agent.send_notif(agent, m.encode_notif(ask))
+
+
+def until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the producer rank never got to it"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("forgery", ["another key", "altered after signing", "unsigned"])
+def test_a_push_request_without_the_consumers_mac_moves_nothing(pair, forgery):
+    params = pair.hold([2, 4], 20)
+    ask, agent = push_ask(pair, params, [5, 9], key=b"k" * 32 if forgery == "another key" else None)
+    if forgery == "altered after signing":
+        ask = msgspec.structs.replace(ask, block_ids=[9, 5])
+    elif forgery == "unsigned":
+        ask = msgspec.structs.replace(ask, mac="")
+    before = [t.clone() for t in pair.decode.tensors]
+    send(pair, agent, ask)
+    until(lambda: pair.producer.metrics.value("kvxfer_failures_total", kind="auth") >= 1)
+    assert pair.producer.metrics.value("kvxfer_transfers_total", op="write") == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, pair.decode.tensors, strict=True))
+    assert pair.producer.num_held == 1  # the request itself is untouched: its consumer still loads it
+    pair.consumer.load(Load(params, torch.tensor([5, 9]).numpy(), 20, mode=m.Mode.WRITE,
+                            not_after_unix=time.time() + 5))
+    assert torch.equal(tokens(pair.decode.tensors[0], 5, BLOCK), tokens(pair.prefill.tensors[0], 2, BLOCK))
+
+
+def test_a_push_request_replayed_while_its_lease_runs_is_refused_and_says_why(pair):
+    params = pair.hold([2, 4], 20)
+    ask, agent = push_ask(pair, params, [5, 9])
+    send(pair, agent, ask)
+    send(pair, agent, ask)  # the same bytes again, as someone who saw them on the wire would send them
+    answers: list[m.XferNotif] = []
+
+    def both_answered() -> bool:
+        pair.consumer.inbox.collect()
+        answers.extend(n.notif for n in pair.consumer.inbox.take(params.request_id)
+                       if n.agent == agent and isinstance(n.notif, m.XferNotif) and n.notif.kind is m.NotifKind.PUSHED)
+        return len(answers) >= 2
+
+    until(both_answered)
+    assert [a.status for a in answers] == [m.Status.OK, m.Status.ERROR]
+    assert answers[1].error_kind == "auth" and "was asked for before; refusing a replay" in answers[1].message
+    assert pair.producer.metrics.value("kvxfer_transfers_total", op="write") == 1
+    assert torch.equal(tokens(pair.decode.tensors[1], 9, 4), tokens(pair.prefill.tensors[1], 4, 4))
+
+
+def test_a_wait_for_a_push_ends_soon_after_its_producer_stops_answering(pair):
+    """A push request is a notification, which a stopped producer never refuses: the consumer
+    rank pings it once the wait lasts (`liveness`) and gives up with PeerGoneError long before
+    the push's not-after time, not at it."""
+    params = pair.hold([2, 4], 20)
+    pair.consumer.link(params, 0)  # handshaken: what follows is the request's own path
+    pair.producer.stop()  # its side channel and its thread: no push, no answer
+    started = time.monotonic()
+    with pytest.raises(PeerGoneError, match="stopped answering while its push was awaited"):
+        pair.consumer.load(Load(params, torch.tensor([5, 9]).numpy(), 20, mode=m.Mode.WRITE,
+                                not_after_unix=time.time() + 60))
+    assert time.monotonic() - started < 30, "the consumer waited out the push's not-after time"

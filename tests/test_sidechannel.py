@@ -194,7 +194,7 @@ def test_handler_errors_become_typed_errors_and_the_server_keeps_serving(keys: K
             client.request(m.Abort(request_id="r1"), timeout_s=TIMEOUT_S)
         assert "a bug" not in str(info.value)  # internals stay on the server
         with pytest.raises(KvxferError, match="internal"):
-            client.request(m.WriteRequest(request_id="r1", decode_rank=0, block_ids=[1]), timeout_s=TIMEOUT_S)
+            client.request(m.Ack(request_id="r1"), timeout_s=TIMEOUT_S)
         assert client.request(m.Ping(), timeout_s=TIMEOUT_S) == m.Pong(engine_id="prefill-0", boot_epoch=11)
         assert srv.stats().handler_errors == 2
 

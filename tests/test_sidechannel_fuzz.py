@@ -24,7 +24,7 @@ from test_sidechannel_support import Keys
 from kvxfer.agents import messages as m
 from kvxfer.agents.compat import check_compatible
 from kvxfer.agents.sidechannel import CALL_ID_BYTES, PeerInfo, SideChannelClient, SideChannelServer
-from kvxfer.layouts import LAYOUTS, check_block_ids, describe
+from kvxfer.layouts import LAYOUTS, describe
 
 FUZZ_INPUTS = int(os.environ.get("KVXFER_FUZZ_INPUTS", "10000"))
 NUM_STRUCTURED = FUZZ_INPUTS // 5
@@ -62,9 +62,6 @@ def handler(peer: PeerInfo, msg: m.Message) -> m.Message:
         case m.HandshakeRequest():
             check_compatible(LOCAL, msg, peer=peer.address)
             return LOCAL
-        case m.WriteRequest():
-            check_block_ids(msg.block_ids, LOCAL.engine.regions[0].desc, who="write request")
-            return m.Ack(request_id=msg.request_id)
         case m.LeaseRenew():
             return m.LeaseRenewed(renewed=msg.request_ids[:1], unknown=tuple(msg.request_ids[1:]))
         case _:
@@ -168,7 +165,6 @@ def engines() -> st.SearchStrategy[m.EngineInfo]:
 
 
 RIDS = st.text(min_size=1, max_size=40)
-RANKS = st.integers(0, 65535)
 STATUS = st.sampled_from(m.Status)
 MESSAGES: st.SearchStrategy[m.Message] = st.one_of(
     st.builds(m.HandshakeRequest, engine=engines()),
@@ -176,7 +172,6 @@ MESSAGES: st.SearchStrategy[m.Message] = st.one_of(
     st.builds(m.LeaseRenew, request_ids=st.lists(RIDS, max_size=4)),
     st.builds(m.LeaseRenewed, renewed=st.lists(RIDS, max_size=3)),
     st.builds(m.Abort, request_id=RIDS, reason=st.text(max_size=20), error_kind=st.text(max_size=8)),
-    st.builds(m.WriteRequest, request_id=RIDS, decode_rank=RANKS, block_ids=st.lists(st.integers(0, 2**31 - 1), max_size=8)),
     st.builds(m.Ack, request_id=RIDS),
     st.builds(m.ErrorReply, kind=st.text(max_size=8), message=st.text(max_size=20)),
     st.builds(m.Ping, nonce=st.integers(0, 2**63 - 1)),
@@ -247,7 +242,8 @@ def corpus() -> list[bytes]:
         m.encode(m.Abort(request_id=m.new_request_id(), reason="failed", error_kind="timeout")),
         m.encode(m.LeaseRenew(request_ids=[m.new_request_id() for _ in range(3)])),
         m.encode(m.Abort(request_id="r", reason="gone")),
-        m.encode(m.WriteRequest(request_id="r", decode_rank=1, block_ids=list(range(40)))),
+        m.encode_notif(m.PushAsk(request_id="r", decode_rank=1, block_ids=list(range(40)), decode_engine_id="d",
+                                 not_after_unix=1.7e9, mac="0" * 32)),
         m.encode(m.Ping(nonce=rng.getrandbits(63))),
         m.encode_notif(m.XferNotif(request_id="r", rank=0)),
         m.encode_notif(m.XferNotif(request_id="r", rank=1, status=m.Status.ERROR, kind=m.NotifKind.PUSHED)),

@@ -14,6 +14,10 @@ byte moves, and without asking the producer on the request's critical path. So:
   parameters bound to another consumer, fail the check.
 - `OnceOnly` makes each transfer id usable once per consumer rank: parameters replayed after
   the lease ended (its blocks since reused) are refused too.
+- The other way round, a consumer rank's push request (`PushAsk`, a NIXL notification: no
+  authenticated channel carries it) is signed with a key derived from the consumer's own key
+  (`ask_key`), which the producer derives alike from the identity that handshook; a producer
+  admits one push per consumer rank and request, so a replayed ask moves nothing.
 
 What this does not stop (docs/security.md): a consumer that holds its key can sign parameters
 for itself; such a consumer can already read the producer's registered memory through NIXL.
@@ -30,12 +34,13 @@ from collections import OrderedDict
 
 import msgspec
 
-from kvxfer.agents.messages import Binding, TransferParams
+from kvxfer.agents.messages import Binding, PushAsk, TransferParams
 from kvxfer.errors import AuthError
 
 MAC_HEX = 32  # 128 bits
 _MASTER = b"kvxfer-params-master-v2|"
 _KEY = b"kvxfer-params-key-v2|"
+_ASK = b"kvxfer-push-ask-v3|"  # a separate key: an ask's MAC is never a valid parameters' MAC
 
 
 def master_secret(instance_secret: bytes | None, *, engine_id: str, boot_epoch: int) -> bytes:
@@ -79,6 +84,30 @@ def mac_of(params: TransferParams, key: bytes) -> str:
               params.block_ids, params.side_channel, params.tp_size, params.binding.consumer_key,
               params.binding.consumer_engine_id, params.num_tokens, params.first_token_id,
               params.lease_s, params.expires_unix_ms)
+    return hmac.digest(key, msgspec.msgpack.encode(fields), "sha256").hex()[:MAC_HEX]
+
+
+def ask_key(consumer_key: bytes) -> bytes:
+    """The key a consumer signs its push requests with, from the key of its own identity (the
+    producer's `Signer.key_for(identity)`, which the consumer got at handshake)."""
+    return hmac.digest(consumer_key, _ASK, "sha256")
+
+
+def sign_ask(ask: PushAsk, key: bytes) -> PushAsk:
+    return msgspec.structs.replace(ask, mac=_ask_mac(ask, key))
+
+
+def check_ask(ask: PushAsk, key: bytes) -> None:
+    """Raise AuthError unless `ask` carries the MAC its consumer computes with `key`."""
+    if not ask.mac or not hmac.compare_digest(ask.mac, _ask_mac(ask, key)):
+        raise AuthError(f"push request for {ask.request_id[:8]} from decode {ask.decode_engine_id} rank "
+                        f"{ask.decode_rank} fails its MAC check: not sent by the consumer that handshook "
+                        f"with that NIXL agent, or altered on the way; refusing")
+
+
+def _ask_mac(ask: PushAsk, key: bytes) -> str:
+    fields = (ask.protocol_version, ask.request_id, ask.decode_rank, ask.block_ids, ask.decode_engine_id,
+              ask.decode_tp, ask.staging_offsets, ask.not_after_unix)
     return hmac.digest(key, msgspec.msgpack.encode(fields), "sha256").hex()[:MAC_HEX]
 
 

@@ -8,8 +8,10 @@ gives it, talking to them directly:
 2. Check the parameters: their MAC (`capability`), that they were not used before, and that the
    lease still runs (renewing it first, one round trip, when it is close to its end).
 3. READ: one transfer per producer rank, posted with no side-channel round trip.
-   WRITE: one `WriteRequest` per producer rank, sent at once; each rank pushes into our blocks
-   (or our staging slot, then we scatter) and notifies `PUSHED`.
+   WRITE: one `PushAsk` notification per producer rank, sent at once (signed with our own key,
+   `capability.ask_key`); each rank pushes into our blocks (or our staging slot, then we
+   scatter) and notifies `PUSHED`, or refuses with a `PUSHED` error saying why; a wait that
+   lasts pings them (`liveness`: a producer that died never refuses).
 4. Confirm: a `DONE` notification to every producer rank; each ends its lease on the last one.
 A failure raises a KvxferError naming why (`explain` turns an unreachable or restarted producer
 into one); the driver then aborts the lease (`LeaseClient.abort`) and reports the request failed.
@@ -36,8 +38,9 @@ from kvxfer.agents.endpoint import Endpoint, Leg, TransferSummary, shaped_ids
 from kvxfer.agents.heartbeat import LeaseClient
 from kvxfer.agents.inbox import Inbox
 from kvxfer.agents.landings import Landings
+from kvxfer.agents.liveness import PushWatch, gone
 from kvxfer.agents.peers import Peer
-from kvxfer.agents.sidechannel import ClientCache, PendingCall, Target, producer_target
+from kvxfer.agents.sidechannel import ClientCache, Target, producer_target
 from kvxfer.agents.staged_transfer import Reservation, release_later
 from kvxfer.errors import (
     AuthError,
@@ -83,6 +86,7 @@ class ProducerLink:
     params_key: bytes
     unbound_params_key: bytes
     target: Target  # its side channel
+    ask_key: bytes  # what our push requests to it are signed with (`capability.ask_key`)
 
 
 class Consumer:
@@ -97,7 +101,7 @@ class Consumer:
         self.clients = clients
         self.leases = leases
         self.handshake_timeout_s = handshake_timeout_s
-        self.request_timeout_s = request_timeout_s  # a push asked for: producers start it by then
+        self.request_timeout_s = request_timeout_s  # a push asked for: producers start it within this
         self._nixl = nixl_lock
         self._hello = m.HandshakeRequest(engine=endpoint.info(modes))
         self._check_producer = check_producer  # the driver's own pairing rules, if any
@@ -201,30 +205,30 @@ class Consumer:
 
     def _pushed(self, job: Load, links: list[ProducerLink],
                 sources: tuple[Assignment, ...]) -> tuple[TransferSummary, bool]:
-        """Ask each producer rank for its push at once, wait for every one's notification, then
-        scatter from the staging slot if there is one. A failure keeps the slot away from other
-        requests until no push started in time can land in it."""
+        """Ask each producer rank for its push at once (a `PushAsk` notification each, no side
+        channel), wait for every one's `PUSHED`, then scatter from the staging slot if there is
+        one. A refusal comes as a `PUSHED` error with its reason. A failure keeps the slot away
+        from other requests until no push started in time can land in it."""
         params = job.params
         started = time.perf_counter()
         reservation = self._reserve(job, links, sources) if job.staged else None
         ranks = sorted({s.prefill_rank for s in sources})
-        ask = m.WriteRequest(request_id=params.request_id, decode_rank=self.rank,
-                             block_ids=job.local_ids.reshape(-1).tolist(),
-                             decode_engine_id=self.endpoint.identity.engine_id, decode_tp=self.tp_size,
-                             staging_offsets=reservation.wire_offsets() if reservation else None,
-                             not_after_unix=job.not_after_unix)
+        ask = m.PushAsk(request_id=params.request_id, decode_rank=self.rank,
+                        block_ids=job.local_ids.reshape(-1).tolist(),
+                        decode_engine_id=self.endpoint.identity.engine_id, decode_tp=self.tp_size,
+                        staging_offsets=reservation.wire_offsets() if reservation else None,
+                        not_after_unix=job.not_after_unix)
         push_s = self.endpoint.deadline.seconds(self.expected_bytes(params, job.num_tokens))
-        calls: list[PendingCall] = []
+        watch = PushWatch(self.clients, params, {r: links[r].target for r in ranks}, timeout_s=self.request_timeout_s)
         try:
-            # Each rank answers after running its push: what ends the wait is the push's
-            # notification, or an answer that refuses it, whichever comes first.
-            for rank in ranks:
-                calls.append(self.clients.call(links[rank].target, ask, timeout_s=self.request_timeout_s))
+            with self._nixl:
+                for rank in ranks:
+                    signed = capability.sign_ask(ask, links[rank].ask_key)
+                    self.endpoint.agent.send_notif(links[rank].peer.agent_name, m.encode_notif(signed))
             self.inbox.wait(params.request_id, m.NotifKind.PUSHED, {r: links[r].peer.agent_name for r in ranks},
                             timeout_s=max(0.0, job.not_after_unix - time.time()) + push_s,
                             what=lambda missing: f"request {params.request_id[:8]}: pushes from producer "
-                                                 f"rank(s) {sorted(missing)}",
-                            between=lambda: [call.poll() for call in calls])
+                                                 f"rank(s) {sorted(missing)}", watch=watch.check)
             if reservation is not None:
                 self._scatter(reservation)
         except KvxferError:
@@ -233,8 +237,7 @@ class Consumer:
                               max(0.0, job.not_after_unix + push_s - time.time()))
             raise
         finally:
-            for call in calls:
-                call.close()
+            watch.close()
         num_bytes = self.expected_bytes(params, job.num_tokens)
         return TransferSummary(m.Mode.WRITE, num_bytes=num_bytes, num_descriptors=len(ranks) if reservation else 0,
                                seconds=time.perf_counter() - started,
@@ -288,12 +291,13 @@ class Consumer:
         remote = reply.engine
         check_compatible(self._hello, reply, peer=address)
         if remote.engine_id != params.engine_id or remote.boot_epoch != params.boot_epoch:
-            raise PeerGoneError(_gone(params, rank, address, remote.engine_id, remote.boot_epoch))
+            raise PeerGoneError(gone(params, rank, address, remote.engine_id, remote.boot_epoch))
         if self._check_producer is not None:
             self._check_producer(remote, f"{params.engine_id}/{rank}")
         with self._nixl:
             peer = self.endpoint.peers.admit(remote)
-        link = ProducerLink(peer, reply.params_key, reply.unbound_params_key, target)
+        link = ProducerLink(peer, reply.params_key, reply.unbound_params_key, target,
+                            capability.ask_key(reply.params_key))
         self._links[params.engine_id, rank] = link
         log.info("handshake with producer %s rank %d (epoch %d) from rank %d: %.1f ms", params.engine_id,
                  rank, params.boot_epoch, self.rank, (time.perf_counter() - started) * 1e3)
@@ -364,13 +368,9 @@ class Consumer:
             return PeerGoneError(f"producer {params.engine_id} at {address} does not answer ({probe}); the "
                                  f"request's KV is lost with it ({err.kind}: {err})")
         if isinstance(pong, m.Pong) and (pong.engine_id, pong.boot_epoch) != (params.engine_id, params.boot_epoch):
-            return PeerGoneError(_gone(params, 0, address, pong.engine_id, pong.boot_epoch))
+            return PeerGoneError(gone(params, 0, address, pong.engine_id, pong.boot_epoch))
         return err
 
     def close(self) -> None:
         self.clients.close()
 
-
-def _gone(params: m.TransferParams, rank: int, address: str, engine_id: str, epoch: int) -> str:
-    return (f"prefill {params.engine_id} rank {rank} at epoch {params.boot_epoch} is gone: {address} is now "
-            f"{engine_id} at epoch {epoch} (restarted; the request's KV was lost with it)")

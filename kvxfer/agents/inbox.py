@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from kvxfer.agents.messages import NotifKind, Status, XferNotif, decode_notif
+from kvxfer.agents.limited_log import LimitedLog
+from kvxfer.agents.messages import Notif, NotifKind, Status, XferNotif, decode_notif
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import Backoff, NixlAgent, PollPolicy
 from kvxfer.errors import TransferTimeout, error_class
@@ -31,8 +32,8 @@ WAIT_POLICY = PollPolicy(spin_s=0.0, min_sleep_s=20e-6, max_sleep_s=100e-6)
 class Notice:
     """One notification: the NIXL agent that sent it and what it says."""
 
-    agent: str
-    notif: XferNotif
+    agent: str  # as NIXL names the sender: not authenticated (a `PushAsk` carries a MAC for that)
+    notif: Notif
 
 
 class Inbox:
@@ -43,6 +44,7 @@ class Inbox:
         self._metrics = metrics
         self._ttl_s = ttl_s
         self._filed: dict[str, tuple[float, list[Notice]]] = {}  # request id -> (first seen, notices)
+        self._malformed = LimitedLog(log)
 
     def collect(self) -> int:
         """Drive NIXL once and file what arrived; returns how many notifications did."""
@@ -68,25 +70,26 @@ class Inbox:
         return [n for _, notices in filed.values() for n in notices]
 
     def wait(self, request_id: str, kind: NotifKind, senders: Mapping[int, str], *, timeout_s: float,
-             what: Callable[[set[int]], str], between: Callable[[], object] | None = None) -> None:
+             what: Callable[[set[int]], str], watch: Callable[[], None] | None = None) -> None:
         """Until a notification of `kind` for `request_id` arrived from each rank of `senders`,
         sent by that rank's own NIXL agent (rank -> agent name: another agent's is ignored). A
-        sender that reports an error raises it (its kind) at once; past `timeout_s`,
-        TransferTimeout with `what(missing ranks)`. `between` runs before each look: it raises
-        to end the wait (say, a side-channel answer that refuses what we wait for)."""
+        sender that reports an error raises it (its kind and message) at once; past `timeout_s`,
+        TransferTimeout with `what(missing ranks)`. `watch` runs before each look: it raises to
+        end the wait (say, a sender found gone)."""
         missing = set(senders)
         deadline, backoff = time.monotonic() + timeout_s, Backoff(WAIT_POLICY)
         while True:
-            if between is not None:
-                between()
+            if watch is not None:
+                watch()
             self.collect()
             for notice in self.take(request_id):
                 notif = notice.notif
-                if notif.kind is not kind or notif.rank not in missing or notice.agent != senders[notif.rank]:
+                if (not isinstance(notif, XferNotif) or notif.kind is not kind or notif.rank not in missing
+                        or notice.agent != senders[notif.rank]):
                     continue
                 if notif.status is Status.ERROR:
                     raise error_class(notif.error_kind)(f"{what({notif.rank})}: the sender reports "
-                                                        f"{notif.error_kind or 'an error'}")
+                                                        f"{notif.message or notif.error_kind or 'an error'}")
                 missing.discard(notif.rank)
             if not missing:
                 return
@@ -98,7 +101,7 @@ class Inbox:
         try:
             return Notice(agent, decode_notif(payload))
         except Exception as err:  # a peer's bytes: never let them stop the poll loop
-            log.warning("dropping a malformed notification from %s: %s", agent, err)
+            self._malformed.warning("dropping a malformed notification from %s: %s", agent, err)
             if self._metrics is not None:
                 self._metrics.observe_failure("malformed")
             return None

@@ -20,12 +20,17 @@ Version 2 (the one-protocol release) retired what nothing sent or read (`Claim`,
 `TransferDone`, `EngineInfo.read_gbps/write_gbps`, `TransferParams.lease_expires_s`) and gave each
 message one meaning: `Abort` ends a lease early (the consumer gave up or needs nothing), the
 NIXL notification `XferNotif(kind=DONE)` from every consumer rank confirms it, `LeaseRenew` is the
-heartbeat, `WriteRequest` asks one producer rank for one push.
+heartbeat. Version 3 moved the push request off the side channel: `PushAsk`, a NIXL notification
+under a MAC, asks one producer rank for one push (it retired `WriteRequest`, tag "write"), and a
+refused push's `XferNotif(kind=PUSHED)` carries the refusal's message.
 
 Security: request ids are `new_request_id()` (128 random bits). Everything that acts on a
-request (`LeaseRenew`, `Abort`, `WriteRequest`) is attributed by the server to the authenticated
-CURVE key of the connection it arrived on, never to a field inside the message, and a producer
-honours it only when that key matches the request's `Binding`. Transfer parameters carry a MAC
+request over the side channel (`LeaseRenew`, `Abort`) is attributed by the server to the
+authenticated CURVE key of the connection it arrived on, never to a field inside the message, and
+a producer honours it only when that key matches the request's `Binding`. A `PushAsk` travels
+outside the side channel, so it carries a MAC under the asking consumer's own key
+(`kvxfer.agents.capability.ask_key`, from its handshake): the producer checks it against the
+consumer whose handshake named the sending NIXL agent before it reads anything else. Transfer parameters carry a MAC
 (`kvxfer.agents.capability`) that a consumer rank checks with the key its producer gave it at
 handshake, so a READ needs no round trip to refuse forged parameters (docs/security.md).
 """
@@ -41,7 +46,7 @@ import msgspec
 
 from kvxfer.layouts import CacheDesc
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 T = TypeVar("T")
 
 # Bounds that keep a hostile message from asking for absurd work; decoding refuses values outside.
@@ -168,24 +173,8 @@ class Abort(_Base, frozen=True, kw_only=True, tag="abort"):
     error_kind: ShortStr = ""
 
 
-class WriteRequest(_Base, frozen=True, kw_only=True, tag="write"):
-    """WRITE mode: decode rank `decode_rank` allocated `block_ids`; the producer pushes into them."""
-
-    request_id: RequestId
-    decode_rank: Rank
-    block_ids: BlockIds
-    decode_engine_id: ShortStr = ""  # whose handshake (agent, cache) the producer pushes to
-    decode_tp: TpSize = 1  # so every producer rank knows whether it pairs with decode_rank
-    # Staged: where in decode_rank's staging slots each of its sources (in `sources_of` order)
-    # writes its part, gathered, with one descriptor; None: direct, into block_ids.
-    staging_offsets: Annotated[list[U64], msgspec.Meta(max_length=65536)] | None = None
-    # The consumer's wall clock when it stops waiting: a producer that only gets to the push
-    # later (it was stalled) refuses it instead of writing into memory the consumer reused.
-    not_after_unix: float | None = None
-
-
 class Ack(_Base, frozen=True, kw_only=True, tag="ack"):
-    """Generic success reply for messages that need no data back (Abort, WriteRequest)."""
+    """Generic success reply for messages that need no data back (Abort)."""
 
     request_id: ShortStr = ""
 
@@ -211,7 +200,6 @@ Message = (
     | LeaseRenew
     | LeaseRenewed
     | Abort
-    | WriteRequest
     | Ack
     | ErrorReply
     | Ping
@@ -260,7 +248,7 @@ def probe_version(data: bytes) -> int | None:
 
 
 class NotifKind(Enum):
-    PUSHED = "pushed"  # producer rank -> consumer rank: its WRITE into the consumer landed (or failed)
+    PUSHED = "pushed"  # producer rank -> consumer rank: its WRITE into the consumer landed (or was refused)
     DONE = "done"  # consumer rank -> every producer rank: it has what it needed of the request
 
 
@@ -273,16 +261,45 @@ class XferNotif(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     status: Status = Status.OK
     error_kind: ShortStr = ""
     kind: NotifKind = NotifKind.DONE
+    message: Text = ""  # a PUSHED error: why (the refusal or failure, as the producer logged it)
 
 
+class PushAsk(msgspec.Struct, frozen=True, kw_only=True):
+    """WRITE mode, a NIXL notification from consumer rank `decode_rank` to one producer rank: push
+    the request's KV into `block_ids`, which it allocated. A msgpack map (notifications that are
+    arrays are `XferNotif`). `mac` (`capability.sign_ask`) covers every other field under the
+    asking consumer's own key, so NIXL's unauthenticated sender name cannot be used to aim a push."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    request_id: RequestId
+    decode_rank: Rank
+    block_ids: BlockIds
+    decode_engine_id: ShortStr  # whose handshake (agent, cache, key) the producer pushes to
+    decode_tp: TpSize = 1
+    # Staged: where in decode_rank's staging slots each of its sources (in `sources_of` order)
+    # writes its part, gathered, with one descriptor; None: direct, into block_ids.
+    staging_offsets: Annotated[list[U64], msgspec.Meta(max_length=65536)] | None = None
+    # The consumer's wall clock when it stops waiting: a producer that only gets to the push
+    # later (it was stalled) refuses it instead of writing into memory the consumer reused.
+    not_after_unix: float
+    mac: Mac = ""
+
+
+Notif = XferNotif | PushAsk
 _notif_decoder = msgspec.msgpack.Decoder(XferNotif)
+_ask_decoder = msgspec.msgpack.Decoder(PushAsk)
+_MSGPACK_MAPS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}  # fixmap, map 16, map 32
 
 
-def encode_notif(notif: XferNotif) -> bytes:
+def encode_notif(notif: Notif) -> bytes:
     return _encoder.encode(notif)
 
 
-def decode_notif(data: bytes) -> XferNotif:
+def decode_notif(data: bytes) -> Notif:
+    """A notification's payload: a map is a `PushAsk`, anything else must be an `XferNotif`
+    (msgspec decodes untagged structs one type at a time, so the shape picks the type)."""
+    if data and data[0] in _MSGPACK_MAPS:
+        return _decode_with(_ask_decoder.decode, data)
     return _decode_with(_notif_decoder.decode, data)
 
 

@@ -8,16 +8,18 @@ the lease ends exactly once:
 - expired: the consumer stopped renewing (`LeaseRenew`, its heartbeat) for `lease_s`.
 The driver learns of each end through `on_release` (the daemons free the blocks on rank 0; vLLM
 reports the request as finished sending). In WRITE mode a consumer rank asks this rank for a push
-(`WriteRequest`); the push never waits behind the driver's compute, and its notification
-(`PUSHED`) tells the consumer rank when the bytes landed or why they did not.
+with a NIXL notification (`PushAsk`, under a MAC of the consumer's own key: NIXL does not
+authenticate who sent it); the push never waits behind the driver's compute, and its notification
+(`PUSHED`) tells the consumer rank when the bytes landed or why they did not. Each consumer rank
+gets one push per request: an ask replayed is refused.
 
-Threads: the side-channel server's thread runs `handle`, and in it the direct pushes it admits,
-before it answers (no hand-off to another thread on the request's path; the consumer rank waits
-for the push's notification, not for the answer; a push still running after `INLINE_PUSH_S` is
-left to this role's thread, so the server never waits behind a slow consumer). This role's
-thread runs `poll` (notifications, staged pushes, pushes asked for before `hold`, pushes left to
-finish); the driver's thread calls `hold`. `_lock` guards the state they share; the NIXL lock is
-the driver's, shared with anything else using the agent.
+Threads: the side-channel server's thread runs `handle` (handshakes, renewals, aborts). This
+role's thread runs `poll`: notifications (confirmations, push requests) and the pushes they ask
+for, at once (a direct push still running after `INLINE_PUSH_S` is finished by later polls, so
+one slow consumer holds up no other), leases' expiry. For `ASK_WINDOW_S` after each `hold`, while
+a lease is held, it polls every `_IDLE_FIRST_S` (where a consumer that may push handshook): a
+push request is then on its way. The driver's thread calls `hold`. `_lock` guards the state they
+share; the NIXL lock is the driver's, shared with anything else using the agent.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ import numpy as np
 import torch
 
 from kvxfer.agents import messages as m
-from kvxfer.agents.capability import Signer, identity_of_peer
+from kvxfer.agents.capability import Signer, ask_key, check_ask, identity_of_peer
 from kvxfer.agents.compat import check_compatible
 from kvxfer.agents.endpoint import Endpoint, Leg, Posted, shaped_ids
 from kvxfer.agents.inbox import Inbox, Notice
 from kvxfer.agents.landings import Landings
 from kvxfer.agents.leases import LeaseTable, Outcome, Released
+from kvxfer.agents.limited_log import LimitedLog
 from kvxfer.agents.metrics import TransferMetrics
 from kvxfer.agents.nixl_agent import Op
 from kvxfer.agents.pacing import IdlePacer
@@ -64,9 +67,10 @@ EARLY_TTL_S = 60.0  # notifications and push requests that beat their `hold` wai
 EARLY_MAX = 4096  # for at most this many requests
 ENDED_MAX = 4096  # leases remembered after their end: a late push request is refused, not filed
 WIRE_TIMEOUT_S = 1.0  # the probe READ wiring a new consumer's connection (this thread's pushes wait)
-INLINE_PUSH_S = 2e-3  # a direct push the server thread posted: it waits this long, then leaves it
-# Idle polling: confirmations wait at most 10 ms (never a push: the server thread runs it, or
-# wakes this thread for it); every producer rank of a host polls, so not much more often.
+INLINE_PUSH_S = 2e-3  # a direct push this thread posted: it waits this long, then polls it later
+ASK_WINDOW_S = 0.1  # after a hold, this thread polls at its fastest until the lease ends or this long
+# Idle polling: between requests confirmations wait at most 10 ms; every producer rank of a host
+# polls, so not much more often.
 _IDLE_FIRST_S, _IDLE_LONGEST_S = 20e-6, 10e-3
 _NO_IDS = np.empty(0, dtype=np.int64)  # legs that only name a peer's heads
 
@@ -89,6 +93,7 @@ Release = Callable[[Held, Outcome], None]
 class _Lease:
     held: Held
     confirmed: set[int] = field(default_factory=set)  # consumer ranks that sent DONE
+    asked: set[int] = field(default_factory=set)  # consumer ranks whose push was admitted
 
 
 @dataclass(frozen=True)
@@ -99,12 +104,13 @@ class _ConsumerRank:
     peer: PeerInfo
     identity: str
     targets: tuple[HeadRange, ...]  # the heads this producer rank pushes to it (map_tp, once)
+    ask_key: bytes  # what its push requests are signed with (`capability.ask_key`)
 
 
 @dataclass(frozen=True)
 class _Push:
     held: Held
-    ask: m.WriteRequest
+    ask: m.PushAsk
     consumer: _ConsumerRank
 
 
@@ -134,15 +140,16 @@ class Producer:
         self._lock = threading.Lock()
         self._held: dict[str, _Lease] = {}
         self._consumers: dict[str, _ConsumerRank] = {}  # NIXL agent name -> consumer rank
-        self._by_rank: dict[tuple[str, int], _ConsumerRank] = {}  # (engine id, rank) -> consumer rank
-        self._early: dict[str, tuple[float, list[Notice | tuple[PeerInfo, m.WriteRequest]]]] = {}
+        self._early: dict[str, tuple[float, list[Notice]]] = {}  # notifications that beat their `hold`
         self._ended: OrderedDict[str, Outcome] = OrderedDict()  # transfer id -> how its lease ended
-        self._pushes: deque[_Push] = deque()  # for this role's thread
-        self._pushes_now: deque[_Push] = deque()  # the server thread's, run before its answer
-        self._finishing: list[tuple[_Push, Posted]] = []  # posted inline, still running
+        self._pushes: deque[_Push] = deque()  # admitted, for this role's thread to run
+        self._finishing: list[tuple[_Push, Posted]] = []  # posted, still running
         self._to_prepare: deque[_ConsumerRank] = deque()  # consumer ranks that just handshook
         self._pace = IdlePacer(_IDLE_FIRST_S, _IDLE_LONGEST_S)
+        self._hot_until = 0.0  # monotonic: poll at the fastest until then (a hold's ask may come)
+        self._pushes_asked_for = False  # a consumer rank that may ask for pushes handshook
         self._landings: Landings[tuple[str, int]] = Landings()  # pushes given up, by transfer id
+        self._bad_asks = LimitedLog(log)  # push requests whose sender cannot be trusted
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._server: SideChannelServer | None = None
@@ -189,13 +196,12 @@ class Producer:
             self._leases.acquire(held.transfer_id, owned, [CONSUMER], now=time.monotonic())
             self._held[held.transfer_id] = _Lease(held)
             early = self._early.pop(held.transfer_id, (0.0, []))[1]
+            self._hot_until = time.monotonic() + ASK_WINDOW_S
+        self._pace.wake()
         log.debug("rank %d holds %s (%d blocks) for %.0f s", self.rank, held.transfer_id[:8],
                   len(held.block_ids), self.lease_s)
-        for event in early:
-            if isinstance(event, Notice):
-                self._released(self._confirm(event))
-            else:
-                self._answer_early_write(*event)
+        for notice in early:
+            self._noticed(notice, now=False)
         return int((time.time() + self.lease_s) * 1e3)
 
     def drop(self, transfer_id: str, why: str) -> bool:
@@ -223,22 +229,19 @@ class Producer:
                 return m.Ack(request_id=msg.request_id)
             case m.LeaseRenew():
                 return self._renew(peer, msg)
-            case m.WriteRequest():
-                self._write_request(peer, msg, now=True)
-                self._push_now()
-                return m.Ack(request_id=msg.request_id)
         return m.ErrorReply(kind="malformed", message=f"a producer rank does not take {type(msg).__name__}")
 
     def _handshake(self, peer: PeerInfo, msg: m.HandshakeRequest) -> m.Message:
         reply = m.HandshakeReply(engine=self.info)
         check_compatible(reply, msg, peer=f"{msg.engine.engine_id}/{msg.engine.tp_rank}")
         identity = identity_of_peer(peer.public_key, msg.engine.engine_id)
-        consumer = _ConsumerRank(msg.engine, peer, identity, self._targets(msg.engine.tp_size, msg.engine.tp_rank))
+        consumer = _ConsumerRank(msg.engine, peer, identity, self._targets(msg.engine.tp_size, msg.engine.tp_rank),
+                                 ask_key(self.signer.key_for(identity)))
         with self._lock:
             self._consumers[msg.engine.agent_name] = consumer
-            self._by_rank[msg.engine.engine_id, msg.engine.tp_rank] = consumer
             if m.Mode.WRITE in msg.engine.modes:
                 self._to_prepare.append(consumer)
+                self._pushes_asked_for = True
         self._pace.wake()
         unbound = self.signer.key_for("") if peer.public_key is None or self._grant_unbound else b""
         return m.HandshakeReply(engine=self.info, params_key=self.signer.key_for(identity),
@@ -272,51 +275,74 @@ class Producer:
         return m.LeaseRenewed(renewed=renewed, unknown=tuple(unknown),
                               expires_unix_ms=int((time.time() + self.lease_s) * 1e3))
 
-    def _write_request(self, peer: PeerInfo, msg: m.WriteRequest, *, now: bool = False) -> None:
-        """Admit a push, or refuse it (raises). `now`: the server thread asks, and runs a direct
-        push itself (`_push_now`); else this role's thread runs it."""
+    # -- push requests (this role's thread; `hold` for those that came before it) ---------------
+
+    def _noticed(self, notice: Notice, *, now: bool) -> None:
+        """One notification: a confirmation, or a push request (run at once if `now`, else
+        queued for this role's thread)."""
+        if isinstance(notice.notif, m.PushAsk):
+            push = self._asked(notice.agent, notice.notif)
+            if push is not None:
+                if now and push.ask.staging_offsets is None:
+                    self._push(push)
+                else:
+                    with self._lock:
+                        self._pushes.append(push)
+                    self._pace.wake()
+        elif notice.notif.kind is m.NotifKind.DONE:
+            self._released(self._confirm(notice.agent, notice.notif))
+
+    def _asked(self, agent: str, ask: m.PushAsk) -> _Push | None:
+        """Admit a push request, or refuse it: one whose MAC fails (or from an agent no consumer
+        handshook with) is dropped with a warning, since its sender cannot be trusted to be who
+        it names; any other refusal is told to the consumer rank as a `PUSHED` error."""
+        with self._lock:
+            consumer = self._consumers.get(agent)
+        try:
+            if consumer is None:
+                raise AuthError(f"push request for {ask.request_id[:8]} from NIXL agent {agent!r}, which no "
+                                f"consumer rank handshook with; dropping it")
+            check_ask(ask, consumer.ask_key)
+        except AuthError as err:
+            self._bad_asks.warning("rank %d: %s", self.rank, err)
+            self.metrics.observe_failure(err.kind)
+            return None
         try:
             with self._lock:
-                lease = self._held.get(msg.request_id)
+                lease = self._held.get(ask.request_id)
                 if lease is None:
-                    ended = self._ended.get(msg.request_id)
+                    ended = self._ended.get(ask.request_id)
                     if ended is not None:
-                        raise LeaseError(f"push of {msg.request_id[:8]}: its lease on rank {self.rank} has "
+                        raise LeaseError(f"push of {ask.request_id[:8]}: its lease on rank {self.rank} has "
                                          f"ended ({ended.value}); its blocks may hold other data now")
-                    self._file_early(msg.request_id, (peer, msg))
-                    return
-                push = self._admit_push_locked(peer, msg, lease.held)
-                inline = now and msg.staging_offsets is None
-                (self._pushes_now if inline else self._pushes).append(push)
-        except KvxferError as err:  # the reply carries it; the log and metric say it here too
-            log.warning("push of %s to %s rank %d refused: %s", msg.request_id[:8], msg.decode_engine_id,
-                        msg.decode_rank, err)
-            self.metrics.observe_failure(err.kind)
-            raise
-        if not inline:
-            self._pace.wake()
-
-    def _answer_early_write(self, peer: PeerInfo, msg: m.WriteRequest) -> None:
-        """A push asked for before `hold`: admitted now, or refused with a PUSHED error."""
-        try:
-            self._write_request(peer, msg)
+                    self._file_early(ask.request_id, Notice(agent, ask))
+                    return None
+                push = self._admit_push_locked(consumer, ask, lease)
         except KvxferError as err:
-            consumer = self._by_rank.get((msg.decode_engine_id, msg.decode_rank))
-            if consumer is not None:
-                self._notify(consumer.info.agent_name, msg.request_id, err.kind)
+            log.warning("push of %s to %s rank %d refused: %s", ask.request_id[:8], ask.decode_engine_id,
+                        ask.decode_rank, err)
+            self.metrics.observe_failure(err.kind)
+            self._notify(agent, ask.request_id, err)
+            return None
+        return push
 
-    def _admit_push_locked(self, peer: PeerInfo, msg: m.WriteRequest, held: Held) -> _Push:
-        """Refuse a push the asking peer may not aim where it aims, or that comes too late."""
-        self._check_binding(peer, held.binding, engine_id=msg.decode_engine_id)
-        consumer = self._by_rank.get((msg.decode_engine_id, msg.decode_rank))
-        if consumer is None or consumer.identity != identity_of_peer(peer.public_key, msg.decode_engine_id):
-            raise AuthError(f"push of {msg.request_id[:8]}: decode {msg.decode_engine_id} rank {msg.decode_rank} "
-                            f"did not handshake with the key that asked for it; refusing")
-        _check_in_time(msg)
+    def _admit_push_locked(self, consumer: _ConsumerRank, ask: m.PushAsk, lease: _Lease) -> _Push:
+        """Refuse a push the asking consumer rank may not aim where it aims, a second one for the
+        same rank, or one that comes too late."""
+        info = consumer.info
+        if (ask.decode_engine_id, ask.decode_rank) != (info.engine_id, info.tp_rank):
+            raise AuthError(f"push of {ask.request_id[:8]}: decode {info.engine_id} rank {info.tp_rank} asked for "
+                            f"a push to decode {ask.decode_engine_id} rank {ask.decode_rank}; refusing")
+        self._check_binding(consumer.peer, lease.held.binding, engine_id=info.engine_id)
+        if ask.decode_rank in lease.asked:
+            raise AuthError(f"push of {ask.request_id[:8]} to decode rank {ask.decode_rank} was asked for "
+                            f"before; refusing a replay (its blocks may hold newer data by now)")
+        _check_in_time(ask)
         if not consumer.targets:
-            raise PlanError(f"push of {msg.request_id[:8]}: producer rank {self.rank} holds none of the heads "
-                            f"of decode rank {msg.decode_rank} (decode TP {consumer.info.tp_size})")
-        return _Push(held, msg, consumer)
+            raise PlanError(f"push of {ask.request_id[:8]}: producer rank {self.rank} holds none of the heads "
+                            f"of decode rank {ask.decode_rank} (decode TP {info.tp_size})")
+        lease.asked.add(ask.decode_rank)
+        return _Push(lease.held, ask, consumer)
 
     # -- this role's thread -------------------------------------------------------------------------
 
@@ -328,17 +354,23 @@ class Producer:
             except Exception:  # the thread must outlive any bug in one step
                 log.exception("producer rank %d: poll failed", self.rank)
                 busy = False
-            self._pace.after(busy)
+            self._pace.after(busy or self._awaiting_ask())
             if not busy:
                 self._pace.sleep()
+
+    def _awaiting_ask(self) -> bool:
+        """A lease was granted within ASK_WINDOW_S, some lease is still held and a consumer rank
+        that may ask for pushes handshook: a push request may be on its way, so poll at the
+        fastest (READ-only consumers leave the pace to back off: their confirmation can wait)."""
+        with self._lock:
+            return self._pushes_asked_for and bool(self._held) and time.monotonic() < self._hot_until
 
     def poll(self) -> bool:
         """Drive NIXL, apply confirmations, run queued pushes, expire leases. True if it did work."""
         finishing = self._finish_pushes()
         arrived = self._inbox.collect()
         for notice in self._inbox.take_all():
-            if notice.notif.kind is m.NotifKind.DONE:
-                self._released(self._confirm(notice))
+            self._noticed(notice, now=True)
         with self._lock:
             pushes, self._pushes = list(self._pushes), deque()
             prepare = self._to_prepare.popleft() if self._to_prepare else None
@@ -377,41 +409,33 @@ class Producer:
                  "%.1f ms", self.rank,
                  info.engine_id, info.tp_rank, (time.perf_counter() - started) * 1e3)
 
-    def _confirm(self, notice: Notice) -> tuple[Held, Outcome] | None:
-        transfer_id = notice.notif.request_id
+    def _confirm(self, agent: str, notif: m.XferNotif) -> tuple[Held, Outcome] | None:
+        transfer_id = notif.request_id
         with self._lock:
             lease = self._held.get(transfer_id)
-            consumer = self._consumers.get(notice.agent)
+            consumer = self._consumers.get(agent)
             if lease is None or consumer is None:
-                self._file_early(transfer_id, notice)
+                self._file_early(transfer_id, Notice(agent, notif))
                 return None
             try:
                 self._check_binding(consumer.peer, lease.held.binding, engine_id=consumer.info.engine_id)
             except KvxferError as err:
                 log.warning("ignoring a confirmation of %s: %s", transfer_id[:8], err)
                 return None
-            lease.confirmed.add(notice.notif.rank)
+            lease.confirmed.add(notif.rank)
             if not lease.confirmed >= set(range(consumer.info.tp_size)):
                 return None
             return self._end_locked(self._leases.confirm(transfer_id, CONSUMER, now=time.monotonic()))
 
-    def _push_now(self) -> None:
-        """The server thread: the direct pushes it just admitted."""
-        if self._pushes_now:
-            self._device_current()
-        while self._pushes_now:
-            self._push(self._pushes_now.popleft(), inline=True)
-
-    def _push(self, job: _Push, *, inline: bool = False) -> None:
-        """Run one direct push. `inline` (the server thread): one still running after
-        INLINE_PUSH_S is left to this role's thread to finish."""
+    def _push(self, job: _Push) -> None:
+        """Run one direct push: one still running after INLINE_PUSH_S is finished by later polls."""
         ask, consumer = job.ask, job.consumer
         try:
             _check_in_time(ask)
             with self._nixl_lock:
                 peer = self.endpoint.peers.admit(consumer.info)
                 posted = self._post_direct(job, peer)
-                if not inline or self.endpoint.landed(posted, INLINE_PUSH_S):
+                if self.endpoint.landed(posted, INLINE_PUSH_S):
                     self.endpoint.finish(posted)
                     return
             with self._lock:
@@ -421,8 +445,8 @@ class Producer:
             self._push_failed(job, err)
 
     def _finish_pushes(self) -> bool:
-        """This role's thread: finish the pushes left running by the server thread, each once it
-        ended or ran past its deadline (never waiting for one under the NIXL lock)."""
+        """Finish the pushes left running, each once it ended or ran past its deadline (never
+        waiting for one under the NIXL lock)."""
         with self._lock:
             finishing, self._finishing = self._finishing, []
         still = []
@@ -444,7 +468,7 @@ class Producer:
         log.warning("push of %s to %s rank %d failed: %s", ask.request_id[:8], ask.decode_engine_id,
                     ask.decode_rank, err)
         self.metrics.observe_failure(err.kind)
-        self._notify(consumer.info.agent_name, ask.request_id, err.kind)
+        self._notify(consumer.info.agent_name, ask.request_id, err)
         if isinstance(err, TransferError):  # its endpoint may be dead (a long partition): load it anew
             self._after_failed_push(ask.request_id, (consumer.info.engine_id, consumer.info.tp_rank), err)
 
@@ -544,18 +568,22 @@ class Producer:
                 for source, offset in zip(sources, ask.staging_offsets, strict=True)
                 if source.prefill_rank == self.rank]
 
-    def _pushed(self, transfer_id: str, error_kind: str = "") -> bytes:
-        status = m.Status.ERROR if error_kind else m.Status.OK
-        return m.encode_notif(m.XferNotif(request_id=transfer_id, rank=self.rank, status=status,
-                                          error_kind=error_kind, kind=m.NotifKind.PUSHED))
+    def _pushed(self, transfer_id: str, error: KvxferError | None = None) -> bytes:
+        if error is None:
+            notif = m.XferNotif(request_id=transfer_id, rank=self.rank, kind=m.NotifKind.PUSHED)
+        else:
+            notif = m.XferNotif(request_id=transfer_id, rank=self.rank, status=m.Status.ERROR, error_kind=error.kind,
+                                kind=m.NotifKind.PUSHED, message=str(error)[:4000])
+        return m.encode_notif(notif)
 
-    def _notify(self, agent: str, transfer_id: str, error_kind: str) -> None:
-        """Tell a consumer rank its push failed, so it stops waiting now (best effort)."""
+    def _notify(self, agent: str, transfer_id: str, error: KvxferError) -> None:
+        """Tell a consumer rank its push was refused or failed, and why, so it stops waiting now
+        (best effort)."""
         try:
             with self._nixl_lock:
-                if agent not in self.endpoint.agent.peers():
+                if agent not in self.endpoint.agent.peers:
                     return
-                self.endpoint.agent.send_notif(agent, self._pushed(transfer_id, error_kind))
+                self.endpoint.agent.send_notif(agent, self._pushed(transfer_id, error))
         except KvxferError as err:
             log.info("could not tell %s that the push of %s failed: %s", agent, transfer_id[:8], err)
 
@@ -586,7 +614,7 @@ class Producer:
             log.debug("lease of %s ended on rank %d: %s", ended[0].transfer_id[:8], self.rank, ended[1].value)
             self._on_release(*ended)
 
-    def _file_early(self, transfer_id: str, event: Notice | tuple[PeerInfo, m.WriteRequest]) -> None:
+    def _file_early(self, transfer_id: str, event: Notice) -> None:
         if transfer_id in self._ended:
             return  # a confirmation after its lease ended (expired or aborted): nothing to do
         if transfer_id in self._early or len(self._early) < EARLY_MAX:
@@ -607,8 +635,8 @@ def _as_kvxfer_error(err: Exception, job: _Push) -> KvxferError:
     return KvxferError(f"push of {job.ask.request_id[:8]} failed: {type(err).__name__}: {err}")
 
 
-def _check_in_time(ask: m.WriteRequest) -> None:
-    late = time.time() - ask.not_after_unix if ask.not_after_unix is not None else 0.0
+def _check_in_time(ask: m.PushAsk) -> None:
+    late = time.time() - ask.not_after_unix
     if late > 0:
         raise TransferTimeout(f"push of {ask.request_id[:8]} to decode rank {ask.decode_rank}: the consumer "
                               f"stopped waiting {late:.3f} s ago; refusing to write into memory it may have reused")

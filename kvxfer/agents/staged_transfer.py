@@ -259,7 +259,7 @@ class Reservation:
     base: int  # the slot's offset in the slots area
 
     def wire_offsets(self) -> list[int]:
-        """Where each source writes, in the consumer's slots area (what WriteRequest carries)."""
+        """Where each source writes, in the consumer's slots area (what `PushAsk` carries)."""
         return [self.base + o for o in self.offsets]
 
     def scatter(self) -> None:

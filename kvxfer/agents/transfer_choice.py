@@ -38,6 +38,12 @@ class ModeChoice(str, Enum):
         """The mode this choice fixes; None for AUTO (the per-request pick)."""
         return {ModeChoice.READ: Mode.READ, ModeChoice.WRITE: Mode.WRITE}.get(self)
 
+    def modes(self) -> tuple[Mode, ...]:
+        """The modes a consumer with this setting may use: what its handshake advertises (a
+        producer prepares pushes only for consumers that may ask for them)."""
+        fixed = self.fixed()
+        return (fixed,) if fixed else (Mode.READ, Mode.WRITE)
+
 
 class TransferPathChoice(str, Enum):
     """A transfer `Path`, or AUTO (`--transfer-path`; the vLLM connector's `transfer_path`)."""
@@ -109,6 +115,10 @@ class TransferChooser:
         allowed = [(Path.DIRECT, True)] + ([(Path.STAGED, True)] if stage else [])
         if self.mode is ModeChoice.AUTO:
             allowed.append((Path.DIRECT, False))
+        if len(allowed) == 1:  # nothing to compare: no estimate on the request's path
+            why = "transfer path direct" if self.path is TransferPathChoice.DIRECT else "it fits no staging slot"
+            return self._announce(producer, params, TransferPlan(
+                Mode.WRITE, Path.DIRECT, f"the only transfer the settings allow (mode write, {why})"))
         choice = choose(costs, num_bytes=shape.num_bytes, descriptors=shape.descriptors, allowed=tuple(allowed),
                         excess=producer.excess)
         best = choice.best

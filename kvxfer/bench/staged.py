@@ -3,7 +3,7 @@ the production `Endpoint`):
 
 1. each decode rank builds its sources' parts and reserves a slot of its staging pool for all of
    them (`Endpoint.staged_parts`, `Endpoint.reserve`), as the consumer does before it sends its
-   WriteRequests;
+   push requests (`PushAsk`);
 2. each prefill rank gathers each of its parts into a slot of its own pool and WRITEs it with one
    descriptor to the offset that decode rank reserved (`Endpoint.stage_write`, `post_staged`:
    the producer's push);
@@ -11,7 +11,7 @@ the production `Endpoint`):
    and frees its slot.
 
 Step 1 is a command of its own (the offsets travel back through the coordinator, where the
-daemons send them in a WriteRequest), so its seconds are added to the window of steps 2-3.
+daemons send them in a `PushAsk`), so its seconds are added to the window of steps 2-3.
 """
 
 from __future__ import annotations

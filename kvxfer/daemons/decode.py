@@ -138,7 +138,8 @@ class DecodeService(Service):
 
     def _push_start_s(self, params: m.TransferParams) -> float:
         """How long producers may take to start a push: a decode rank waits for a staging slot up
-        to its deadline, then asks with one side-channel call."""
+        to its deadline, then asks (one notification per producer rank, which a producer stalled
+        or busy with other pushes reads late)."""
         per_rank = self.runtime.consumer.expected_bytes(params, params.num_tokens)
         return self.runtime.endpoint.deadline.seconds(per_rank) + REQUEST_TIMEOUT_S
 

@@ -25,7 +25,7 @@ from kvxfer.daemons.commands import (
 from kvxfer.daemons.rank_setup import RankSetup
 from kvxfer.daemons.runtime import HANDSHAKE_TIMEOUT_S, RankRuntime
 
-REQUEST_TIMEOUT_S = 5.0  # one side-channel call on a request's path (a push asked for, a renewal)
+REQUEST_TIMEOUT_S = 5.0  # a renewal's round trip; a producer starts a push asked for within it
 
 
 class DecodeRank(RankRuntime):
@@ -37,7 +37,8 @@ class DecodeRank(RankRuntime):
         public = self.keys.own.public.decode() if self.keys is not None else None
         self.consumer = Consumer(self.endpoint, clients=clients, leases=self.leases, nixl_lock=self.nixl_lock,
                                  identity=identity_of_peer(public, config.engine_id),
-                                 handshake_timeout_s=HANDSHAKE_TIMEOUT_S, request_timeout_s=REQUEST_TIMEOUT_S)
+                                 handshake_timeout_s=HANDSHAKE_TIMEOUT_S, request_timeout_s=REQUEST_TIMEOUT_S,
+                                 modes=config.mode.modes())
 
     def execute_role(self, command: Command) -> Reply:
         if isinstance(command, AskLanding):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ from zmq.utils import z85
 
 from kvxfer.agents import messages as m
 from kvxfer.agents.keys import KeyConfig
+from kvxfer.agents.limited_log import LimitedLog
 from kvxfer.agents.sidechannel.common import (
     CALL_ID_BYTES,
     DEFAULT_HOST,
@@ -64,24 +64,6 @@ class ServerStats:
     internal_errors: int = 0  # bugs caught by the serve loop's last line of defence (must stay 0)
 
 
-class _RateLimitedLog:
-    """One warning line per `interval_s` at most; says how many were suppressed."""
-
-    def __init__(self, interval_s: float = 1.0):
-        self.interval_s = interval_s
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, fmt: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        suffix = f" ({self._suppressed} similar suppressed)" if self._suppressed else ""
-        log.warning(fmt + suffix, *args)
-        self._next, self._suppressed = now + self.interval_s, 0
-
-
 class SideChannelServer:
     """Serves `handler(peer, msg) -> reply` on its own thread. Use as a context manager.
 
@@ -100,7 +82,7 @@ class SideChannelServer:
         self._thread: threading.Thread | None = None
         self._bind_error: BaseException | None = None
         self._port = 0
-        self._bad_input_log = _RateLimitedLog()
+        self._bad_input_log = LimitedLog(log)
 
     @property
     def address(self) -> str:

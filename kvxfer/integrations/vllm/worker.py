@@ -153,11 +153,10 @@ class WorkerSide:
         clients = ClientCache(ClientConfig(keys=cfg.keys, insecure=cfg.insecure))
         self._leases = LeaseClient(clients, timeout_s=cfg.handshake_timeout_s)
         public = cfg.keys.own.public.decode() if cfg.keys is not None else None
-        fixed = cfg.mode.fixed()
         consumer = Consumer(endpoint, clients=clients, leases=self._leases, nixl_lock=self._nixl,
                             identity=identity_of_peer(public, cfg.engine_id),
                             handshake_timeout_s=cfg.handshake_timeout_s, request_timeout_s=cfg.handshake_timeout_s,
-                            modes=(fixed,) if fixed else (m.Mode.READ, m.Mode.WRITE),
+                            modes=cfg.mode.modes(),
                             check_producer=lambda info, name: check_whole_blocks(info, name, endpoint.region.desc))
         self._chooser = TransferChooser(consumer, mode=cfg.mode, path=cfg.transfer_path)
         return consumer
