@@ -127,7 +127,7 @@ def test_notification_is_a_compact_versioned_array() -> None:
 
 
 def test_a_push_request_is_the_notification_that_is_a_map() -> None:
-    ask = m.PushAsk(request_id="a" * 32, decode_rank=2, block_ids=[7, 3], decode_engine_id="decode0", decode_tp=4,
+    ask = m.PushAsk(request_id="a" * 32, decode_rank=2, block_ids=[7, 3], decode_engine_id="decode0",
                     staging_offsets=[4096], not_after_unix=1.7e9, mac="f" * 32)
     data = m.encode_notif(ask)
     assert list(msgspec.msgpack.decode(data))[0] == "protocol_version"

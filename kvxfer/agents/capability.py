@@ -107,7 +107,7 @@ def check_ask(ask: PushAsk, key: bytes) -> None:
 
 def _ask_mac(ask: PushAsk, key: bytes) -> str:
     fields = (ask.protocol_version, ask.request_id, ask.decode_rank, ask.block_ids, ask.decode_engine_id,
-              ask.decode_tp, ask.staging_offsets, ask.not_after_unix)
+              ask.staging_offsets, ask.not_after_unix)
     return hmac.digest(key, msgspec.msgpack.encode(fields), "sha256").hex()[:MAC_HEX]
 
 

@@ -215,7 +215,7 @@ class Consumer:
         ranks = sorted({s.prefill_rank for s in sources})
         ask = m.PushAsk(request_id=params.request_id, decode_rank=self.rank,
                         block_ids=job.local_ids.reshape(-1).tolist(),
-                        decode_engine_id=self.endpoint.identity.engine_id, decode_tp=self.tp_size,
+                        decode_engine_id=self.endpoint.identity.engine_id,
                         staging_offsets=reservation.wire_offsets() if reservation else None,
                         not_after_unix=job.not_after_unix)
         push_s = self.endpoint.deadline.seconds(self.expected_bytes(params, job.num_tokens))

@@ -29,6 +29,10 @@ class _Probe:
 
 
 class PushWatch:
+    """One wait's probes. A pending ping holds its side-channel client (shared with the
+    heartbeat's renewals, which wait behind it within their own deadline), and a ping to a
+    producer whose connection dropped blocks `check` up to the timeout: the wait fails then."""
+
     def __init__(self, clients: ClientCache, params: m.TransferParams, targets: dict[int, Target], *,
                  timeout_s: float, after_s: float = PROBE_AFTER_S) -> None:
         start = time.monotonic() + after_s

@@ -275,7 +275,6 @@ class PushAsk(msgspec.Struct, frozen=True, kw_only=True):
     decode_rank: Rank
     block_ids: BlockIds
     decode_engine_id: ShortStr  # whose handshake (agent, cache, key) the producer pushes to
-    decode_tp: TpSize = 1
     # Staged: where in decode_rank's staging slots each of its sources (in `sources_of` order)
     # writes its part, gathered, with one descriptor; None: direct, into block_ids.
     staging_offsets: Annotated[list[U64], msgspec.Meta(max_length=65536)] | None = None

@@ -93,7 +93,7 @@ def prepare(consumer: Consumer, params: m.TransferParams, *, nixl_lock: threadin
     started = time.perf_counter()
     links = consumer.links(params)
     sources = consumer.sources(params)
-    # Every side-channel client a WRITE asks through at once (and the pool that asks), made now.
+    # Every side-channel client the request path may use (renewals, a long push wait's pings), made now.
     consumer.clients.request_all([(producer_target(params, r), m.Ping()) for r in range(params.tp_size)],
                                  timeout_s=consumer.request_timeout_s)
     linked = time.perf_counter()

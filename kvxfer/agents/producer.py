@@ -11,7 +11,7 @@ reports the request as finished sending). In WRITE mode a consumer rank asks thi
 with a NIXL notification (`PushAsk`, under a MAC of the consumer's own key: NIXL does not
 authenticate who sent it); the push never waits behind the driver's compute, and its notification
 (`PUSHED`) tells the consumer rank when the bytes landed or why they did not. Each consumer rank
-gets one push per request: an ask replayed is refused.
+gets one push per request: an ask replayed is dropped.
 
 Threads: the side-channel server's thread runs `handle` (handshakes, renewals, aborts). This
 role's thread runs `poll`: notifications (confirmations, push requests) and the pushes they ask
@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 CONSUMER = "consumer"  # a lease's one logical consumer; its ranks are tallied in `_Lease`
 EARLY_TTL_S = 60.0  # notifications and push requests that beat their `hold` wait this long
 EARLY_MAX = 4096  # for at most this many requests
+EARLY_PER_REQUEST = 256  # and at most this many notifications each (its consumer ranks' asks and DONEs)
 ENDED_MAX = 4096  # leases remembered after their end: a late push request is refused, not filed
 WIRE_TIMEOUT_S = 1.0  # the probe READ wiring a new consumer's connection (this thread's pushes wait)
 INLINE_PUSH_S = 2e-3  # a direct push this thread posted: it waits this long, then polls it later
@@ -93,7 +94,7 @@ Release = Callable[[Held, Outcome], None]
 class _Lease:
     held: Held
     confirmed: set[int] = field(default_factory=set)  # consumer ranks that sent DONE
-    asked: set[int] = field(default_factory=set)  # consumer ranks whose push was admitted
+    asked: set[tuple[str, int]] = field(default_factory=set)  # (identity, rank) whose push was admitted
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,15 @@ class Producer:
         self._lock = threading.Lock()
         self._held: dict[str, _Lease] = {}
         self._consumers: dict[str, _ConsumerRank] = {}  # NIXL agent name -> consumer rank
+        self._claims: dict[tuple[str, int], str] = {}  # (engine id, rank) -> the identity that handshook as it
         self._early: dict[str, tuple[float, list[Notice]]] = {}  # notifications that beat their `hold`
         self._ended: OrderedDict[str, Outcome] = OrderedDict()  # transfer id -> how its lease ended
         self._pushes: deque[_Push] = deque()  # admitted, for this role's thread to run
         self._finishing: list[tuple[_Push, Posted]] = []  # posted, still running
         self._to_prepare: deque[_ConsumerRank] = deque()  # consumer ranks that just handshook
         self._pace = IdlePacer(_IDLE_FIRST_S, _IDLE_LONGEST_S)
-        self._hot_until = 0.0  # monotonic: poll at the fastest until then (a hold's ask may come)
+        self._recent: deque[tuple[float, str]] = deque()  # (monotonic, transfer id) of holds within ASK_WINDOW_S
+        self._replay: deque[Notice] = deque()  # notifications that beat their `hold`, for this thread
         self._pushes_asked_for = False  # a consumer rank that may ask for pushes handshook
         self._landings: Landings[tuple[str, int]] = Landings()  # pushes given up, by transfer id
         self._bad_asks = LimitedLog(log)  # push requests whose sender cannot be trusted
@@ -181,8 +184,8 @@ class Producer:
             self._thread.join(10)
 
     def _device_current(self) -> None:
-        """The cache's device current in this thread, once per thread (it is per thread): the
-        role's thread and the side-channel thread both push."""
+        """The cache's device current in this (the role's) thread, which pushes: NIXL's CUDA
+        transports copy in the calling thread's context."""
         if self._device.type == "cuda" and not getattr(self._current, "set", False):
             torch.cuda.set_device(self._device)
             self._current.set = True
@@ -195,13 +198,11 @@ class Producer:
             owned = () if self._shared_blocks else held.block_ids
             self._leases.acquire(held.transfer_id, owned, [CONSUMER], now=time.monotonic())
             self._held[held.transfer_id] = _Lease(held)
-            early = self._early.pop(held.transfer_id, (0.0, []))[1]
-            self._hot_until = time.monotonic() + ASK_WINDOW_S
+            self._replay.extend(self._early.pop(held.transfer_id, (0.0, []))[1])
+            self._recent.append((time.monotonic(), held.transfer_id))
         self._pace.wake()
         log.debug("rank %d holds %s (%d blocks) for %.0f s", self.rank, held.transfer_id[:8],
                   len(held.block_ids), self.lease_s)
-        for notice in early:
-            self._noticed(notice, now=False)
         return int((time.time() + self.lease_s) * 1e3)
 
     def drop(self, transfer_id: str, why: str) -> bool:
@@ -238,7 +239,9 @@ class Producer:
         consumer = _ConsumerRank(msg.engine, peer, identity, self._targets(msg.engine.tp_size, msg.engine.tp_rank),
                                  ask_key(self.signer.key_for(identity)))
         with self._lock:
+            self._check_claims_locked(consumer)
             self._consumers[msg.engine.agent_name] = consumer
+            self._claims[msg.engine.engine_id, msg.engine.tp_rank] = identity
             if m.Mode.WRITE in msg.engine.modes:
                 self._to_prepare.append(consumer)
                 self._pushes_asked_for = True
@@ -246,6 +249,20 @@ class Producer:
         unbound = self.signer.key_for("") if peer.public_key is None or self._grant_unbound else b""
         return m.HandshakeReply(engine=self.info, params_key=self.signer.key_for(identity),
                                 unbound_params_key=unbound)
+
+    def _check_claims_locked(self, consumer: _ConsumerRank) -> None:
+        """A consumer rank's engine id, rank and NIXL agent name are its own claims: refuse any
+        already claimed by another identity (key), so that an allowed key cannot pass for another
+        consumer and have that consumer's pushes land in its memory, or its own in the other's.
+        The first identity to claim a name keeps it until this producer restarts."""
+        info = consumer.info
+        claimed = self._claims.get((info.engine_id, info.tp_rank))
+        known = self._consumers.get(info.agent_name)
+        for other, what in ((claimed, f"engine {info.engine_id} rank {info.tp_rank}"),
+                            (known.identity if known else None, f"NIXL agent {info.agent_name!r}")):
+            if other is not None and other != consumer.identity:
+                raise AuthError(f"a consumer handshook as {what}, which another key handshook as before; "
+                                f"refusing (each engine id, rank and agent name belongs to one key)")
 
     def _abort(self, peer: PeerInfo, msg: m.Abort) -> None:
         with self._lock:
@@ -277,18 +294,18 @@ class Producer:
 
     # -- push requests (this role's thread; `hold` for those that came before it) ---------------
 
-    def _noticed(self, notice: Notice, *, now: bool) -> None:
-        """One notification: a confirmation, or a push request (run at once if `now`, else
-        queued for this role's thread)."""
+    def _noticed(self, notice: Notice) -> None:
+        """One notification: a confirmation, or a push request (a direct push runs now, a staged
+        one with the others of this poll)."""
         if isinstance(notice.notif, m.PushAsk):
             push = self._asked(notice.agent, notice.notif)
-            if push is not None:
-                if now and push.ask.staging_offsets is None:
-                    self._push(push)
-                else:
-                    with self._lock:
-                        self._pushes.append(push)
-                    self._pace.wake()
+            if push is None:
+                return
+            if push.ask.staging_offsets is None:
+                self._push(push)
+            else:
+                with self._lock:
+                    self._pushes.append(push)
         elif notice.notif.kind is m.NotifKind.DONE:
             self._released(self._confirm(notice.agent, notice.notif))
 
@@ -303,6 +320,12 @@ class Producer:
                 raise AuthError(f"push request for {ask.request_id[:8]} from NIXL agent {agent!r}, which no "
                                 f"consumer rank handshook with; dropping it")
             check_ask(ask, consumer.ask_key)
+            with self._lock:
+                lease = self._held.get(ask.request_id)
+                replayed = lease is not None and (consumer.identity, ask.decode_rank) in lease.asked
+            if replayed:  # the genuine ask was admitted: this copy is dropped, never refused to its consumer
+                raise AuthError(f"push of {ask.request_id[:8]} to decode rank {ask.decode_rank} was asked for "
+                                f"before; dropping the copy (a replay)")
         except AuthError as err:
             self._bad_asks.warning("rank %d: %s", self.rank, err)
             self.metrics.observe_failure(err.kind)
@@ -315,14 +338,16 @@ class Producer:
                     if ended is not None:
                         raise LeaseError(f"push of {ask.request_id[:8]}: its lease on rank {self.rank} has "
                                          f"ended ({ended.value}); its blocks may hold other data now")
-                    self._file_early(ask.request_id, Notice(agent, ask))
+                    if not self._file_early(ask.request_id, Notice(agent, ask)):
+                        raise AllocationError(f"push of {ask.request_id[:8]}: not held on rank {self.rank} yet, "
+                                              f"and {EARLY_MAX} other requests wait for their hold; refusing")
                     return None
                 push = self._admit_push_locked(consumer, ask, lease)
         except KvxferError as err:
             log.warning("push of %s to %s rank %d refused: %s", ask.request_id[:8], ask.decode_engine_id,
                         ask.decode_rank, err)
             self.metrics.observe_failure(err.kind)
-            self._notify(agent, ask.request_id, err)
+            self._notify(consumer, ask.request_id, err)
             return None
         return push
 
@@ -334,14 +359,11 @@ class Producer:
             raise AuthError(f"push of {ask.request_id[:8]}: decode {info.engine_id} rank {info.tp_rank} asked for "
                             f"a push to decode {ask.decode_engine_id} rank {ask.decode_rank}; refusing")
         self._check_binding(consumer.peer, lease.held.binding, engine_id=info.engine_id)
-        if ask.decode_rank in lease.asked:
-            raise AuthError(f"push of {ask.request_id[:8]} to decode rank {ask.decode_rank} was asked for "
-                            f"before; refusing a replay (its blocks may hold newer data by now)")
         _check_in_time(ask)
         if not consumer.targets:
             raise PlanError(f"push of {ask.request_id[:8]}: producer rank {self.rank} holds none of the heads "
                             f"of decode rank {ask.decode_rank} (decode TP {info.tp_size})")
-        lease.asked.add(ask.decode_rank)
+        lease.asked.add((consumer.identity, ask.decode_rank))
         return _Push(lease.held, ask, consumer)
 
     # -- this role's thread -------------------------------------------------------------------------
@@ -359,18 +381,27 @@ class Producer:
                 self._pace.sleep()
 
     def _awaiting_ask(self) -> bool:
-        """A lease was granted within ASK_WINDOW_S, some lease is still held and a consumer rank
-        that may ask for pushes handshook: a push request may be on its way, so poll at the
-        fastest (READ-only consumers leave the pace to back off: their confirmation can wait)."""
+        """A lease granted within ASK_WINDOW_S is still held and nobody asked for its push yet,
+        and a consumer rank that may ask for pushes handshook: an ask may be on its way, so poll at
+        the fastest. (A READ's lease ends at its confirmation, a few milliseconds in; READ-only
+        consumers never hold the pace up.)"""
+        now = time.monotonic()
         with self._lock:
-            return self._pushes_asked_for and bool(self._held) and time.monotonic() < self._hot_until
+            while self._recent and now - self._recent[0][0] > ASK_WINDOW_S:
+                self._recent.popleft()
+            if not self._pushes_asked_for:
+                return False
+            leases = (self._held.get(transfer_id) for _, transfer_id in self._recent)
+            return any(lease is not None and not lease.asked for lease in leases)
 
     def poll(self) -> bool:
         """Drive NIXL, apply confirmations, run queued pushes, expire leases. True if it did work."""
         finishing = self._finish_pushes()
         arrived = self._inbox.collect()
-        for notice in self._inbox.take_all():
-            self._noticed(notice, now=True)
+        with self._lock:
+            replayed, self._replay = list(self._replay), deque()
+        for notice in replayed + self._inbox.take_all():
+            self._noticed(notice)
         with self._lock:
             pushes, self._pushes = list(self._pushes), deque()
             prepare = self._to_prepare.popleft() if self._to_prepare else None
@@ -387,7 +418,7 @@ class Producer:
                 self._push(job)
         self._push_staged([job for job in pushes if job.ask.staging_offsets is not None])
         settled = self._settle()
-        return bool(arrived) or bool(pushes) or prepare is not None or settled or finishing
+        return bool(arrived) or bool(replayed) or bool(pushes) or prepare is not None or settled or finishing
 
     def _prepare(self, consumer: _ConsumerRank) -> None:
         """Before a consumer rank's first push: load its agent and prepare the descriptor lists
@@ -414,7 +445,9 @@ class Producer:
         with self._lock:
             lease = self._held.get(transfer_id)
             consumer = self._consumers.get(agent)
-            if lease is None or consumer is None:
+            if consumer is None:
+                return None  # an agent no consumer rank handshook with confirms nothing
+            if lease is None:
                 self._file_early(transfer_id, Notice(agent, notif))
                 return None
             try:
@@ -433,7 +466,7 @@ class Producer:
         try:
             _check_in_time(ask)
             with self._nixl_lock:
-                peer = self.endpoint.peers.admit(consumer.info)
+                peer = self._peer_of(consumer)
                 posted = self._post_direct(job, peer)
                 if self.endpoint.landed(posted, INLINE_PUSH_S):
                     self.endpoint.finish(posted)
@@ -463,12 +496,21 @@ class Producer:
             self._finishing.extend(still)
         return bool(finishing)
 
+    def _peer_of(self, consumer: _ConsumerRank) -> Peer:
+        """The consumer rank's NIXL peer, loaded from its own handshake (under the NIXL lock): a
+        peer cached under its engine id and epoch with another agent is never pushed to."""
+        peer = self.endpoint.peers.admit(consumer.info)
+        if peer.agent_name != consumer.info.agent_name:
+            raise AuthError(f"decode {consumer.info.engine_id} rank {consumer.info.tp_rank} is loaded as NIXL agent "
+                            f"{peer.agent_name!r}, not the {consumer.info.agent_name!r} that asked; refusing")
+        return peer
+
     def _push_failed(self, job: _Push, err: KvxferError) -> None:
         ask, consumer = job.ask, job.consumer
         log.warning("push of %s to %s rank %d failed: %s", ask.request_id[:8], ask.decode_engine_id,
                     ask.decode_rank, err)
         self.metrics.observe_failure(err.kind)
-        self._notify(consumer.info.agent_name, ask.request_id, err)
+        self._notify(consumer, ask.request_id, err)
         if isinstance(err, TransferError):  # its endpoint may be dead (a long partition): load it anew
             self._after_failed_push(ask.request_id, (consumer.info.engine_id, consumer.info.tp_rank), err)
 
@@ -521,7 +563,7 @@ class Producer:
                 for i, job in enumerate(jobs):
                     try:
                         _check_in_time(job.ask)
-                        legs = self._staged_legs(job, self.endpoint.peers.admit(job.consumer.info))
+                        legs = self._staged_legs(job, self._peer_of(job.consumer))
                         if self.endpoint.free_staging_slots < len(legs):
                             if staged:
                                 with self._lock:
@@ -576,13 +618,13 @@ class Producer:
                                 kind=m.NotifKind.PUSHED, message=str(error)[:4000])
         return m.encode_notif(notif)
 
-    def _notify(self, agent: str, transfer_id: str, error: KvxferError) -> None:
+    def _notify(self, consumer: _ConsumerRank, transfer_id: str, error: KvxferError) -> None:
         """Tell a consumer rank its push was refused or failed, and why, so it stops waiting now
-        (best effort)."""
+        (best effort; its agent is loaded first: it may not be yet, or again after a failure)."""
+        agent = consumer.info.agent_name
         try:
             with self._nixl_lock:
-                if agent not in self.endpoint.agent.peers:
-                    return
+                self._peer_of(consumer)
                 self.endpoint.agent.send_notif(agent, self._pushed(transfer_id, error))
         except KvxferError as err:
             log.info("could not tell %s that the push of %s failed: %s", agent, transfer_id[:8], err)
@@ -614,11 +656,20 @@ class Producer:
             log.debug("lease of %s ended on rank %d: %s", ended[0].transfer_id[:8], self.rank, ended[1].value)
             self._on_release(*ended)
 
-    def _file_early(self, transfer_id: str, event: Notice) -> None:
+    def _file_early(self, transfer_id: str, event: Notice) -> bool:
+        """Keep a notification for a request not held yet (its `hold` replays it); False if the
+        early files are full (EARLY_MAX requests, EARLY_PER_REQUEST notifications each)."""
         if transfer_id in self._ended:
-            return  # a confirmation after its lease ended (expired or aborted): nothing to do
-        if transfer_id in self._early or len(self._early) < EARLY_MAX:
-            self._early.setdefault(transfer_id, (time.monotonic(), []))[1].append(event)
+            return True  # a confirmation after its lease ended (expired or aborted): nothing to do
+        filed = self._early.get(transfer_id)
+        if filed is None:
+            if len(self._early) >= EARLY_MAX:
+                return False
+            filed = self._early[transfer_id] = (time.monotonic(), [])
+        if len(filed[1]) >= EARLY_PER_REQUEST:
+            return False
+        filed[1].append(event)
+        return True
 
     def _forget_early_locked(self) -> None:
         cutoff = time.monotonic() - EARLY_TTL_S
