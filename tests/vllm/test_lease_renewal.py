@@ -20,7 +20,10 @@ from kvxfer.integrations.vllm.testing import ServerSpec, token_ids
 # that trip (the producer's reply, the consumer's API server, its engine's queue) took 3-5 s,
 # so the lease leaves room for it (the first renewal comes as soon as the consumer has it).
 LEASE_S = 8.0
-BLOCKER_TOKENS = 1000  # longer than the test needs the slot busy (~40 s on 2 cores); it is cancelled then
+# Two streamed blockers of 1,000 tokens (the model's context is 1,024), the second queued behind
+# the first: together longer than the test needs the slot busy (one took ~40 s on 2 cores under
+# load, under 10 s on the same machine idle); both are cancelled then.
+BLOCKER_TOKENS = 1000
 
 
 def test_request_queued_past_the_lease_still_loads(models, logs, plain_tokens):
@@ -30,17 +33,19 @@ def test_request_queued_past_the_lease_still_loads(models, logs, plain_tokens):
         "kv_producer", lease_s=LEASE_S, transfer_deadline_s=1))
     with servers(cons, prod, logs=logs) as (consumer, producer), ThreadPoolExecutor(1) as pool:
         prompt = PROMPTS[1]
-        blocker = Blocker(consumer.url)
-        assert blocker.running.wait(120), "the blocking request never started streaming"
+        running = Blocker(consumer.url)
+        assert running.running.wait(120), "the blocking request never started streaming"
+        queued = Blocker(consumer.url)  # queued behind it (sent first), ahead of the request under test
         first = producer.complete(prompt, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
         leased = time.monotonic()  # the producer held the lease before it answered
         second = pool.submit(consumer.complete, prompt, max_tokens=MAX_TOKENS,
                              kv_transfer_params=first["kv_transfer_params"], timeout_s=300)
         # The consumer's one slot stays busy until well past the lease, then frees: the queued
         # request runs only then.
-        assert not blocker.ended.wait(leased + LEASE_S + 2 - time.monotonic()), \
-            "the blocking request ended before the lease did: this run proves nothing"
-        blocker.cancel()
+        assert not queued.ended.wait(leased + LEASE_S + 2 - time.monotonic()), \
+            "the blocking requests ended before the lease did: this run proves nothing"
+        running.cancel()
+        queued.cancel()
         assert token_ids(second.result(300)) == plain_tokens[prompt]
     producer_log = (logs / "producer-short-lease.log").read_text()
     assert "expired before every consumer rank confirmed" not in producer_log
