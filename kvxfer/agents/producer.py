@@ -69,7 +69,7 @@ EARLY_PER_REQUEST = 256  # and at most this many notifications each (its consume
 ENDED_MAX = 4096  # leases remembered after their end: a late push request is refused, not filed
 WIRE_TIMEOUT_S = 1.0  # the probe READ wiring a new consumer's connection (this thread's pushes wait)
 INLINE_PUSH_S = 2e-3  # a direct push this thread posted: it waits this long, then polls it later
-ASK_WINDOW_S = 0.1  # after a hold, this thread polls at its fastest until the lease ends or this long
+ASK_WINDOW_S = 0.1  # after a hold, this thread polls at its fastest while the lease waits for its ask
 # Idle polling: between requests confirmations wait at most 10 ms; every producer rank of a host
 # polls, so not much more often.
 _IDLE_FIRST_S, _IDLE_LONGEST_S = 20e-6, 10e-3
@@ -310,25 +310,10 @@ class Producer:
             self._released(self._confirm(notice.agent, notice.notif))
 
     def _asked(self, agent: str, ask: m.PushAsk) -> _Push | None:
-        """Admit a push request, or refuse it: one whose MAC fails (or from an agent no consumer
-        handshook with) is dropped with a warning, since its sender cannot be trusted to be who
-        it names; any other refusal is told to the consumer rank as a `PUSHED` error."""
-        with self._lock:
-            consumer = self._consumers.get(agent)
-        try:
-            if consumer is None:
-                raise AuthError(f"push request for {ask.request_id[:8]} from NIXL agent {agent!r}, which no "
-                                f"consumer rank handshook with; dropping it")
-            check_ask(ask, consumer.ask_key)
-            with self._lock:
-                lease = self._held.get(ask.request_id)
-                replayed = lease is not None and (consumer.identity, ask.decode_rank) in lease.asked
-            if replayed:  # the genuine ask was admitted: this copy is dropped, never refused to its consumer
-                raise AuthError(f"push of {ask.request_id[:8]} to decode rank {ask.decode_rank} was asked for "
-                                f"before; dropping the copy (a replay)")
-        except AuthError as err:
-            self._bad_asks.warning("rank %d: %s", self.rank, err)
-            self.metrics.observe_failure(err.kind)
+        """Admit a push request from a trusted sender (`_trusted`), or refuse it, telling the
+        consumer rank why with a `PUSHED` error."""
+        consumer = self._trusted(agent, ask)
+        if consumer is None:
             return None
         try:
             with self._lock:
@@ -342,18 +327,39 @@ class Producer:
                         raise AllocationError(f"push of {ask.request_id[:8]}: not held on rank {self.rank} yet, "
                                               f"and {EARLY_MAX} other requests wait for their hold; refusing")
                     return None
-                push = self._admit_push_locked(consumer, ask, lease)
+                return self._admit_push_locked(consumer, ask, lease)
         except KvxferError as err:
             log.warning("push of %s to %s rank %d refused: %s", ask.request_id[:8], ask.decode_engine_id,
                         ask.decode_rank, err)
             self.metrics.observe_failure(err.kind)
             self._notify(consumer, ask.request_id, err)
             return None
-        return push
+
+    def _trusted(self, agent: str, ask: m.PushAsk) -> _ConsumerRank | None:
+        """The consumer rank that sent `ask`, or None: an ask from an agent no consumer handshook
+        with, whose MAC fails, or a copy of one already admitted (a replay) is dropped with a
+        warning and counted, never answered: its sender cannot be trusted to be who it names, and
+        a refusal of a replay would fail the genuine load."""
+        with self._lock:
+            consumer = self._consumers.get(agent)
+            lease = self._held.get(ask.request_id)
+        try:
+            if consumer is None:
+                raise AuthError(f"push request for {ask.request_id[:8]} from NIXL agent {agent!r}, which no "
+                                f"consumer rank handshook with; dropping it")
+            check_ask(ask, consumer.ask_key)
+            if lease is not None and (consumer.identity, ask.decode_rank) in lease.asked:
+                raise AuthError(f"push of {ask.request_id[:8]} to decode rank {ask.decode_rank} was asked for "
+                                f"before; dropping the copy (a replay)")
+        except AuthError as err:
+            self._bad_asks.warning("rank %d: %s", self.rank, err)
+            self.metrics.observe_failure(err.kind)
+            return None
+        return consumer
 
     def _admit_push_locked(self, consumer: _ConsumerRank, ask: m.PushAsk, lease: _Lease) -> _Push:
-        """Refuse a push the asking consumer rank may not aim where it aims, a second one for the
-        same rank, or one that comes too late."""
+        """Refuse a push the asking consumer rank may not aim where it aims, or that comes too
+        late; else record that this rank asked (a copy is then a replay)."""
         info = consumer.info
         if (ask.decode_engine_id, ask.decode_rank) != (info.engine_id, info.tp_rank):
             raise AuthError(f"push of {ask.request_id[:8]}: decode {info.engine_id} rank {info.tp_rank} asked for "
